@@ -1,0 +1,235 @@
+"""The hook registry: the one place that owns hook plumbing.
+
+``attach(model, {selector: rule(s)})`` puts rules on the modules the selectors pick:
+
+* a type or tuple of types (``nn.ReLU``): modules that are instances of it;
+* a string: a glob on the qualified module name (``"features.*"``, ``"layer4"``; the root is ``""``);
+* a callable ``(name, module) -> bool``.
+
+Each module call is bracketed by two identity autograd nodes ("gates"): one on the tensors the module
+receives, one on the tensors it returns. In the backward pass the output gate records ``grad_output``; the
+input gate hands ``grad_input`` and that ``grad_output`` to the rules, which may replace ``grad_input``.
+The gates return detached aliases (no copies), so in-place modules (``nn.ReLU(inplace=True)``) and
+in-place ops after the module work. A fresh gate per call pairs every ``grad_input`` with its own
+``grad_output`` when a module runs several times in one forward pass.
+"""
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .errors import RuleError, SelectorError, choices
+from .rule import Rule
+
+Selector = Union[type, Tuple[type, ...], str, Callable[[str, nn.Module], bool]]
+RuleSpec = Union[Mapping[Selector, Union[Rule, Sequence[Rule]]], Sequence[Tuple[Selector, Union[Rule, Sequence[Rule]]]]]
+
+
+class _Call:
+    """State of one call of a hooked module: per-rule contexts and the recorded ``grad_output``."""
+
+    __slots__ = ("ctxs", "n_args", "arg_index", "n_out", "out_index", "grad_output", "inputs_gated")
+
+    def __init__(self, n_rules: int):
+        self.ctxs = [SimpleNamespace() for _ in range(n_rules)]
+        self.grad_output: Optional[Tuple[Optional[torch.Tensor], ...]] = None
+        self.inputs_gated = False
+
+
+class _InputGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hook: "_ModuleHook", call: _Call, *xs: torch.Tensor):
+        ctx.set_materialize_grads(False)
+        ctx.hook, ctx.call = hook, call
+        return tuple(x.detach() for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        hook, call = ctx.hook, ctx.call
+        grad_input: List[Optional[torch.Tensor]] = [None] * call.n_args
+        for k, i in enumerate(call.arg_index):
+            grad_input[i] = grads[k]
+        new = hook.run_backward(call, tuple(grad_input))
+        return (None, None) + tuple(new[i] for i in call.arg_index)
+
+
+class _OutputGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hook: "_ModuleHook", call: _Call, *ys: torch.Tensor):
+        ctx.set_materialize_grads(False)
+        ctx.hook, ctx.call = hook, call
+        return tuple(y.detach() for y in ys)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        hook, call = ctx.hook, ctx.call
+        grad_output: List[Optional[torch.Tensor]] = [None] * call.n_out
+        for k, j in enumerate(call.out_index):
+            grad_output[j] = grads[k]
+        call.grad_output = tuple(grad_output)
+        if not call.inputs_gated:  # nothing upstream needs a gradient: still show the rules grad_output
+            hook.run_backward(call, (None,) * call.n_args)
+        return (None, None) + grads
+
+
+class _ModuleHook:
+    """Forward pre-hook and forward hook of one module, carrying its list of rules."""
+
+    __backprop_hooks__ = True
+
+    def __init__(self, module: nn.Module, rules: List[Rule]):
+        self.module = module
+        self.rules = rules
+        self.calls: List[Optional[_Call]] = []  # stack: a module may (rarely) call itself
+
+    def pre(self, module: nn.Module, args: Tuple[Any, ...]):
+        if not torch.is_grad_enabled():
+            self.calls.append(None)
+            return None
+        call = _Call(len(self.rules))
+        self.calls.append(call)
+        call.n_args = len(args)
+        call.arg_index = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+        if not call.arg_index:
+            return None
+        call.inputs_gated = True
+        gated = _InputGate.apply(self, call, *(args[i] for i in call.arg_index))
+        args = list(args)
+        for i, g in zip(call.arg_index, gated):
+            args[i] = g
+        return tuple(args)
+
+    def post(self, module: nn.Module, args: Tuple[Any, ...], output: Any):
+        call = self.calls.pop() if self.calls else None
+        if call is None:
+            return None
+        for rule, ctx in zip(self.rules, call.ctxs):
+            rule.ctx = ctx
+            replaced = rule.forward(module, args, output)
+            if replaced is not None:
+                output = replaced
+        leaves, spec = tree_flatten(output)
+        tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        call.n_out = len(tensors)
+        call.out_index = [k for k, i in enumerate(tensors) if leaves[i].requires_grad]
+        if not call.out_index:
+            return output
+        gated = _OutputGate.apply(self, call, *(leaves[tensors[k]] for k in call.out_index))
+        for k, g in zip(call.out_index, gated):
+            leaves[tensors[k]] = g
+        return tree_unflatten(leaves, spec)
+
+    def run_backward(self, call: _Call, grad_input: Tuple[Optional[torch.Tensor], ...]):
+        grad_output = call.grad_output if call.grad_output is not None else (None,) * call.n_out
+        for rule, ctx in zip(self.rules, call.ctxs):
+            rule.ctx = ctx
+            new = rule.backward(self.module, grad_input, grad_output)
+            if new is None:
+                continue
+            new = tuple(new) if isinstance(new, (tuple, list)) else (new,)
+            if len(new) != len(grad_input):
+                raise RuleError(
+                    f"{type(rule).__name__}.backward on {type(self.module).__name__} returned {len(new)} "
+                    f"gradient(s); it must return a tuple of {len(grad_input)} (one per positional input) or None"
+                )
+            grad_input = new
+        return grad_input
+
+
+class Handle:
+    """The hooks of one ``attach`` call. ``remove()`` (or leaving the ``with`` block) takes them all off."""
+
+    def __init__(self, model: nn.Module, placed: List[Tuple[str, _ModuleHook, list]]):
+        self.model = model
+        self._placed = placed
+
+    @property
+    def modules(self) -> dict:
+        """Qualified module name -> the rules on it, in the order they run."""
+        return {name: list(hook.rules) for name, hook, _ in self._placed}
+
+    @property
+    def linear(self) -> bool:
+        """True when every attached rule is linear in the incoming gradient."""
+        return all(rule.linear for _, hook, _ in self._placed for rule in hook.rules)
+
+    def remove(self) -> None:
+        for _, _, handles in self._placed:
+            for h in handles:
+                h.remove()
+        self._placed = []
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Handle({len(self._placed)} modules)"
+
+
+def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
+    if isinstance(selector, type) or (isinstance(selector, tuple) and all(isinstance(s, type) for s in selector)):
+        return isinstance(module, selector)
+    if isinstance(selector, str):
+        return fnmatchcase(name, selector)
+    if callable(selector):
+        return bool(selector(name, module))
+    raise SelectorError(
+        f"selector {selector!r} is neither a module type, a name glob (str) nor a callable (name, module) -> bool"
+    )
+
+
+def _as_rules(selector: Selector, value: Any) -> List[Rule]:
+    rules = [value] if isinstance(value, Rule) else list(value) if isinstance(value, (list, tuple)) else None
+    if not rules or not all(isinstance(r, Rule) for r in rules):
+        raise RuleError(f"selector {selector!r} maps to {value!r}; expected a Rule or a list of Rules")
+    return rules
+
+
+def _items(rules: RuleSpec) -> Iterable[Tuple[Selector, Any]]:
+    return rules.items() if isinstance(rules, Mapping) else rules
+
+
+def _describe(model: nn.Module) -> str:
+    names = [n for n, _ in model.named_modules() if n][:8]
+    types = sorted({type(m).__name__ for m in model.modules()})
+    return f"module names look like {choices(names, 8)}; module types present: {choices(types, 10)}"
+
+
+def attach(model: nn.Module, rules: RuleSpec) -> Handle:
+    """Attach rules to the modules of ``model`` picked by selectors; returns a removable :class:`Handle`.
+
+    Several rules on one module run in the order given (forward and backward alike). A selector that
+    matches no module raises :class:`SelectorError`; nothing is attached then.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
+    named = list(model.named_modules())
+    per_module: dict = {}
+    for selector, value in _items(rules):
+        chosen = _as_rules(selector, value)
+        hits = [(name, module) for name, module in named if _matches(selector, name, module)]
+        if not hits:
+            raise SelectorError(f"selector {selector!r} matches no module of {type(model).__name__}; {_describe(model)}")
+        for name, module in hits:
+            for rule in chosen:
+                rule.check(module)
+            per_module.setdefault(id(module), (name, module, []))[2].extend(chosen)
+    placed = []
+    for name, module, module_rules in per_module.values():
+        hook = _ModuleHook(module, module_rules)
+        handles = [module.register_forward_pre_hook(hook.pre), module.register_forward_hook(hook.post)]
+        placed.append((name, hook, handles))
+    return Handle(model, placed)
+
+
+def is_framework_hook(fn: Any) -> bool:
+    """True for hook functions placed by :func:`attach` (used by ``testing.assert_no_hooks_left``)."""
+    return getattr(getattr(fn, "__self__", None), "__backprop_hooks__", False)

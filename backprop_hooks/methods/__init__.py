@@ -1,0 +1,13 @@
+"""Explanation methods: each a short composition of a target, rules and a read-out.
+
+``available()`` lists the names usable in ``bh.explain(method=...)``.
+"""
+from .base import Method, NonLinearContrastWarning, available, get, grad, register
+from .gradient import Gradient, InputXGradient, IntegratedGradients, SmoothGrad, path_rule
+from .layers import default_layer, get_module, resolve_layer
+
+__all__ = [
+    "Method", "NonLinearContrastWarning", "available", "get", "grad", "register",
+    "Gradient", "InputXGradient", "IntegratedGradients", "SmoothGrad", "path_rule",
+    "default_layer", "get_module", "resolve_layer",
+]

@@ -1,0 +1,123 @@
+"""The method template: one forward, one seeded backward, a read-out.
+
+A method is a short composition of
+
+* ``rules()``: the backward rules it attaches for the duration of one explanation;
+* a target (any of :mod:`backprop_hooks.targets`), turned into a seed on the logits;
+* ``attribute(x, logits, seed)``: one ``torch.autograd.grad`` from the logits with that seed, down to
+  whatever the method reads out (the input, a captured layer, ...).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
+
+import torch
+from torch import nn
+
+from .. import targets as _targets
+from ..attach import RuleSpec, attach
+from ..errors import UnknownNameError, choices
+from ..explanation import Explanation
+from ..validate import Classes, check_classes, check_input, check_logits
+
+_REGISTRY: Dict[str, Type["Method"]] = {}
+
+
+class NonLinearContrastWarning(UserWarning):
+    """A contrast target was explained with a method that is not linear in the seed: the explanation is
+    still the back-propagated contrast seed, but it does not equal the per-class composition."""
+
+
+def register(cls: Type["Method"]) -> Type["Method"]:
+    """Class decorator: make a method available to ``bh.explain(method=cls.name)``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> List[str]:
+    """Names usable as ``bh.explain(method=...)``."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Type["Method"]:
+    if name not in _REGISTRY:
+        raise UnknownNameError(f"unknown method {name!r}; available: {choices(available(), 30)}")
+    return _REGISTRY[name]
+
+
+class Method:
+    """Base class. Subclasses set ``name``/``linear`` and implement ``attribute`` (and maybe ``rules``)."""
+
+    name: ClassVar[str] = "method"
+    linear: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, check_finite: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.check_finite = check_finite
+
+    # -- what subclasses provide -------------------------------------------------------------------
+    def rules(self, x: torch.Tensor) -> RuleSpec:
+        """The rules attached during one explanation of ``x`` (none by default)."""
+        return []
+
+    def attribute(self, x: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+        """Back-propagate ``seed`` from ``logits`` and read out the attributions."""
+        raise NotImplementedError
+
+    @property
+    def layer_name(self) -> Optional[str]:
+        return None
+
+    # -- the template ------------------------------------------------------------------------------
+    def prepare(self, x: torch.Tensor, target: Any) -> Tuple[torch.Tensor, _targets.Target]:
+        return check_input(x, self.check_finite), _targets.get(target)
+
+    def forward(self, x: torch.Tensor, classes: Classes, target: _targets.Target):
+        """Run the model on ``x``; return checked logits, resolved classes and the target's seed."""
+        logits = check_logits(self.model(x), x.shape[0])
+        target.check(logits.shape[1])
+        classes = check_classes(classes, logits)
+        return logits, classes, target.seed(logits.detach(), classes)
+
+    def __call__(self, x: torch.Tensor, classes: Classes = None, target: Any = "logit") -> Explanation:
+        x, target = self.prepare(x, target)
+        with attach(self.model, self.rules(x)) as handle:
+            xg = x.detach().requires_grad_(True)
+            logits, classes, seed = self.forward(xg, classes, target)
+            attributions = self.attribute(xg, logits, seed)
+            linear = self.linear and handle.linear
+        return self.result(attributions, logits, classes, target, linear, x)
+
+    def result(self, attributions, logits, classes, target, linear: bool, x: torch.Tensor, **extras) -> Explanation:
+        if target.contrastive and not linear:
+            warnings.warn(
+                f"method {self.name!r} is not linear in the seed: the {target.name!r} explanation is the "
+                "back-propagated contrast seed, not the per-class composition of DESIGN.md section 1",
+                NonLinearContrastWarning,
+                stacklevel=3,
+            )
+        return Explanation(
+            attributions=attributions.detach(),
+            logits=logits.detach(),
+            classes=classes,
+            method=self.name,
+            target=target.name,
+            linear=linear,
+            input_shape=tuple(x.shape),
+            layer=self.layer_name,
+            extras=extras,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={type(self.model).__name__})"
+
+
+def grad(outputs: torch.Tensor, inputs, seed: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """One seeded vector-Jacobian product; parameters' ``.grad`` are never touched."""
+    single = isinstance(inputs, torch.Tensor)
+    grads = torch.autograd.grad(outputs, [inputs] if single else list(inputs), grad_outputs=seed, allow_unused=True)
+    grads = tuple(torch.zeros_like(i) if g is None else g for i, g in zip([inputs] if single else inputs, grads))
+    return grads[0] if single else grads

@@ -1,0 +1,192 @@
+r"""Targets: what is explained, as a seed on the logits.
+
+Every target maps ``(logits[B,C], classes[B]) -> seed[B,C]``, the vector fed into the vector-Jacobian
+product at the logits. For a method linear in the seed, the explanation of an objective ``f(y)`` is the
+explanation of ``v = ∂f/∂y``, so a contrast costs one backward pass, never one per class.
+
+=============  ===================================  ==========================================
+name           objective                            seed ``v``
+=============  ===================================  ==========================================
+logit          ``y_t``                              ``e_t``
+softmax        ``p_t``                              ``p_t (e_t - p)``
+log_softmax    ``log p_t``                          ``e_t - p``
+weighted       ``y_t - Σ_{s≠t} α_s y_s``            ``e_t - α``, ``α = softmax(y with y_t=-inf)``
+mean           ``y_t - mean_{s≠t} y_s``             ``e_t - (1 - e_t)/(C-1)``
+max            ``y_t - y_{s*}``                     ``e_t - e_{s*}``, ``s* = argmax_{s≠t} y_s``
+Versus(s)      ``y_t - y_s``                        ``e_t - e_s``
+=============  ===================================  ==========================================
+
+``objective(logits, classes)`` returns the per-sample objective (``α`` and ``s*`` held constant); its
+gradient with respect to the logits is the seed, which the property tests check.
+"""
+from __future__ import annotations
+
+from typing import Dict, Type, Union
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ClassIndexError, UnknownNameError, choices
+from .validate import check_classes
+
+
+def _onehot(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(classes, logits.shape[1]).to(logits.dtype)
+
+
+def _pick(values: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    return values.gather(1, classes[:, None]).squeeze(1)
+
+
+def _others_softmax(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """α: softmax over the logits with class t masked out (stable when p_t → 1)."""
+    masked = logits.scatter(1, classes[:, None], float("-inf"))
+    return masked.softmax(dim=1)
+
+
+def _runner_up(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    return logits.scatter(1, classes[:, None], float("-inf")).argmax(dim=1)
+
+
+class Target:
+    """A target: ``seed(logits, classes)`` and the ``objective`` it is the gradient of."""
+
+    name: str = "target"
+    contrastive: bool = True  # compares t with other classes (False only for the plain logit)
+    min_classes: int = 2
+
+    def seed(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def objective(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check(self, num_classes: int) -> None:
+        if num_classes < self.min_classes:
+            raise ClassIndexError(f"target {self.name!r} needs at least {self.min_classes} classes; the model has {num_classes}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class Logit(Target):
+    name, contrastive, min_classes = "logit", False, 1
+
+    def seed(self, logits, classes):
+        return _onehot(logits, classes)
+
+    def objective(self, logits, classes):
+        return _pick(logits, classes)
+
+
+class Softmax(Target):
+    name, contrastive, min_classes = "softmax", True, 1
+
+    def seed(self, logits, classes):
+        p = logits.softmax(dim=1)
+        return _pick(p, classes)[:, None] * (_onehot(logits, classes) - p)
+
+    def objective(self, logits, classes):
+        return _pick(logits.softmax(dim=1), classes)
+
+
+class LogSoftmax(Target):
+    name, contrastive, min_classes = "log_softmax", True, 1
+
+    def seed(self, logits, classes):
+        return _onehot(logits, classes) - logits.softmax(dim=1)
+
+    def objective(self, logits, classes):
+        return _pick(logits.log_softmax(dim=1), classes)
+
+
+class Weighted(Target):
+    """The paper's weighted contrast: ``y_t − Σ_{s≠t} α_s y_s`` with ``α_s = p_s / (1 − p_t)``."""
+
+    name = "weighted"
+
+    def seed(self, logits, classes):
+        return _onehot(logits, classes) - _others_softmax(logits, classes)
+
+    def objective(self, logits, classes):
+        alpha = _others_softmax(logits.detach(), classes)
+        return _pick(logits, classes) - (alpha * logits).sum(dim=1)
+
+
+class MeanContrast(Target):
+    name = "mean"
+
+    def seed(self, logits, classes):
+        onehot = _onehot(logits, classes)
+        return onehot - (1 - onehot) / (logits.shape[1] - 1)
+
+    def objective(self, logits, classes):
+        c = logits.shape[1]
+        y_t = _pick(logits, classes)
+        return y_t - (logits.sum(dim=1) - y_t) / (c - 1)
+
+
+class MaxContrast(Target):
+    name = "max"
+
+    def seed(self, logits, classes):
+        return _onehot(logits, classes) - _onehot(logits, _runner_up(logits, classes))
+
+    def objective(self, logits, classes):
+        return _pick(logits, classes) - _pick(logits, _runner_up(logits.detach(), classes))
+
+
+class Versus(Target):
+    """"Why t and not s": ``y_t − y_s`` for a fixed class ``s`` (int, or a (B,) tensor of classes)."""
+
+    name = "versus"
+
+    def __init__(self, other: Union[int, torch.Tensor]):
+        self.other = other
+
+    def _other(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return check_classes(self.other, logits, what="Versus class")
+
+    def seed(self, logits, classes):
+        return _onehot(logits, classes) - _onehot(logits, self._other(logits, classes))
+
+    def objective(self, logits, classes):
+        return _pick(logits, classes) - _pick(logits, self._other(logits, classes))
+
+    def __repr__(self) -> str:
+        return f"Versus({self.other!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Versus) and self.other is other.other
+
+    def __hash__(self) -> int:
+        return hash((Versus, id(self.other)))
+
+
+TARGETS: Dict[str, Type[Target]] = {
+    t.name: t for t in (Logit, Softmax, LogSoftmax, Weighted, MeanContrast, MaxContrast)
+}
+
+
+def names() -> list:
+    """Target names usable as strings (plus ``"versus:S"`` for ``Versus(S)``)."""
+    return list(TARGETS)
+
+
+def get(target: Union[str, Target]) -> Target:
+    """A target from its name (``"weighted"``, ``"versus:281"``) or a :class:`Target` instance."""
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, str):
+        key = target.strip().lower()
+        if key in TARGETS:
+            return TARGETS[key]()
+        if key.startswith("versus:") and key[7:].isdigit():
+            return Versus(int(key[7:]))
+    raise UnknownNameError(f"unknown target {target!r}; accepted: {choices(names())}, 'versus:S' or a Target instance")
