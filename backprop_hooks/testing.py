@@ -1,0 +1,305 @@
+"""Public test helpers: hypothesis strategies and assertions for rules and methods.
+
+Users run these against the rules they write, exactly as the project's own tests do::
+
+    from hypothesis import given
+    from backprop_hooks import testing
+
+    @given(testing.cases())
+    def test_my_method(case):
+        testing.assert_contrast_identities(MyMethod(case.model), case.x)
+
+The oracle of :func:`assert_contrast_identities` is independent of :mod:`backprop_hooks.targets`: it
+explains every class's logit separately (C passes) and composes them with weights computed explicitly from
+the probabilities, e.g. ``φ_weighted = φ_t − Σ_{s≠t} p_s/(1−p_t) φ_s``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .attach import is_framework_hook
+
+try:  # hypothesis is a test extra; the assertions work without it
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    st = None
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+# --------------------------------------------------------------------------------------------- nets
+class MLP(nn.Module):
+    """Linear layers with an activation, optional BatchNorm1d and residual adds."""
+
+    def __init__(self, features: int, width: int, depth: int, classes: int, act: str = "relu", batchnorm: bool = False, residual: bool = False):
+        super().__init__()
+        self.input_shape, self.num_classes, self.residual = (features,), classes, residual
+        self.stem = nn.Linear(features, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), *( [nn.BatchNorm1d(width)] if batchnorm else []), _act(act))
+            for _ in range(depth)
+        )
+        self.act = _act(act)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = self.act(self.stem(x))
+        for block in self.blocks:
+            h = h + block(h) if self.residual else block(h)
+        return self.head(h)
+
+
+class CNN(nn.Module):
+    """3x3 convolutions with an activation, optional BatchNorm2d and residual adds, average pooling, a head."""
+
+    def __init__(self, channels: int, size: int, width: int, depth: int, classes: int, act: str = "relu", batchnorm: bool = False, residual: bool = False):
+        super().__init__()
+        self.input_shape, self.num_classes, self.residual = (channels, size, size), classes, residual
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), _act(act))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), *([nn.BatchNorm2d(width)] if batchnorm else []), _act(act))
+            for _ in range(depth)
+        )
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.head = nn.Linear(width * 4, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block(h) if self.residual else block(h)
+        return self.head(self.pool(h).flatten(1))
+
+
+def _act(name: str) -> nn.Module:
+    return {"relu": nn.ReLU(), "relu_inplace": nn.ReLU(inplace=True), "gelu": nn.GELU()}[name]
+
+
+def randomize(model: nn.Module, seed: int, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Random weights and BatchNorm statistics from ``seed``; eval mode; ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    model = model.to(dtype)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=gen, dtype=dtype) + 0.5)
+            elif t.dim() > 1:
+                t.copy_(torch.randn(t.shape, generator=gen, dtype=dtype) * (1.0 / t[0].numel()) ** 0.5)
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen, dtype=dtype) * 0.2)
+    return model.eval()
+
+
+@dataclass
+class Case:
+    """A random model with an input batch: what the strategies draw."""
+
+    model: nn.Module
+    x: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+
+# --------------------------------------------------------------------------------------- strategies
+def _require_hypothesis():
+    if st is None:  # pragma: no cover
+        raise ImportError("backprop_hooks.testing strategies need hypothesis: pip install hypothesis")
+
+
+def networks(kinds: Iterable[str] = ("mlp", "cnn"), acts: Iterable[str] = ("relu", "relu_inplace", "gelu"), batchnorm: Optional[bool] = None, residual: Optional[bool] = None, dtype: torch.dtype = torch.float64):
+    """Strategy: small random MLPs/CNNs (ReLU, in-place ReLU, GELU; BatchNorm and residual adds drawn)."""
+    _require_hypothesis()
+    kinds, acts = tuple(kinds), tuple(acts)
+
+    @st.composite
+    def build(draw):
+        kind = draw(st.sampled_from(kinds))
+        act = draw(st.sampled_from(acts))
+        bn = draw(st.booleans()) if batchnorm is None else batchnorm
+        res = draw(st.booleans()) if residual is None else residual
+        classes = draw(st.integers(2, 6))
+        depth = draw(st.integers(1, 3))
+        if kind == "mlp":
+            net = MLP(draw(st.integers(2, 8)), draw(st.integers(2, 8)), depth, classes, act, bn, res)
+        else:
+            net = CNN(draw(st.integers(1, 3)), draw(st.sampled_from([4, 6, 8])), draw(st.integers(2, 5)), depth, classes, act, bn, res)
+        return randomize(net, draw(st.integers(0, 2**31 - 1)), dtype)
+
+    return build()
+
+
+def inputs(model: nn.Module, batch: Tuple[int, int] = (1, 4), dtype: torch.dtype = torch.float64):
+    """Strategy: a random input batch for a model with an ``input_shape`` attribute."""
+    _require_hypothesis()
+    return st.builds(
+        lambda b, seed: torch.randn((b, *model.input_shape), generator=torch.Generator().manual_seed(seed), dtype=dtype),
+        st.integers(*batch),
+        st.integers(0, 2**31 - 1),
+    )
+
+
+def cases(batch: Tuple[int, int] = (1, 4), dtype: torch.dtype = torch.float64, **network_options):
+    """Strategy: a :class:`Case` (random network and a matching input batch)."""
+    _require_hypothesis()
+    return networks(dtype=dtype, **network_options).flatmap(lambda m: inputs(m, batch, dtype).map(lambda x: Case(m, x)))
+
+
+def logits(batch: Tuple[int, int] = (1, 8), classes: Tuple[int, int] = (2, 12), scale: Tuple[float, float] = (1e-3, 50.0), dtype: torch.dtype = torch.float64):
+    """Strategy: random logits (B, C) of spread ``scale`` (large spreads drive p_t to 1)."""
+    _require_hypothesis()
+    return st.builds(
+        lambda b, c, s, seed: torch.randn((b, c), generator=torch.Generator().manual_seed(seed), dtype=torch.float64).mul(s).to(dtype),
+        st.integers(*batch),
+        st.integers(*classes),
+        st.floats(*scale),
+        st.integers(0, 2**31 - 1),
+    )
+
+
+def classes_for(logits_: torch.Tensor):
+    """Strategy: a (B,) tensor of valid classes for ``logits_``."""
+    _require_hypothesis()
+    b, c = logits_.shape
+    return st.lists(st.integers(0, c - 1), min_size=b, max_size=b).map(lambda v: torch.tensor(v, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------- assertions
+def contrast_weights(logits_: torch.Tensor, classes: torch.Tensor, target: str, other: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Explicit composition weights ``w[b, s]`` with ``φ_target = Σ_s w[b,s] φ_s`` (the test oracle).
+
+    Computed from the probabilities in float64, independently of :mod:`backprop_hooks.targets`.
+    """
+    y = logits_.detach().double()
+    b, c = y.shape
+    rows = torch.arange(b)
+    p = torch.softmax(y, dim=1)
+    p_t = p[rows, classes]
+    e_t = torch.zeros_like(y)
+    e_t[rows, classes] = 1.0
+    alpha = p / (1.0 - p_t)[:, None]
+    alpha[rows, classes] = 0.0
+    weighted = e_t - alpha
+    if target == "logit":
+        return e_t
+    if target == "weighted":
+        return weighted
+    if target == "softmax":
+        return (p_t * (1 - p_t))[:, None] * weighted
+    if target == "log_softmax":
+        return (1 - p_t)[:, None] * weighted
+    if target == "mean":
+        return e_t - (1 - e_t) / (c - 1)
+    if target == "max":
+        runner = y.clone()
+        runner[rows, classes] = -float("inf")
+        s_star = runner.argmax(dim=1)
+        out = e_t.clone()
+        out[rows, s_star] -= 1.0
+        return out
+    if target == "versus":
+        out = e_t.clone()
+        out[rows, other] -= 1.0
+        return out
+    raise ValueError(f"no explicit composition for target {target!r}")
+
+
+def per_class(method: Callable, x: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``φ_s`` for every class s: one logit explanation per class, stacked as (C, B, ...)."""
+    return torch.stack([method(x, classes=s, target="logit").attributions for s in range(num_classes)])
+
+
+def assert_contrast_identities(
+    method: Callable,
+    x: torch.Tensor,
+    classes: Any = None,
+    rtol: float = 1e-6,
+    atol: float = 1e-9,
+    targets: Iterable[str] = ("weighted", "softmax", "log_softmax", "mean", "max", "versus"),
+) -> None:
+    """Check DESIGN.md section 1 for ``method`` (called as ``method(x, classes=..., target=...)``).
+
+    Every contrast target's attributions must equal the explicit composition of the C per-class logit
+    explanations. Tolerances are relative to the largest per-class attribution.
+    """
+    from . import targets as _targets
+
+    base = method(x, classes=classes, target="logit")
+    y, t = base.logits, base.classes.cpu()
+    c = y.shape[1]
+    phi = per_class(method, x, c).double()  # (C, B, ...)
+    scale = float(phi.abs().max()) or 1.0
+    other = (t + 1) % c
+    for name in targets:
+        target = _targets.Versus(other.to(y.device)) if name == "versus" else name
+        got = method(x, classes=t.to(y.device), target=target).attributions.double().cpu()
+        w = contrast_weights(y.cpu(), t, name, other).to(phi.dtype)  # (B, C)
+        want = torch.einsum("bs,sb...->b...", w, phi.cpu())
+        err = float((got - want).abs().max())
+        tol = atol + rtol * scale
+        if not err <= tol:
+            raise AssertionError(
+                f"{getattr(method, 'name', method)!r}: target {name!r} differs from its explicit per-class "
+                f"composition by {err:.3e} (tolerance {tol:.3e}, max |φ_s| {scale:.3e})"
+            )
+
+
+def assert_batch_equals_single(method: Callable, x: torch.Tensor, target: Any = "weighted", rtol: float = 1e-6, atol: float = 1e-9) -> None:
+    """The attributions of a batch equal those of each sample explained alone."""
+    batch = method(x, target=target)
+    for i in range(x.shape[0]):
+        single = method(x[i : i + 1], classes=batch.classes[i : i + 1], target=target)
+        torch.testing.assert_close(batch.attributions[i : i + 1], single.attributions, rtol=rtol, atol=atol)
+
+
+def framework_hooks(model: nn.Module) -> list:
+    """Names of modules that still carry a hook placed by :func:`backprop_hooks.attach`."""
+    return [
+        f"{name or '<root>'}.{attr}"
+        for name, module in model.named_modules()
+        for attr in HOOK_DICTS
+        if any(is_framework_hook(fn) for fn in getattr(module, attr, {}).values())
+    ]
+
+
+def assert_no_hooks_left(model: nn.Module) -> None:
+    """No hook placed by backprop_hooks remains anywhere in ``model``."""
+    left = framework_hooks(model)
+    if left:
+        raise AssertionError(f"backprop_hooks left hooks on: {', '.join(left)}")
+
+
+def model_state(model: nn.Module) -> Dict[str, Any]:
+    """A snapshot of everything an explanation must leave unchanged (compare with :func:`assert_same_state`)."""
+    return {
+        "params": {n: (p.detach().clone(), p.requires_grad, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": {n: tuple(tuple(getattr(m, a, {}).keys()) for a in HOOK_DICTS) for n, m in model.named_modules()},
+    }
+
+
+def assert_same_state(model: nn.Module, before: Dict[str, Any]) -> None:
+    """``model`` is bit-identical to the snapshot: values, grads, requires_grad, training flags, hooks."""
+    after = model_state(model)
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        if isinstance(a, (tuple, list)):
+            return isinstance(b, (tuple, list)) and len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+        return a == b
+
+    for part in before:
+        if before[part].keys() != after[part].keys():
+            raise AssertionError(f"model {part} changed: {sorted(set(before[part]) ^ set(after[part]))}")
+        changed = [k for k in before[part] if not same(before[part][k], after[part][k])]
+        if changed:
+            raise AssertionError(f"model {part} changed for: {', '.join(changed[:10])}")
+    assert_no_hooks_left(model)

@@ -1,0 +1,11 @@
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Examples are small networks: no deadline (CI machines are noisy), a modest count by default.
+settings.register_profile("default", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

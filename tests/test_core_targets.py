@@ -1,0 +1,93 @@
+"""Targets: every seed is the gradient of its objective; explicit formulas; stability; validation."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import backprop_hooks as bh
+from backprop_hooks import targets, testing
+from backprop_hooks.errors import ClassIndexError, UnknownNameError
+
+NAMES = ["logit", "softmax", "log_softmax", "weighted", "mean", "max"]
+
+
+@given(testing.logits(dtype=torch.float64).flatmap(lambda y: st.tuples(st.just(y), testing.classes_for(y))), st.sampled_from(NAMES))
+def test_seed_is_gradient_of_objective(case, name):
+    y, t = case
+    target = targets.get(name)
+    y = y.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(target.objective(y, t).sum(), y)
+    torch.testing.assert_close(target.seed(y.detach(), t), g, rtol=1e-10, atol=1e-12)
+
+
+@given(testing.logits(dtype=torch.float64, scale=(1e-3, 8.0)).flatmap(lambda y: st.tuples(st.just(y), testing.classes_for(y))), st.sampled_from(NAMES))
+def test_seed_equals_explicit_weights(case, name):
+    """The seed equals the composition weights written out from the probabilities (DESIGN.md table)."""
+    y, t = case
+    torch.testing.assert_close(targets.get(name).seed(y, t), testing.contrast_weights(y, t, name), rtol=1e-9, atol=1e-12)
+
+
+@given(testing.logits(dtype=torch.float64).flatmap(lambda y: st.tuples(st.just(y), testing.classes_for(y))))
+def test_softmax_and_log_softmax_are_scaled_weighted(case):
+    y, t = case
+    p_t = y.softmax(1).gather(1, t[:, None])
+    w = targets.Weighted().seed(y, t)
+    torch.testing.assert_close(targets.Softmax().seed(y, t), p_t * (1 - p_t) * w, rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(targets.LogSoftmax().seed(y, t), (1 - p_t) * w, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gap", [30.0, 1e3, 1e6])
+def test_weighted_is_stable_when_p_t_is_one(dtype, gap):
+    y = torch.tensor([[gap, 0.0, -1.0, 2.0], [0.0, -gap, 1.0, 1.0]], dtype=dtype)
+    t = torch.tensor([0, 0])
+    for name in NAMES:
+        seed = targets.get(name).seed(y, t)
+        assert seed.dtype == dtype and torch.isfinite(seed).all(), name
+    alpha = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]], dtype=dtype) - targets.Weighted().seed(y, t)
+    torch.testing.assert_close(alpha.sum(1), torch.ones(2, dtype=dtype))
+    assert (alpha[:, 0] == 0).all() and (alpha >= 0).all()
+
+
+def test_mean_max_versus_seeds_by_hand():
+    y = torch.tensor([[1.0, 3.0, 2.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([2])
+    assert targets.MeanContrast().seed(y, t).tolist() == [[-1 / 3, -1 / 3, 1.0, -1 / 3]]
+    assert targets.MaxContrast().seed(y, t).tolist() == [[0.0, -1.0, 1.0, 0.0]]
+    assert targets.Versus(0).seed(y, t).tolist() == [[-1.0, 0.0, 1.0, 0.0]]
+    assert targets.MaxContrast().seed(y, torch.tensor([1])).tolist() == [[0.0, 1.0, -1.0, 0.0]]
+
+
+def test_get_by_name_and_errors():
+    assert isinstance(targets.get("weighted"), targets.Weighted)
+    assert isinstance(targets.get("versus:3"), targets.Versus) and targets.get("versus:3").other == 3
+    t = targets.Weighted()
+    assert targets.get(t) is t
+    with pytest.raises(UnknownNameError, match="accepted: 'logit'"):
+        targets.get("wieghted")
+    with pytest.raises(UnknownNameError):
+        targets.get(3)
+    assert set(NAMES) <= set(targets.names())
+
+
+def test_class_validation():
+    y = torch.zeros(2, 5)
+    with pytest.raises(ClassIndexError, match="out of range.*5 classes"):
+        targets.Logit().seed(y, bh.validate.check_classes(5, y))
+    with pytest.raises(ClassIndexError, match="shape \\(2,\\)"):
+        bh.validate.check_classes(torch.tensor([1, 2, 3]), y)
+    with pytest.raises(ClassIndexError, match="integers"):
+        bh.validate.check_classes(torch.tensor([1.0, 2.0]), y)
+    with pytest.raises(ClassIndexError, match="-1 is out of range"):
+        bh.validate.check_classes(torch.tensor([0, -1]), y)
+    with pytest.raises(ClassIndexError, match="Versus class index 7"):
+        targets.Versus(7).seed(y, torch.tensor([0, 1]))
+    assert bh.validate.check_classes([1, 4], y).tolist() == [1, 4]
+    assert bh.validate.check_classes(torch.tensor(3), y).tolist() == [3, 3]
+    assert bh.validate.check_classes(None, torch.tensor([[0.0, 1.0], [2.0, 1.0]])).tolist() == [1, 0]
+
+
+def test_contrast_needs_two_classes():
+    y = torch.zeros(1, 1)
+    with pytest.raises(ClassIndexError, match="at least 2 classes"):
+        targets.Weighted().check(1)
+    targets.Logit().check(1)
