@@ -5,9 +5,14 @@
 from .base import Method, NonLinearContrastWarning, available, get, grad, register
 from .gradient import Gradient, InputXGradient, IntegratedGradients, SmoothGrad, path_rule
 from .layers import default_layer, get_module, resolve_layer
+from .cam import CAM, GradCAM, LayerGradient, LinearApprox, XGradCAM
+from .fullgrad import FullGrad
+from .guided import Deconvnet, FunctionalReLUWarning, GuidedBackprop, GuidedGradCAM, ModifiedReLU
 
 __all__ = [
     "Method", "NonLinearContrastWarning", "available", "get", "grad", "register",
     "Gradient", "InputXGradient", "IntegratedGradients", "SmoothGrad", "path_rule",
     "default_layer", "get_module", "resolve_layer",
 ]
+__all__ += ["CAM", "GradCAM", "XGradCAM", "LinearApprox", "LayerGradient", "FullGrad"]
+__all__ += ["ModifiedReLU", "GuidedBackprop", "Deconvnet", "GuidedGradCAM", "FunctionalReLUWarning"]

@@ -1,0 +1,142 @@
+r"""Modified-ReLU methods: Guided Backprop, Deconvnet and Guided Grad-CAM (none is linear in the seed).
+
+* ``guided_backprop``: ``∂f/∂x`` with every ``nn.ReLU``'s backward replaced by ``relu(g) ⊙ [x > 0]``;
+* ``deconvnet``:       the same with ``relu(g)`` (:mod:`rules.relu`);
+* ``guided_gradcam``:  ``guided_backprop ⊙ upsample(gradcam)`` (Selvaraju et al. 2017), input-shaped.
+
+A contrast seed is back-propagated as is, but the clamp makes the result differ from the per-class
+composition: ``e.linear`` is ``False`` and a :class:`NonLinearContrastWarning` is emitted.
+
+Functional activations: the rules sit on ``nn.ReLU`` modules, and hooks cannot see ``F.relu`` /
+``torch.relu`` / ``Tensor.relu`` calls, whose backward would silently stay plain. The forward pass is
+therefore watched for such calls (a ``TorchFunctionMode`` that only counts them): a model with no
+``nn.ReLU`` at all raises :class:`~backprop_hooks.errors.RuleError` before any work, and a model where
+some ReLUs are functional emits :class:`FunctionalReLUWarning`.
+
+Guided Grad-CAM runs one forward and two backward passes: a partial one to the layer with the rules
+switched off (the CAM weights need the unmodified gradient there), then the guided one to the input.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from rules.relu import DeconvReLU, GuidedReLU, _ReLURule
+
+from ..errors import RuleError
+from .base import Method, grad, register
+from .cam import GradCAM
+
+_RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+
+
+class FunctionalReLUWarning(UserWarning):
+    """Some ReLUs of the model are functional calls that a modified-ReLU rule cannot reach."""
+
+
+class _ReLUCalls(TorchFunctionMode):
+    """Counts ReLU function calls (from ``nn.ReLU`` modules and functional ones alike); changes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RELU_FUNCTIONS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class ModifiedReLU(Method):
+    """Input gradient with ``rule`` on every ``nn.ReLU`` (``rule_class``: a :mod:`rules.relu` rule)."""
+
+    rule_class: Type[_ReLURule]
+
+    def relu_rules(self):
+        if not any(isinstance(m, nn.ReLU) for m in self.model.modules()):
+            raise RuleError(
+                f"{self.name} needs nn.ReLU modules, and {type(self.model).__name__} has none: functional "
+                "F.relu / torch.relu calls cannot be hooked, so the result would be the plain gradient. "
+                "Use nn.ReLU modules (e.g. self.act = nn.ReLU() in __init__, self.act(x) in forward)."
+            )
+        self.relu_rule = self.rule_class()
+        return [(nn.ReLU, self.relu_rule)]
+
+    def rules(self, x):
+        return self.relu_rules()
+
+    def forward(self, x, classes, target):
+        with _ReLUCalls() as seen:
+            out = super().forward(x, classes, target)
+        missed = seen.count - self.relu_rule.calls
+        if missed > 0:
+            warnings.warn(
+                f"{self.name}: {missed} of {seen.count} ReLU calls in {type(self.model).__name__}'s forward are "
+                "functional (F.relu / torch.relu / Tensor.relu) and keep their plain backward; only nn.ReLU "
+                "modules get the modified rule",
+                FunctionalReLUWarning,
+                stacklevel=4,
+            )
+        return out
+
+    def attribute(self, x, logits, seed):
+        return grad(logits, x, seed)
+
+
+@register
+class GuidedBackprop(ModifiedReLU):
+    """``∂f/∂x`` with every ReLU's backward ``relu(g) ⊙ [x > 0]`` (Springenberg et al. 2015)."""
+
+    name = "guided_backprop"
+    linear = False
+    rule_class = GuidedReLU
+
+
+@register
+class Deconvnet(ModifiedReLU):
+    """``∂f/∂x`` with every ReLU's backward ``relu(g)`` (Zeiler & Fergus 2014)."""
+
+    name = "deconvnet"
+    linear = False
+    rule_class = DeconvReLU
+
+
+@register
+class GuidedGradCAM(GuidedBackprop):
+    """``guided_backprop(x) ⊙ upsample(gradcam)`` (bilinear, broadcast over input channels).
+
+    ``relu=True`` clamps the Grad-CAM factor at zero as in Selvaraju et al.; default signed.
+    """
+
+    name = "guided_gradcam"
+
+    def __init__(self, model: nn.Module, layer: Optional[str] = None, relu: bool = False, check_finite: bool = True):
+        super().__init__(model, check_finite=check_finite)
+        self.gradcam = GradCAM(model, layer=layer, relu=relu, check_finite=check_finite)
+
+    @property
+    def layer_name(self):
+        return self.gradcam.layer_name
+
+    def rules(self, x):
+        return self.relu_rules() + list(self.gradcam.rules(x))
+
+    def attribute(self, x, logits, seed):
+        self.relu_rule.enabled = False
+        try:
+            cam = self.gradcam.layer_map(logits, seed, retain_graph=True)
+        finally:
+            self.relu_rule.enabled = True
+        guided = grad(logits, x, seed)
+        size = tuple(x.shape[2:])
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+        cam = F.interpolate(cam[:, None], size=size, mode=mode, align_corners=False)
+        return guided * cam
+
+
+__all__ = ["ModifiedReLU", "GuidedBackprop", "Deconvnet", "GuidedGradCAM", "FunctionalReLUWarning"]
