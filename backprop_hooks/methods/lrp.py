@@ -1,0 +1,38 @@
+r"""Layer-wise relevance propagation: a composite of LRP rules, one seeded backward, the input gradient.
+
+``φ = relevance at the input`` for the seed ``v`` of the target: the relevance at the logits ``y`` is
+``y ⊙ v`` (``y_t`` for the logit target; conserved layer by layer up to biases and stabilisers). The rules
+are linear in the back-propagated quantity, so ``φ_weighted = φ_t − Σ_s α_s φ_s`` and the other identities
+of DESIGN.md §1 hold: softmax-gradient LRP and the contrastive LRP family come from the seed alone.
+See :mod:`rules.lrp` (formulation, rules) and :mod:`rules.composites` (which layer gets which rule).
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+from rules.composites import Composite, get_composite
+
+from .base import Method, grad, register
+
+
+@register
+class LRP(Method):
+    """``bh.explain(model, x, method="lrp", composite="epsilon_plus_flat", target="weighted")``.
+
+    ``composite``: a name (``epsilon``, ``epsilon_plus``, ``epsilon_plus_flat``, ``epsilon_alpha2_beta1``,
+    ``epsilon_gamma_box`` with ``low=``/``high=``) or a :class:`~rules.composites.Composite`; other
+    options (``epsilon``, ``stabilizer``, ``canonize``, ``gamma``...) go to the composite.
+    """
+
+    name = "lrp"
+    linear = True
+
+    def __init__(self, model, composite: Union[str, Composite] = "epsilon_plus_flat", check_finite: bool = True, **options: Any):
+        super().__init__(model, check_finite=check_finite)
+        self.composite = get_composite(composite, **options)
+
+    def rules(self, x):
+        return self.composite.spec(self.model)
+
+    def attribute(self, x, logits, seed):
+        return grad(logits, x, seed)

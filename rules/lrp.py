@@ -1,0 +1,368 @@
+r"""Layer-wise relevance propagation (LRP) as backward rules on Linear and Conv1d/2d/3d layers.
+
+Formulation ("modified gradient"). What flows backwards is a gradient-like quantity ``g``; the relevance
+of any tensor ``t`` of the network is ``R_t = t ⊙ g_t``. Everything without a rule keeps its ordinary
+gradient, which is already the right relevance redistribution for it:
+
+* ReLU (and any elementwise gating): ``g·1[z>0]`` gives ``R_z = relu(z) ⊙ g = R_out``: relevance passes;
+* max pooling: ``g`` goes to the winner, whose value is the pooled value: winner-take-all;
+* average pooling, residual additions, concatenation, reshapes: ``R_i = a_i ⊙ g`` splits the output
+  relevance in proportion to each input's contribution ``a_i`` (the LRP-0 / z-rule with no stabiliser;
+  at an addition ``a + b`` the branches get ``a ⊙ g`` and ``b ⊙ g``, which sum to the output relevance
+  but can both be large when ``a`` and ``b`` nearly cancel).
+
+A rule on a layer ``z = W x + b`` receives ``g_out``, forms the output relevance ``R = z ⊙ g_out`` and
+redistributes it by its *terms*: each term ``m`` has an input ``x_m`` (``x``, ``x⁺``, ``x⁻`` or a constant),
+modified parameters ``(W_m, b_m)``, and output ``z_m = W_m x_m + b_m``. Terms are grouped; per group ``G``
+
+    s_G = scale_G · mask_G(z) ⊙ R / stab(Σ_{m∈G} sign_m z_m),     R_in = Σ_G Σ_{m∈G} sign_m · x_m ⊙ W_mᵀ s_G
+
+and the rule returns ``g_in = R_in / x`` (computed without dividing: ``x⁺ = x ⊙ 1[x>0]`` etc.). On the
+*input layer* (``input_layer=True``) it returns ``R_in`` itself, so the gradient at the model's input is
+the relevance (rules whose input is a constant — Flat, WSquare, ZBox — exist only there).
+
+``stab(z) = z + ε·sign(z)`` with ``sign(0) = +1``. Every rule is **linear** in ``g_out``: the forward
+quantities ``z``, ``z_m``, masks and stabilised denominators are fixed, and ``R`` is linear in ``g_out``.
+So back-propagating a contrast seed gives the contrastive LRP family and the identities of DESIGN.md §1
+hold exactly. (With a seed ``v`` at the logits ``y`` the relevance there is ``y ⊙ v``: ``y_t`` for the
+logit target.)
+
+BatchNorm: a rule built with ``bn=MergeBatchNorm()`` (see :mod:`rules.canonizers`) uses the merged
+weights ``W·s, (b − μ)·s + β`` when its output feeds an eval-mode BatchNorm directly.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from backprop_hooks.errors import RuleError
+from backprop_hooks.rule import Rule
+
+Tensor = torch.Tensor
+Modifier = Callable[[Tensor], Tensor]
+Stabiliser = Union[float, Callable[[Tensor], Tensor]]
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYER_TYPES = (nn.Linear,) + CONV_TYPES
+
+
+# -- parameter modifiers (named functions, so that rule reprs stay readable) ---------------------------
+def keep(p: Tensor) -> Tensor:
+    return p
+
+
+def positive(p: Tensor) -> Tensor:
+    return p.clamp(min=0)
+
+
+def negative(p: Tensor) -> Tensor:
+    return p.clamp(max=0)
+
+
+def square(p: Tensor) -> Tensor:
+    return p * p
+
+
+def ones(p: Tensor) -> Tensor:
+    return torch.ones_like(p)
+
+
+def add_gamma(p: Tensor, gamma: float, part: Modifier) -> Tensor:
+    """``p + γ · part(p)`` (the Gamma rule's modifier)."""
+    return p + gamma * part(p)
+
+
+def stabilise(z: Tensor, epsilon: Stabiliser) -> Tensor:
+    """``z + ε·sign(z)``, ``sign(0) = +1``; a callable ``epsilon`` is applied to ``z`` instead."""
+    if callable(epsilon):
+        return epsilon(z)
+    return z + torch.where(z >= 0, epsilon, -epsilon)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term: input ``"x"``, ``"pos"`` (x⁺), ``"neg"`` (x⁻), ``"ones"``, ``"low"`` or ``"high"``;
+    weight and bias modifiers (``bias=None``: no bias); ``sign`` in the denominator and the reduction."""
+
+    input: str
+    weight: Modifier = keep
+    bias: Optional[Modifier] = keep
+    sign: float = 1.0
+
+
+@dataclass(frozen=True)
+class Group:
+    """Terms sharing one denominator; ``where="pos"|"neg"`` keeps only outputs with ``z>0`` / ``z<0``."""
+
+    terms: Tuple[Term, ...]
+    scale: float = 1.0
+    where: Optional[str] = None
+
+
+_MULTIPLICATIVE = {"x", "pos", "neg"}
+
+
+# -- the layer operations a rule needs: forward with given parameters, and the vector-Jacobian product --
+def _conv_geometry(module: nn.Module):
+    n = module.weight.dim() - 2
+    padding = module.padding
+    if padding == "valid":
+        padding = (0,) * n
+    elif padding == "same":
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        padding = tuple(t // 2 for t in total)
+    return list(module.stride), list(padding), list(module.dilation), [0] * n, module.groups
+
+
+def layer_forward(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``W x + b`` for a Linear or ConvNd module, with the given parameters."""
+    if isinstance(module, nn.Linear):
+        return torch.nn.functional.linear(x, weight, bias)
+    stride, padding, dilation, out_pad, groups = _conv_geometry(module)
+    return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, out_pad, groups)
+
+
+def layer_vjp(module: nn.Module, x: Tensor, weight: Tensor, s: Tensor) -> Tensor:
+    """``Wᵀ s``: the vector-Jacobian product of ``W x`` with respect to ``x`` (shaped like ``x``)."""
+    if isinstance(module, nn.Linear):
+        return s.matmul(weight.to(s.dtype))
+    stride, padding, dilation, out_pad, groups = _conv_geometry(module)
+    return torch.ops.aten.convolution_backward(
+        s, x, weight, None, stride, padding, dilation, False, out_pad, groups, [True, False, False]
+    )[0]
+
+
+def check_layer(rule: Rule, module: nn.Module) -> None:
+    """Raise :class:`RuleError` unless ``module`` is a plain Linear or zero-padded ConvNd."""
+    name = type(rule).__name__
+    if not isinstance(module, LAYER_TYPES):
+        raise RuleError(
+            f"{name} is an LRP rule for nn.Linear and nn.Conv1d/2d/3d layers; it was put on a "
+            f"{type(module).__name__}. Select layers by type, e.g. {{nn.Conv2d: {name}()}}"
+        )
+    base = nn.Linear if isinstance(module, nn.Linear) else next(t for t in CONV_TYPES if isinstance(module, t))
+    if type(module).forward is not base.forward:
+        raise RuleError(f"{name} cannot handle {type(module).__name__}: it overrides {base.__name__}.forward")
+    if isinstance(module, CONV_TYPES):
+        if module.padding_mode != "zeros":
+            raise RuleError(f"{name} supports zero-padded convolutions only; {type(module).__name__} has padding_mode={module.padding_mode!r}")
+        if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
+            raise RuleError(f"{name} cannot handle padding='same' with an even effective kernel size (asymmetric padding)")
+
+
+class LRPRule(Rule):
+    """Base LRP rule: subclasses only declare their ``groups`` (terms with weight/bias modifiers) and a
+    stabiliser. See the module docstring for the formula."""
+
+    linear = True
+    constant_inputs = False  # True when a term's input is a constant (only valid on the input layer)
+
+    def __init__(self, stabilizer: Stabiliser = 1e-6, input_layer: bool = False, bn: Optional[Rule] = None):
+        self.stabilizer = stabilizer
+        self.input_layer = input_layer
+        self.bn = bn
+
+    def groups(self) -> Sequence[Group]:
+        raise NotImplementedError
+
+    def constant(self, name: str, x: Tensor) -> Tensor:
+        """The value of a constant input (``"ones"``, ``"low"``, ``"high"``), shaped like ``x``."""
+        if name == "ones":
+            return torch.ones_like(x)
+        raise RuleError(f"{type(self).__name__} has no constant input {name!r}")
+
+    def check(self, module: nn.Module) -> None:
+        check_layer(self, module)
+        if self.constant_inputs and not self.input_layer:
+            raise RuleError(
+                f"{type(self).__name__} redistributes relevance independently of the layer's input, so it can only "
+                "be the input layer's rule: use input_layer=True (composites do this for the first layer)"
+            )
+
+    # -- forward: remember the input and output (no copies; in-place changes are detected later) --------
+    def forward(self, module, inputs, output):
+        x = inputs[0]
+        self.ctx.x, self.ctx.x_version = x.detach(), x._version
+        self.ctx.z, self.ctx.z_version = output.detach(), output._version
+        self.ctx.link = self.bn.offer(output) if self.bn is not None else None
+        return None
+
+    def params(self, module: nn.Module) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+        """Effective ``(W, b, z)`` of the layer: merged with a following BatchNorm when there is one."""
+        ctx = self.ctx
+        weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+        out, version = ctx.z, ctx.z_version
+        link = ctx.link
+        if link is not None and link.bn is not None:
+            from .canonizers import merged_params
+
+            weight, bias = merged_params(weight, bias, link.bn)
+            out, version = link.out, link.version
+        if out._version != version:  # changed in place (e.g. a ReLU(inplace=True) after the layer)
+            out = layer_forward(module, ctx.x, weight, bias)
+        return weight, bias, out
+
+    def backward(self, module, grad_input, grad_output):
+        g_out = grad_output[0]
+        if g_out is None or grad_input[0] is None:
+            return None
+        ctx = self.ctx
+        x = ctx.x
+        if x._version != ctx.x_version:
+            raise RuleError(f"{type(self).__name__}: the input of {type(module).__name__} was modified in place after the layer ran")
+        weight, bias, z = self.params(module)
+        relevance = z * g_out
+        grad = torch.zeros_like(x)
+        const = None
+        for group in self.groups():
+            terms = []
+            for term in group.terms:
+                x_m = x if term.input in _MULTIPLICATIVE else self.constant(term.input, x)
+                if term.input == "pos":
+                    x_m = x.clamp(min=0)
+                elif term.input == "neg":
+                    x_m = x.clamp(max=0)
+                w_m = term.weight(weight)
+                b_m = None if term.bias is None or bias is None else term.bias(bias)
+                plain = term.input == "x" and term.weight is keep and term.bias is keep
+                z_m = z if plain else layer_forward(module, x_m, w_m, b_m)
+                terms.append((term, x_m, w_m, z_m))
+            denom = sum(t.sign * z_m for t, _, _, z_m in terms)
+            s = relevance / stabilise(denom, self.stabilizer)
+            if group.where == "pos":
+                s = s * (z > 0)
+            elif group.where == "neg":
+                s = s * (z < 0)
+            if group.scale != 1.0:
+                s = s * group.scale
+            for term, x_m, w_m, _ in terms:
+                v = layer_vjp(module, x, w_m, s)
+                if term.sign != 1.0:
+                    v = v * term.sign
+                if term.input == "x":
+                    grad = grad + v
+                elif term.input == "pos":
+                    grad = grad + v * (x > 0)
+                elif term.input == "neg":
+                    grad = grad + v * (x < 0)
+                else:
+                    const = x_m * v if const is None else const + x_m * v
+        if self.input_layer:
+            grad = x * grad if const is None else x * grad + const
+        return (grad,) + tuple(grad_input[1:])
+
+
+class Epsilon(LRPRule):
+    r"""LRP-ε: ``R_i = Σ_j x_i w_ij R_j / stab(z_j)``, ``z = Wx + b`` (``epsilon=0`` is LRP-0)."""
+
+    def __init__(self, epsilon: Stabiliser = 1e-6, input_layer: bool = False, bn: Optional[Rule] = None):
+        super().__init__(stabilizer=epsilon, input_layer=input_layer, bn=bn)
+
+    @property
+    def epsilon(self) -> Stabiliser:
+        return self.stabilizer
+
+    def groups(self):
+        return (Group((Term("x"),)),)
+
+
+class ZPlus(LRPRule):
+    r"""LRP-z⁺ (α1β0): ``R_i = Σ_j (x_i⁺ w_ij⁺ + x_i⁻ w_ij⁻) R_j / stab(z_j⁺)``,
+    ``z⁺ = W⁺x⁺ + b⁺ + W⁻x⁻`` (the sign-aware form; equals the classic z⁺ rule for ``x ≥ 0``)."""
+
+    def groups(self):
+        return (Group((Term("pos", positive, positive), Term("neg", negative, None))),)
+
+
+class AlphaBeta(LRPRule):
+    r"""LRP-αβ: ``R_i = Σ_j [α (x⁺w⁺ + x⁻w⁻)_ij / stab(z_j^+) − β (x⁺w⁻ + x⁻w⁺)_ij / stab(z_j^-)] R_j``,
+    ``z^+ = W⁺x⁺ + b⁺ + W⁻x⁻``, ``z^- = W⁻x⁺ + b⁻ + W⁺x⁻``; requires ``α − β = 1``, ``α, β ≥ 0``."""
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stabiliser = 1e-6, input_layer: bool = False, bn: Optional[Rule] = None):
+        if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
+            raise ValueError(f"AlphaBeta needs alpha, beta >= 0 and alpha - beta = 1; got alpha={alpha}, beta={beta}")
+        super().__init__(stabilizer=stabilizer, input_layer=input_layer, bn=bn)
+        self.alpha, self.beta = alpha, beta
+
+    def groups(self):
+        return (
+            Group((Term("pos", positive, positive), Term("neg", negative, None)), scale=self.alpha),
+            Group((Term("pos", negative, negative), Term("neg", positive, None)), scale=-self.beta),
+        )
+
+
+class Gamma(LRPRule):
+    r"""LRP-γ (generalised to signed inputs and outputs), with ``W^{±γ} = W + γ W^±``:
+    for ``z_j > 0``: ``R_i = Σ_j (x⁺ W^{+γ} + x⁻ W^{-γ})_ij R_j / stab(W^{+γ}x⁺ + b + γb⁺ + W^{-γ}x⁻)_j``;
+    for ``z_j < 0`` the same with ``+`` and ``−`` swapped. ``γ = 0`` is LRP-0."""
+
+    def __init__(self, gamma: float = 0.25, stabilizer: Stabiliser = 1e-6, input_layer: bool = False, bn: Optional[Rule] = None):
+        super().__init__(stabilizer=stabilizer, input_layer=input_layer, bn=bn)
+        self.gamma = gamma
+
+    def groups(self):
+        up = functools.partial(add_gamma, gamma=self.gamma, part=positive)
+        down = functools.partial(add_gamma, gamma=self.gamma, part=negative)
+        return (
+            Group((Term("pos", up, up), Term("neg", down, None)), where="pos"),
+            Group((Term("pos", down, down), Term("neg", up, None)), where="neg"),
+        )
+
+
+class Flat(LRPRule):
+    r"""Flat (input layer only): ``R_i = Σ_j 1[i ∈ receptive field of j] R_j / stab(n_j)``, ``n_j`` the
+    number of inputs of unit ``j`` (all weights and inputs set to one, no bias)."""
+
+    constant_inputs = True
+
+    def __init__(self, stabilizer: Stabiliser = 1e-6, input_layer: bool = True, bn: Optional[Rule] = None):
+        super().__init__(stabilizer=stabilizer, input_layer=input_layer, bn=bn)
+
+    def groups(self):
+        return (Group((Term("ones", ones, None),)),)
+
+
+class WSquare(LRPRule):
+    r"""w² (input layer only): ``R_i = Σ_j w_ij² R_j / stab(Σ_i w_ij² + b_j²)``."""
+
+    constant_inputs = True
+
+    def __init__(self, stabilizer: Stabiliser = 1e-6, input_layer: bool = True, bn: Optional[Rule] = None):
+        super().__init__(stabilizer=stabilizer, input_layer=input_layer, bn=bn)
+
+    def groups(self):
+        return (Group((Term("ones", square, square),)),)
+
+
+class ZBox(LRPRule):
+    r"""z^B (input layer with bounded inputs ``low ≤ x ≤ high``):
+    ``R_i = Σ_j (x_i w_ij − l_i w_ij⁺ − h_i w_ij⁻) R_j / stab(Σ_i x_i w_ij − l_i w_ij⁺ − h_i w_ij⁻)_j``
+    (biases cancel: ``b − b⁺ − b⁻ = 0``). ``low``/``high``: floats or tensors broadcastable to the input."""
+
+    constant_inputs = True
+
+    def __init__(self, low: Union[float, Tensor], high: Union[float, Tensor], stabilizer: Stabiliser = 1e-6, input_layer: bool = True, bn: Optional[Rule] = None):
+        super().__init__(stabilizer=stabilizer, input_layer=input_layer, bn=bn)
+        self.low, self.high = low, high
+
+    def constant(self, name, x):
+        if name not in ("low", "high"):
+            return super().constant(name, x)
+        value = torch.as_tensor(getattr(self, name), dtype=x.dtype, device=x.device)
+        try:
+            return torch.broadcast_to(value, x.shape).contiguous()
+        except RuntimeError:
+            raise RuleError(f"ZBox {name} of shape {tuple(value.shape)} does not broadcast to the layer input's shape {tuple(x.shape)}") from None
+
+    def groups(self):
+        return (Group((Term("x"), Term("low", positive, positive, sign=-1.0), Term("high", negative, negative, sign=-1.0))),)
+
+
+__all__ = [
+    "LRPRule", "Term", "Group", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "Flat", "WSquare", "ZBox",
+    "stabilise", "layer_forward", "layer_vjp", "check_layer", "LAYER_TYPES", "CONV_TYPES",
+]
