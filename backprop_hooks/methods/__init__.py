@@ -8,6 +8,7 @@ from .layers import default_layer, get_module, resolve_layer
 from .cam import CAM, GradCAM, LayerGradient, LinearApprox, XGradCAM
 from .fullgrad import FullGrad
 from .guided import Deconvnet, FunctionalReLUWarning, GuidedBackprop, GuidedGradCAM, ModifiedReLU
+from .lrp import LRP
 
 __all__ = [
     "Method", "NonLinearContrastWarning", "available", "get", "grad", "register",
@@ -16,3 +17,4 @@ __all__ = [
 ]
 __all__ += ["CAM", "GradCAM", "XGradCAM", "LinearApprox", "LayerGradient", "FullGrad"]
 __all__ += ["ModifiedReLU", "GuidedBackprop", "Deconvnet", "GuidedGradCAM", "FunctionalReLUWarning"]
+__all__ += ["LRP"]
