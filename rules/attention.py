@@ -1,0 +1,163 @@
+r"""Attention capture: each attention call's probabilities ``A = softmax(q kᵀ · scale)``, in the graph.
+
+Fused kernels (``F.scaled_dot_product_attention``, timm's default; ``nn.MultiheadAttention`` called with
+``need_weights=False``, torchvision's ViT) never materialise ``A``. :class:`AttentionCapture` recomputes the
+module's explicit path from the same inputs and parameters,
+
+    A = softmax(q kᵀ · scale),   out = proj(merge_heads(A v)),
+
+and returns the module's *own* output value with the explicit path's gradient (a straight-through sum
+``out_fused.detach() + (out − out.detach())``): the model's numbers are bit-for-bit unchanged, while
+``A`` is part of the graph, so ``torch.autograd.grad(logits, capture.attentions, seed)`` yields every
+layer's ``∂f/∂A`` in one backward pass, each paired with its own layer by tensor identity.
+
+Supported modules: timm's ``Attention`` (ViT, DeiT, register-token ViTs; ``q_norm``/``k_norm``, ``norm``
+and ``gate`` included) and ``nn.MultiheadAttention`` (no masks, no ``bias_k``/``add_zero_attn``).
+Masks passed as keyword arguments are invisible to forward hooks: explain models that run their
+attention unmasked (the classification path of every ViT).
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backprop_hooks import Rule
+from backprop_hooks.errors import RuleError
+
+try:  # timm is a dependency, but keep the rule importable without it
+    from timm.layers import Attention as _TimmAttention
+except ImportError:  # pragma: no cover
+    _TimmAttention = None
+
+
+def is_timm_attention(module: nn.Module) -> bool:
+    """timm's ``Attention`` with its own ``forward`` (subclasses that override it, e.g. RoPE, are not)."""
+    return _TimmAttention is not None and isinstance(module, _TimmAttention) and type(module).forward is _TimmAttention.forward
+
+
+def is_attention(name: str, module: nn.Module) -> bool:
+    """Selector for :func:`backprop_hooks.attach`: the attention modules :class:`AttentionCapture` handles."""
+    return is_timm_attention(module) or isinstance(module, nn.MultiheadAttention)
+
+
+def _timm_explicit(m: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Attention``'s non-fused path (eval mode, no mask): ``(output, A)``."""
+    b, n, _ = x.shape
+    heads, head_dim = m.num_heads, m.head_dim
+    gate = m.gate(x).sigmoid() if getattr(m, "gate", None) is not None else None
+    q, k, v = m.qkv(x).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = m.q_norm(q), m.k_norm(k)
+    attn = ((q * m.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    out = (attn @ v).transpose(1, 2).reshape(b, n, heads * head_dim)
+    norm = getattr(m, "norm", None)
+    out = norm(out) if norm is not None else out
+    out = out * gate if gate is not None else out
+    return m.proj(out), attn
+
+
+def _mha_explicit(m: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``nn.MultiheadAttention``'s math without masks: ``(output, A)``; ``A`` is (B, heads, Lq, Lk)."""
+    if not m.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    b, lq, e = query.shape
+    heads, head_dim = m.num_heads, m.head_dim
+    if m._qkv_same_embed_dim:
+        w_q, w_k, w_v = m.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
+    b_q, b_k, b_v = m.in_proj_bias.chunk(3) if m.in_proj_bias is not None else (None, None, None)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(b, t.shape[1], heads, head_dim).transpose(1, 2)
+
+    q, k, v = split(F.linear(query, w_q, b_q)), split(F.linear(key, w_k, b_k)), split(F.linear(value, w_v, b_v))
+    attn = ((q * head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    out = F.linear((attn @ v).transpose(1, 2).reshape(b, lq, e), m.out_proj.weight, m.out_proj.bias)
+    return (out if m.batch_first else out.transpose(0, 1)), attn
+
+
+def _straight_through(value: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    """``value`` exactly, with the gradient of ``path``."""
+    return value.detach() + (path - path.detach())
+
+
+class AttentionCapture(Rule):
+    """Records the attention probabilities of every call of the modules it sits on, in forward order.
+
+    ``attentions[i]``: (B, heads, N, N), part of the autograd graph; ``modules[i]``: the module of call i.
+    The model's output values are unchanged (see the module docstring).
+
+    ``hold_attention=True`` (the "AH-rule" of Ali et al. 2022, used for relevance passes): the gradient
+    reaching the module's inputs flows through ``v`` only, with ``A`` held constant,
+    ``∂̃out/∂x = W_vᵀ Aᵀ W_projᵀ``; ``∂f/∂A`` itself is unaffected. It is an attribute, so a method can
+    switch it between two backward passes over the same graph.
+    """
+
+    linear = True
+
+    def __init__(self, hold_attention: bool = False) -> None:
+        self.hold_attention = hold_attention
+        self.attentions: List[torch.Tensor] = []
+        self.modules: List[nn.Module] = []
+
+    def check(self, module: nn.Module) -> None:
+        if is_timm_attention(module):
+            return
+        if isinstance(module, nn.MultiheadAttention):
+            if module.bias_k is not None or module.add_zero_attn:
+                raise RuleError("AttentionCapture supports nn.MultiheadAttention without bias_k/bias_v and add_zero_attn")
+            return
+        raise RuleError(
+            f"AttentionCapture handles timm's Attention and nn.MultiheadAttention, not {type(module).__name__}; "
+            "select attention modules with rules.attention.is_attention"
+        )
+
+    def forward(self, module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> Any:
+        drops = [c for c in module.modules() if isinstance(c, nn.Dropout) and c.p > 0]
+        if module.training and (drops or getattr(module, "dropout", 0.0)):
+            raise RuleError(f"{type(module).__name__} has active dropout: put the model in eval mode (model.eval()) to capture attention")
+        if isinstance(module, nn.MultiheadAttention):
+            if any(isinstance(a, torch.Tensor) for a in inputs[3:]):
+                raise RuleError("AttentionCapture does not handle masked nn.MultiheadAttention calls (key_padding_mask/attn_mask)")
+            path, attn = _mha_explicit(module, *inputs[:3])
+            replaced: Optional[Any] = (_straight_through(output[0], path), output[1])
+        else:
+            if len(inputs) > 1 and isinstance(inputs[1], torch.Tensor):
+                raise RuleError("AttentionCapture does not handle masked attention calls (attn_mask)")
+            path, attn = _timm_explicit(module, inputs[0])
+            replaced = _straight_through(output, path)
+        self.attentions.append(attn)
+        self.modules.append(module)
+        self.ctx.attn = attn.detach()
+        return replaced
+
+    def backward(self, module: nn.Module, grad_input, grad_output):
+        if not self.hold_attention or grad_output[0] is None:
+            return None
+        g_v = _value_path_grad(module, self.ctx.attn, grad_output[0])
+        if isinstance(module, nn.MultiheadAttention):
+            return (None, None, g_v) + tuple(grad_input[3:])
+        return (g_v,) + tuple(grad_input[1:])
+
+
+def _value_path_grad(m: nn.Module, attn: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
+    """``W_vᵀ Aᵀ W_projᵀ g``: the gradient w.r.t. the value input with the attention ``A`` held constant."""
+    mha = isinstance(m, nn.MultiheadAttention)
+    if mha:
+        w_proj = m.out_proj.weight
+        w_v = m.in_proj_weight.chunk(3)[2] if m._qkv_same_embed_dim else m.v_proj_weight
+        if not m.batch_first:
+            g_out = g_out.transpose(0, 1)
+    else:
+        if getattr(m, "gate", None) is not None or not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
+            raise RuleError("hold_attention supports timm Attention without gate and scale_norm")
+        w_proj = m.proj.weight
+        w_v = m.qkv.weight.chunk(3)[2]
+    b, n, _ = g_out.shape
+    heads = attn.shape[1]
+    g = (g_out @ w_proj).view(b, n, heads, -1).transpose(1, 2)
+    g = (attn.transpose(-2, -1) @ g).transpose(1, 2).reshape(b, n, -1) @ w_v
+    return g.transpose(0, 1) if mha and not m.batch_first else g
