@@ -9,6 +9,7 @@ from .cam import CAM, GradCAM, LayerGradient, LinearApprox, XGradCAM
 from .fullgrad import FullGrad
 from .guided import Deconvnet, FunctionalReLUWarning, GuidedBackprop, GuidedGradCAM, ModifiedReLU
 from .lrp import LRP
+from .vit import GradRollout, Rollout, TokenLayout, TokenLayoutError, TransformerAttribution, ViTGradCAM, token_layout
 
 __all__ = [
     "Method", "NonLinearContrastWarning", "available", "get", "grad", "register",
@@ -18,3 +19,4 @@ __all__ = [
 __all__ += ["CAM", "GradCAM", "XGradCAM", "LinearApprox", "LayerGradient", "FullGrad"]
 __all__ += ["ModifiedReLU", "GuidedBackprop", "Deconvnet", "GuidedGradCAM", "FunctionalReLUWarning"]
 __all__ += ["LRP"]
+__all__ += ["Rollout", "GradRollout", "TransformerAttribution", "ViTGradCAM", "TokenLayout", "TokenLayoutError", "token_layout"]
