@@ -126,7 +126,7 @@ class SmoothGrad(_ManyPoints):
         return grads.sum(0) / self.n_samples
 
 
-def path_rule(rule: str, n_steps: int, dtype=torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+def path_rule(quadrature: str, n_steps: int, dtype=torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
     """Path fractions ``a_k`` in [0, 1] and weights ``w_k`` (summing to 1) of a quadrature rule.
 
     ``riemann_left|right|middle|trapezoid`` or ``gausslegendre`` (Golub–Welsch, mapped to [0, 1]).
@@ -134,24 +134,24 @@ def path_rule(rule: str, n_steps: int, dtype=torch.float64) -> Tuple[torch.Tenso
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     k = torch.arange(n_steps, dtype=dtype)
-    if rule == "riemann_left":
+    if quadrature == "riemann_left":
         return k / n_steps, torch.full((n_steps,), 1.0 / n_steps, dtype=dtype)
-    if rule == "riemann_right":
+    if quadrature == "riemann_right":
         return (k + 1) / n_steps, torch.full((n_steps,), 1.0 / n_steps, dtype=dtype)
-    if rule == "riemann_middle":
+    if quadrature == "riemann_middle":
         return (k + 0.5) / n_steps, torch.full((n_steps,), 1.0 / n_steps, dtype=dtype)
-    if rule == "riemann_trapezoid":
+    if quadrature == "riemann_trapezoid":
         if n_steps < 2:
             raise ValueError("riemann_trapezoid needs n_steps >= 2")
         w = torch.full((n_steps,), 1.0 / (n_steps - 1), dtype=dtype)
         w[0] = w[-1] = 0.5 / (n_steps - 1)
         return k / (n_steps - 1), w
-    if rule == "gausslegendre":
+    if quadrature == "gausslegendre":
         beta = (k[1:] / torch.sqrt(4 * k[1:] ** 2 - 1)) if n_steps > 1 else k[:0]
         nodes, vectors = torch.linalg.eigh(torch.diag(beta, 1) + torch.diag(beta, -1))
         return (nodes + 1) / 2, vectors[0] ** 2
     raise ValueError(
-        f"unknown integration rule {rule!r}; accepted: 'riemann_left', 'riemann_right', 'riemann_middle', "
+        f"unknown quadrature {quadrature!r}; accepted: 'riemann_left', 'riemann_right', 'riemann_middle', "
         "'riemann_trapezoid', 'gausslegendre'"
     )
 
@@ -162,10 +162,10 @@ class IntegratedGradients(_ManyPoints):
 
     name = "integrated_gradients"
 
-    def __init__(self, model, n_steps: int = 50, baseline: Union[float, torch.Tensor] = 0.0, method: str = "gausslegendre", **kw):
+    def __init__(self, model, n_steps: int = 50, baseline: Union[float, torch.Tensor] = 0.0, quadrature: str = "gausslegendre", **kw):
         super().__init__(model, **kw)
-        self.n_steps, self.baseline, self.method = n_steps, baseline, method
-        path_rule(method, n_steps)  # fail early on a bad rule name
+        self.n_steps, self.baseline, self.quadrature = n_steps, baseline, quadrature
+        path_rule(quadrature, n_steps)  # fail early on a bad rule name
 
     def _baseline(self, x):
         base = torch.as_tensor(self.baseline, dtype=x.dtype, device=x.device)
@@ -178,7 +178,7 @@ class IntegratedGradients(_ManyPoints):
         return self.n_steps
 
     def begin(self, x):
-        alphas, weights = path_rule(self.method, self.n_steps)
+        alphas, weights = path_rule(self.quadrature, self.n_steps)
         shape = (-1,) + (1,) * x.dim()
         self._alphas = alphas.to(device=x.device, dtype=x.dtype).view(shape)
         self._weights = weights.to(device=x.device, dtype=x.dtype).view(shape)
