@@ -1,0 +1,226 @@
+"""LRP: oracles against Zennit, conservation, contrast identities, BatchNorm merging, state hygiene."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import backprop_hooks as bh
+from backprop_hooks import testing
+from backprop_hooks.errors import RuleError, UnknownNameError
+from backprop_hooks.methods import LRP
+from rules import AlphaBeta, Epsilon, Flat, Gamma, MergeBatchNorm, ZBox, ZPlus
+from rules.canonizers import merged_params
+from rules.composites import COMPOSITES, first_layer
+from rules.lrp import layer_forward
+
+zennit = pytest.importorskip("zennit")
+from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
+from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlus, EpsilonPlusFlat, LayerMapComposite  # noqa: E402
+from zennit.rules import Epsilon as ZEpsilon, Pass  # noqa: E402
+from zennit.types import Activation  # noqa: E402
+
+SETTINGS = dict(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+OPTIONS = {"epsilon_gamma_box": dict(low=-3.0, high=3.0)}
+
+
+def vgg(batchnorm: bool = False, seed: int = 0) -> nn.Sequential:
+    """A small VGG: conv(+BN)+in-place ReLU+max-pool blocks, then Linear+ReLU+Dropout+Linear."""
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1), *([nn.BatchNorm2d(cout)] if batchnorm else []), nn.ReLU(inplace=True)]
+
+    net = nn.Sequential(
+        *block(3, 6), nn.MaxPool2d(2), *block(6, 8), nn.MaxPool2d(2), *block(8, 8), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Dropout(), nn.Linear(16, 5),
+    )
+    net = testing.randomize(net, seed)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 0.0  # Zennit's merge leaves the BN computing x / sqrt(1 + eps); eps = 0 makes it exact
+    return net
+
+
+def zennit_composite(name: str, canonizers):
+    if name == "epsilon":
+        return LayerMapComposite([(Activation, Pass()), (nn.BatchNorm2d, Pass()), ((nn.Conv2d, nn.Linear), ZEpsilon(1e-6))], canonizers=canonizers)
+    cls = {"epsilon_plus_flat": EpsilonPlusFlat, "epsilon_plus": EpsilonPlus, "epsilon_alpha2_beta1": EpsilonAlpha2Beta1, "epsilon_gamma_box": EpsilonGammaBox}[name]
+    return cls(canonizers=canonizers, **OPTIONS.get(name, {}))
+
+
+def zennit_relevance(model, name, x, seed, canonize):
+    """Zennit's input relevance for output relevance ``seed ⊙ logits`` (our convention at the top)."""
+    x = x.clone().requires_grad_(True)
+    with zennit_composite(name, [SequentialMergeBatchNorm()] if canonize else []).context(model) as modified:
+        y = modified(x)
+        (r,) = torch.autograd.grad(y, x, seed * y.detach())
+    return r
+
+
+# ------------------------------------------------------------------------------------------- oracles
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("name", sorted(COMPOSITES))
+def test_matches_zennit(name, batchnorm):
+    model = vgg(batchnorm, seed=len(name))
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    e = bh.explain(model, x, method="lrp", composite=name, target="weighted", **OPTIONS.get(name, {}))
+    seed = bh.targets.Weighted().seed(e.logits, e.classes)
+    want = zennit_relevance(model, name, x, seed, canonize=batchnorm)
+    torch.testing.assert_close(e.attributions, want, rtol=1e-9, atol=1e-12 * want.abs().max().item())
+
+
+def test_matches_zennit_mlp_with_batchnorm1d():
+    model = testing.randomize(testing.MLP(6, 8, 2, 4, batchnorm=True), 3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.eps = 0.0
+    x = torch.randn(5, 6, dtype=torch.float64)
+    e = bh.explain(model, x, method="lrp", composite="epsilon")
+    seed = bh.targets.Logit().seed(e.logits, e.classes)
+    x = x.clone().requires_grad_(True)
+    comp = LayerMapComposite([(Activation, Pass()), (nn.BatchNorm1d, Pass()), (nn.Linear, ZEpsilon(1e-6))], canonizers=[SequentialMergeBatchNorm()])
+    with comp.context(model) as modified:
+        y = modified(x)
+        (want,) = torch.autograd.grad(y, x, seed * y.detach())
+    torch.testing.assert_close(e.attributions, want, rtol=1e-9, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------ BatchNorm merge
+def test_batchnorm_merge_leaves_forward_unchanged():
+    model = vgg(batchnorm=True)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 1e-5
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    conv, bn = model[0], model[1]
+    weight, bias = merged_params(conv.weight, conv.bias, bn)
+    torch.testing.assert_close(layer_forward(conv, x, weight, bias), bn(conv(x)), rtol=1e-12, atol=1e-12)
+    before = testing.model_state(model)
+    with torch.no_grad():
+        plain = model(x)
+    e = LRP(model, composite="epsilon_plus_flat")(x)
+    assert torch.equal(e.logits, plain)  # the rules never replace an output
+    testing.assert_same_state(model, before)
+
+
+def test_batchnorm_merge_follows_data_flow():
+    """A BatchNorm is merged only into the layer whose untouched output it consumes."""
+
+    class Net(nn.Module):
+        def __init__(self, inplace: bool):
+            super().__init__()
+            self.inplace = inplace
+            self.conv, self.bn, self.head = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Linear(3 * 4 * 4, 2)
+
+        def forward(self, x):
+            z = self.conv(x)
+            return self.head(self.bn(z.mul_(2.0) if self.inplace else z * 2.0).flatten(1))
+
+    def relevance(model, merge):
+        bn = MergeBatchNorm() if merge else None
+        spec = [(nn.Conv2d, Epsilon(input_layer=True, bn=bn)), (nn.Linear, Epsilon(bn=bn))] + ([(nn.BatchNorm2d, bn)] if merge else [])
+        x = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        with bh.attach(model, spec):
+            y = model(x)
+            return torch.autograd.grad(y, x, torch.ones_like(y))[0]
+
+    for inplace in (True, False):  # conv -> (x2) -> BN: the BN never consumes the conv's untouched output
+        model = testing.randomize(Net(inplace), 0)
+        torch.testing.assert_close(relevance(model, True), relevance(model, False), rtol=0, atol=0)
+    direct = testing.randomize(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 2)), 0)
+    assert not torch.allclose(relevance(direct, True), relevance(direct, False))
+
+
+# ------------------------------------------------------------------------------------- properties
+def _bias_free(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    return model
+
+
+@settings(**SETTINGS)
+@given(
+    case=testing.cases(acts=("relu", "relu_inplace"), batchnorm=False),
+    name=st.sampled_from(["epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1"]),
+    target=st.sampled_from(["logit", "weighted", "softmax", "mean", "max"]),
+)
+def test_conservation_on_bias_free_relu_nets(case, name, target):
+    """Σ_i R_i = Σ_c y_c v_c (= y_t for the logit target), also across residual adds and average pooling."""
+    model = _bias_free(case.model)
+    e = LRP(model, composite=name, epsilon=1e-12, stabilizer=1e-12)(case.x, target=target)
+    seed = bh.targets.get(target).seed(e.logits, e.classes)
+    want = (seed * e.logits).sum(1)
+    got = e.attributions.flatten(1).sum(1)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9 * (1 + e.logits.abs().max().item()))
+
+
+@settings(**SETTINGS)
+@given(case=testing.cases(batch=(1, 3)), name=st.sampled_from(sorted(COMPOSITES)))
+def test_contrast_identities(case, name):
+    options = dict(low=-4.0, high=4.0) if name == "epsilon_gamma_box" else {}
+    testing.assert_contrast_identities(LRP(case.model, composite=name, **options), case.x, rtol=1e-8, atol=1e-12)
+
+
+@settings(**SETTINGS)
+@given(case=testing.cases(batch=(2, 4)), name=st.sampled_from(sorted(COMPOSITES)))
+def test_batch_equals_single(case, name):
+    options = dict(low=-4.0, high=4.0) if name == "epsilon_gamma_box" else {}
+    testing.assert_batch_equals_single(LRP(case.model, composite=name, **options), case.x, rtol=1e-8, atol=1e-12)
+
+
+@settings(**SETTINGS)
+@given(case=testing.cases(), name=st.sampled_from(sorted(COMPOSITES)))
+def test_model_left_untouched(case, name):
+    model = case.model
+    for p in list(model.parameters())[::2]:
+        p.grad = torch.ones_like(p)
+    list(model.parameters())[-1].requires_grad_(False)
+    before = testing.model_state(model)
+    options = dict(low=-4.0, high=4.0) if name == "epsilon_gamma_box" else {}
+    e = LRP(model, composite=name, **options)(case.x, target="weighted")
+    assert e.linear and e.attributions.shape == case.x.shape
+    testing.assert_same_state(model, before)
+
+
+def test_model_left_untouched_after_exception():
+    model = vgg(batchnorm=True)
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    before = testing.model_state(model)
+    bad = LRP(model, composite="epsilon_gamma_box", low=torch.zeros(1, 5, 1, 1), high=1.0)  # 5 channels, input has 3
+    with pytest.raises(RuleError, match="does not broadcast"):
+        bad(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    testing.assert_same_state(model, before)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_rule_on_wrong_module_is_a_rule_error():
+    model = vgg()
+    with pytest.raises(RuleError, match="nn.Linear and nn.Conv"):
+        bh.attach(model, {nn.ReLU: Epsilon()})
+    with pytest.raises(RuleError, match="input layer"):
+        bh.attach(model, {nn.Conv2d: Flat(input_layer=False)})
+    with pytest.raises(RuleError, match="padding_mode"):
+        bh.attach(nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect")), {nn.Conv2d: ZPlus()})
+    with pytest.raises(RuleError, match="BatchNorm"):
+        bh.attach(model, {nn.Conv2d: MergeBatchNorm()})
+    with pytest.raises(RuleError, match="no nn.Linear"):
+        first_layer(nn.Sequential(nn.ReLU()))
+    testing.assert_no_hooks_left(model)
+
+
+def test_bad_options():
+    model = vgg()
+    with pytest.raises(UnknownNameError, match="epsilon_plus_flat"):
+        LRP(model, composite="nope")
+    with pytest.raises(ValueError, match="alpha - beta = 1"):
+        AlphaBeta(alpha=2.0, beta=2.0)
+
+
+def test_rules_are_linear_and_documented():
+    for rule in (Epsilon(), ZPlus(), AlphaBeta(), Gamma(), Flat(), ZBox(0.0, 1.0), MergeBatchNorm()):
+        assert rule.linear
+        assert type(rule).__doc__
