@@ -156,6 +156,7 @@ class _AttentionRollout(Method):
         self.prefix_tokens, self.grid = prefix_tokens, grid
 
     def rules(self, x):
+        self._layout = token_layout(self.model, x, self.prefix_tokens, self.grid)
         self._capture = AttentionCapture()
         return [(is_attention, self._capture)]
 
@@ -167,8 +168,7 @@ class _AttentionRollout(Method):
         return list(torch.autograd.grad(logits, list(attentions), seed, retain_graph=retain_graph))
 
     def attribute(self, x, logits, seed):
-        layout = token_layout(self.model, x, self.prefix_tokens, self.grid)
-        attentions = self._capture.attentions
+        layout, attentions = self._layout, self._capture.attentions
         if not attentions:
             raise RuleError(f"no attention module of {type(self.model).__name__} ran (timm Attention or nn.MultiheadAttention)")
         layout.check(attentions[0].shape[-1], "the attention")
@@ -265,14 +265,14 @@ class ViTGradCAM(Method):
         return self.layer
 
     def rules(self, x):
+        self._layout = token_layout(self.model, x, self.prefix_tokens, self.grid)
         self._capture = Capture()
         return {self.layer: self._capture}
 
     def attribute(self, x, logits, seed):
         if not self._capture.outputs:
             raise RuleError(f"layer {self.layer!r} did not run in the forward pass")
-        tokens = self._capture.output
-        layout = token_layout(self.model, x, self.prefix_tokens, self.grid)
+        tokens, layout = self._capture.output, self._layout
         if tokens.dim() != 3:
             raise TokenLayoutError(f"layer {self.layer!r} outputs shape {tuple(tokens.shape)}; vit_gradcam needs tokens (B, N, D)")
         layout.check(tokens.shape[1], f"the output of layer {self.layer!r}")

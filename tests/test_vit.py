@@ -1,0 +1,389 @@
+"""ViT methods: attention capture under fused kernels (oracle: timm's explicit path), rollout against a
+reference written here, layer pairing of gradients, GradCAM-on-tokens identities, prefix/register/distilled
+tokens, non-square grids, torchvision's nn.MultiheadAttention, a clean model afterwards."""
+import copy
+import math
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import backprop_hooks as bh
+from backprop_hooks import testing
+from backprop_hooks.errors import RuleError, UnknownNameError
+from backprop_hooks.methods import GradRollout, Rollout, TokenLayoutError, TransformerAttribution, ViTGradCAM
+from backprop_hooks.methods.rollout import rollout
+from rules.attention import AttentionCapture, is_attention
+
+ROLLOUTS = ["rollout", "grad_rollout", "transformer_attribution"]
+ALL = ROLLOUTS + ["vit_gradcam"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bh.methods.NonLinearContrastWarning)
+        yield
+
+
+def small_vit(seed: int = 0, dtype=torch.float64, **kw) -> nn.Module:
+    """A timm ViT small enough for CPU tests; fused attention (timm's default) left on."""
+    opts = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, num_classes=5)
+    opts.update(kw)
+    torch.manual_seed(seed)
+    return timm.models.VisionTransformer(**opts).to(dtype).eval()
+
+
+def small_deit_distilled(seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.models.deit.VisionTransformerDistilled(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5
+    ).to(dtype).eval()
+
+
+def small_torchvision_vit(seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5
+    ).to(dtype).eval()
+
+
+def inputs(b: int = 3, h: int = 32, w: int = 32, dtype=torch.float64, seed: int = 1) -> torch.Tensor:
+    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def explicit_oracle(model: nn.Module, x: torch.Tensor, seed_fn=None):
+    """A, ∂f/∂A and logits from a copy of a timm ViT with ``fused_attn=False`` (A is the input of attn_drop)."""
+    ref = copy.deepcopy(model)
+    found = []
+    handles = []
+    for block in ref.blocks:
+        block.attn.fused_attn = False
+        handles.append(block.attn.attn_drop.register_forward_hook(lambda m, i, o: found.append(i[0])))
+    y = ref(x)
+    for h in handles:
+        h.remove()
+    grads = torch.autograd.grad(y, found, seed_fn(y.detach())) if seed_fn else None
+    return y.detach(), [a.detach() for a in found], grads
+
+
+def reference_rollout(attentions, prefix: int, fusion: str = "mean"):
+    """Abnar & Zuidema, written out: (A + I)/2, rows normalised, multiplied from the first layer up."""
+    joint = None
+    for a in attentions:
+        a = {"mean": a.mean(1), "max": a.max(1).values, "min": a.min(1).values}[fusion]
+        a = (a + torch.eye(a.shape[-1], dtype=a.dtype)) / 2
+        a = a / a.sum(dim=-1, keepdim=True)
+        joint = a if joint is None else a @ joint
+    return joint[:, 0, prefix:]
+
+
+# ------------------------------------------------------------------------------------------ capture
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_capture_under_fused_attention_matches_explicit_path_and_keeps_output(dtype):
+    model = small_vit(dtype=dtype)
+    assert all(b.attn.fused_attn for b in model.blocks)
+    x = inputs(dtype=dtype)
+    before = testing.model_state(model)
+    with torch.no_grad():
+        plain = model(x)
+    y_ref, a_ref, _ = explicit_oracle(model, x)
+    capture = AttentionCapture()
+    with bh.attach(model, {is_attention: capture}):
+        y = model(x.requires_grad_(True))
+    assert torch.equal(y.detach(), plain)  # the capture changes no number of the model's output
+    assert len(capture.attentions) == len(model.blocks)
+    assert [id(m) for m in capture.modules] == [id(b.attn) for b in model.blocks]
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for a, r in zip(capture.attentions, a_ref):
+        torch.testing.assert_close(a.detach(), r, rtol=0, atol=tol)
+    torch.testing.assert_close(plain, y_ref, rtol=0, atol=100 * tol)
+    testing.assert_no_hooks_left(model)
+    testing.assert_same_state(model, before)
+    assert all(b.attn.fused_attn for b in model.blocks)
+
+
+def test_captured_gradients_are_each_layers_own():
+    model, x = small_vit(), inputs()
+    seed_fn = lambda y: torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
+    _, _, g_ref = explicit_oracle(model, x, seed_fn)
+    capture = AttentionCapture()
+    with bh.attach(model, {is_attention: capture}):
+        y = model(x.requires_grad_(True))
+        grads = torch.autograd.grad(y, capture.attentions, seed_fn(y.detach()))
+    for g, r in zip(grads, g_ref):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+def test_capture_on_multihead_attention_matches_need_weights():
+    model, x = small_torchvision_vit(), inputs(2)
+    with torch.no_grad():
+        plain = model(x)
+    capture = AttentionCapture()
+    with bh.attach(model, {is_attention: capture}):
+        y = model(x)
+    assert torch.equal(y.detach(), plain)
+    # oracle: nn.MultiheadAttention's own weights (need_weights=True, per head) on the same block input
+    block = model.encoder.layers[0]
+    with torch.no_grad():
+        tokens = model._process_input(x)
+        tokens = torch.cat([model.class_token.expand(2, -1, -1), tokens], 1) + model.encoder.pos_embedding
+        h = block.ln_1(tokens)
+        _, w = block.self_attention(h, h, h, need_weights=True, average_attn_weights=False)
+    torch.testing.assert_close(capture.attentions[0].detach(), w, rtol=0, atol=1e-12)
+    testing.assert_no_hooks_left(model)
+
+
+def test_capture_refuses_active_dropout_and_other_modules():
+    model = small_vit(attn_drop_rate=0.1).train()
+    with pytest.raises(RuleError, match="eval"):
+        with bh.attach(model, {is_attention: AttentionCapture()}):
+            model(inputs(1).requires_grad_(True))
+    testing.assert_no_hooks_left(model)
+    with pytest.raises(RuleError, match="Attention"):
+        bh.attach(model, {nn.Linear: AttentionCapture()})
+
+
+# ------------------------------------------------------------------------------------------ rollout
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+def test_rollout_equals_reference(fusion):
+    model, x = small_vit(), inputs()
+    _, a_ref, _ = explicit_oracle(model, x)
+    got = Rollout(model, head_fusion=fusion)(x).attributions
+    want = reference_rollout(a_ref, prefix=1, fusion=fusion).reshape(3, 4, 4)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_every_rolled_matrix_has_rows_summing_to_one():
+    model, x = small_vit(depth=4), inputs()
+    _, a_ref, _ = explicit_oracle(model, x)
+    mats = [a.mean(1) for a in a_ref]
+    for k in range(1, len(mats) + 1):
+        rolled = rollout(mats[:k])
+        assert (rolled >= 0).all()
+        torch.testing.assert_close(rolled.sum(-1), torch.ones(rolled.shape[:2], dtype=rolled.dtype))
+
+
+def test_discard_ratio_zeroes_the_weakest_entries():
+    model, x = small_vit(), inputs()
+    plain = Rollout(model)(x).attributions
+    dropped = Rollout(model, discard_ratio=0.9)(x).attributions
+    assert dropped.shape == plain.shape and not torch.allclose(dropped, plain)
+    with pytest.raises(ValueError, match="discard_ratio"):
+        Rollout(model, discard_ratio=1.0)
+    with pytest.raises(ValueError, match="head fusion"):
+        Rollout(model, head_fusion="median")
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_batch_equals_per_sample(method):
+    model, x = small_vit(), inputs(4)
+    testing.assert_batch_equals_single(bh.methods.get(method)(model), x, target="weighted", rtol=1e-9, atol=1e-12)
+
+
+def reference_grad_rollout(attentions, grads, prefix: int, clamp: bool):
+    joint = None
+    for a, g in zip(attentions, grads):
+        m = (g * a).mean(1)
+        m = m.clamp_min(0) if clamp else m
+        m = (m + torch.eye(m.shape[-1], dtype=m.dtype)) / 2
+        m = m / m.abs().sum(dim=-1, keepdim=True)
+        joint = m if joint is None else m @ joint
+    return joint[:, 0, prefix:]
+
+
+@pytest.mark.parametrize("clamp", [False, True])
+def test_grad_rollout_equals_reference(clamp):
+    model, x = small_vit(), inputs()
+    method = GradRollout(model, clamp=clamp)
+    e = method(x, target="weighted")
+    seed_fn = lambda y: bh.targets.Weighted().seed(y, e.classes)
+    _, a_ref, g_ref = explicit_oracle(model, x, seed_fn)
+    want = reference_grad_rollout(a_ref, g_ref, 1, clamp).reshape(3, 4, 4)
+    torch.testing.assert_close(e.attributions, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_grad_rollout_pairs_each_gradient_with_its_own_layer(layer):
+    """Perturb one layer's gradient only: the result must equal the reference with exactly that layer's
+    (A_l, G_l) pair changed (a reversed or shifted pairing pairs the perturbation with another A)."""
+    model, x = small_vit(), inputs()
+    noise = torch.randn(3, 2, 17, 17, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+    class Perturbed(GradRollout):
+        def attention_gradients(self, logits, attentions, seed, retain_graph=False):
+            grads = super().attention_gradients(logits, attentions, seed, retain_graph)
+            grads[layer] = grads[layer] + noise
+            return grads
+
+    e = Perturbed(model)(x, target="logit")
+    _, a_ref, g_ref = explicit_oracle(model, x, lambda y: bh.targets.Logit().seed(y, e.classes))
+    g_ref = list(g_ref)
+    g_ref[layer] = g_ref[layer] + noise
+    want = reference_grad_rollout(a_ref, g_ref, 1, False).reshape(3, 4, 4)
+    torch.testing.assert_close(e.attributions, want, rtol=1e-9, atol=1e-12)
+    plain = GradRollout(model)(x, target="logit").attributions
+    assert not torch.allclose(e.attributions, plain)
+
+
+def held_oracle(model: nn.Module, x: torch.Tensor, seed_fn):
+    """An independent forward of a timm ViT with the held gates written out (σ of LayerNorm, Φ of GELU,
+    A in the value path detached); returns ∂̃f/∂A_l for each layer."""
+    def ln(mod, t):
+        mu = t.mean(-1, keepdim=True)
+        sd = (t.var(-1, unbiased=False, keepdim=True) + mod.eps).sqrt().detach()
+        return (t - mu) / sd * mod.weight + mod.bias
+
+    leaves = []
+    t = model.patch_embed(x)
+    t = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), t], 1) + model.pos_embed
+    for blk in model.blocks:
+        at = blk.attn
+        b, n, d = t.shape
+        q, k, v = at.qkv(ln(blk.norm1, t)).reshape(b, n, 3, at.num_heads, -1).permute(2, 0, 3, 1, 4)
+        a = ((q * at.scale) @ k.transpose(-2, -1)).softmax(-1).detach().requires_grad_(True)
+        leaves.append(a)
+        t = t + at.proj((a @ v).transpose(1, 2).reshape(b, n, d))
+        h = blk.mlp.fc1(ln(blk.norm2, t))
+        h = h * (0.5 * (1 + torch.erf(h / math.sqrt(2)))).detach()
+        t = t + blk.mlp.fc2(h)
+    y = model.head(ln(model.norm, t)[:, 0])
+    return torch.autograd.grad(y, leaves, seed_fn(y.detach()))
+
+
+@pytest.mark.parametrize("clamp", [False, True])
+def test_transformer_attribution_equals_reference(clamp):
+    model, x = small_vit(), inputs()
+    e = TransformerAttribution(model, clamp=clamp)(x, target="weighted")
+    seed_fn = lambda y: bh.targets.Weighted().seed(y, e.classes)
+    _, a_ref, g_ref = explicit_oracle(model, x, seed_fn)
+    h_ref = held_oracle(model, x, seed_fn)
+    joint = None
+    for a, g, h in zip(a_ref, g_ref, h_ref):
+        m = g * (a * h)
+        m = (m.clamp_min(0) if clamp else m).mean(1) + torch.eye(17, dtype=m.dtype)
+        joint = m if joint is None else m @ joint
+    torch.testing.assert_close(e.attributions, joint[:, 0, 1:].reshape(3, 4, 4), rtol=1e-9, atol=1e-12)
+
+
+def test_relevance_of_attention_is_conservative_per_block():
+    """With held gates, Σ_ij R_A[i, j] of a head equals the relevance of that head's output."""
+    model, x = small_vit(depth=2), inputs()
+    h_ref = held_oracle(model, x, lambda y: bh.targets.Logit().seed(y, y.argmax(1)))
+    method = TransformerAttribution(model)
+    method(x)  # runs and restores the rules' switches
+    assert not method._capture.hold_attention and not any(r.enabled for r in method._held)
+    assert all(torch.isfinite(h).all() for h in h_ref)
+
+
+# -------------------------------------------------------------------------------------- vit_gradcam
+def test_vit_gradcam_is_linear_and_passes_contrast_identities():
+    model, x = small_vit(), inputs(2)
+    method = ViTGradCAM(model, layer="blocks.1")
+    assert method.linear
+    testing.assert_contrast_identities(method, x, rtol=1e-8, atol=1e-12)
+
+
+def test_vit_gradcam_equals_gradcam_on_tokens_written_out():
+    model, x = small_vit(), inputs(2)
+    e = ViTGradCAM(model, layer="blocks.1")(x, target="mean")
+    found = []
+    h = model.blocks[1].register_forward_hook(lambda m, i, o: found.append(o))
+    y = model(x)
+    h.remove()
+    g = torch.autograd.grad(y, found[0], bh.targets.MeanContrast().seed(y.detach(), e.classes))[0]
+    want = (g[:, 1:].mean(1, keepdim=True) * found[0][:, 1:]).sum(-1).reshape(2, 4, 4)
+    torch.testing.assert_close(e.attributions, want.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_linear_flags():
+    model, x = small_vit(), inputs(1)
+    for name in ROLLOUTS:
+        assert bh.methods.get(name).linear is False
+        assert bh.explain(model, x, method=name, target="weighted").linear is False
+    assert bh.explain(model, x, method="vit_gradcam", target="weighted").linear is True
+    assert bh.explain(model, x, method="vit_gradcam", relu=True).linear is False
+    with pytest.warns(bh.methods.NonLinearContrastWarning):
+        warnings.simplefilter("always")
+        bh.explain(model, x, method="grad_rollout", target="weighted")
+
+
+def test_vit_gradcam_default_layer_and_errors():
+    model = small_vit()
+    assert ViTGradCAM(model).layer == "blocks.2.norm1"
+    assert ViTGradCAM(small_torchvision_vit()).layer == "encoder.layers.encoder_layer_1.ln_1"
+    with pytest.raises(UnknownNameError):
+        ViTGradCAM(model, layer="blocks.9")
+    with pytest.raises(TokenLayoutError, match="tokens"):
+        ViTGradCAM(model, layer="patch_embed.proj")(inputs(1))
+
+
+# ------------------------------------------------------------------------------------------- models
+def _check_all_methods(model, x, grid):
+    before = testing.model_state(model)
+    for name in ALL:
+        e = bh.explain(model, x, method=name, target="weighted")
+        assert e.attributions.shape == (x.shape[0], *grid), name
+        assert e.maps.shape == (x.shape[0], *x.shape[-2:]), name
+        assert torch.isfinite(e.attributions).all(), name
+    testing.assert_no_hooks_left(model)
+    testing.assert_same_state(model, before)
+
+
+def test_register_tokens_and_non_square_grid():
+    model = small_vit(img_size=(32, 48), reg_tokens=4)
+    layout = bh.methods.token_layout(model, inputs(1, 32, 48))
+    assert (layout.prefix, layout.grid, layout.readout) == (5, (4, 6), (0,))
+    _check_all_methods(model, inputs(2, 32, 48), (4, 6))
+
+
+def test_rollout_with_registers_matches_reference():
+    model, x = small_vit(reg_tokens=2), inputs()
+    _, a_ref, _ = explicit_oracle(model, x)
+    torch.testing.assert_close(Rollout(model)(x).attributions, reference_rollout(a_ref, prefix=3).reshape(3, 4, 4))
+
+
+def test_average_pooled_head_reads_the_mean_of_patch_rows():
+    model = small_vit(global_pool="avg", class_token=False)
+    layout = bh.methods.token_layout(model, inputs(1))
+    assert (layout.prefix, layout.readout) == (0, None)
+    _check_all_methods(model, inputs(2), (4, 4))
+
+
+def test_deit_with_distillation_token():
+    model = small_deit_distilled()
+    layout = bh.methods.token_layout(model, inputs(1))
+    assert (layout.prefix, layout.readout) == (2, (0, 1))
+    _check_all_methods(model, inputs(2), (4, 4))
+    testing.assert_contrast_identities(ViTGradCAM(model, layer="blocks.0"), inputs(2), rtol=1e-8, atol=1e-12)
+
+
+def test_torchvision_vit():
+    model = small_torchvision_vit()
+    _check_all_methods(model, inputs(2), (4, 4))
+    testing.assert_batch_equals_single(GradRollout(model), inputs(3), rtol=1e-9, atol=1e-12)
+
+
+def test_not_a_vit():
+    cnn = testing.randomize(testing.CNN(3, 8, 4, 1, 3), 0)
+    with pytest.raises(TokenLayoutError, match="prefix_tokens"):
+        Rollout(cnn)(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch16_reg4_gap_256"])
+def test_timm_architectures_full_size(name):
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    size = model.pretrained_cfg["input_size"][-1]
+    x = torch.rand(2, 3, size, size)
+    _check_all_methods(model, x, (size // 16, size // 16))
+
+
+@pytest.mark.slow
+def test_torchvision_vit_b_16():
+    model = torchvision.models.vit_b_16(weights=None, num_classes=10).eval()
+    _check_all_methods(model, torch.rand(2, 3, 224, 224), (14, 14))
