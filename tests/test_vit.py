@@ -270,14 +270,12 @@ def test_transformer_attribution_equals_reference(clamp):
     torch.testing.assert_close(e.attributions, joint[:, 0, 1:].reshape(3, 4, 4), rtol=1e-9, atol=1e-12)
 
 
-def test_relevance_of_attention_is_conservative_per_block():
-    """With held gates, Σ_ij R_A[i, j] of a head equals the relevance of that head's output."""
+def test_transformer_attribution_switches_its_relevance_rules_back_off():
     model, x = small_vit(depth=2), inputs()
-    h_ref = held_oracle(model, x, lambda y: bh.targets.Logit().seed(y, y.argmax(1)))
     method = TransformerAttribution(model)
-    method(x)  # runs and restores the rules' switches
+    method(x)
     assert not method._capture.hold_attention and not any(r.enabled for r in method._held)
-    assert all(torch.isfinite(h).all() for h in h_ref)
+    testing.assert_no_hooks_left(model)
 
 
 # -------------------------------------------------------------------------------------- vit_gradcam
