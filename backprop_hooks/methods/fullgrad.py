@@ -9,7 +9,7 @@ see :mod:`rules.fullgrad`) and ``x ⊙ ∂f/∂x`` at the input, FullGrad's map 
 ``(B, *s)``). Only spatial parts enter the map. ``post``:
 
 * ``"abs"`` (the original): ``|·|``, min-max normalised to [0, 1] per sample over all channels and positions
-  (``eps = 1e-6``), then summed over channels. Not linear in the seed.
+  (``+ eps``, default ``1e-6`` as the original code), then summed over channels. Not linear in the seed.
 * ``"signed"`` (the review's readable contrastive variant): channel sum, divided per sample by its max
   ``|·|`` (``+ eps``): sign-preserving, but the per-sample scale depends on the seed, so not linear either.
 * ``None``: the raw channel sums, linear in the seed (the contrast identities hold).
@@ -28,6 +28,7 @@ explains logits. The original code (idiap/fullgrad-saliency) upsamples with ``al
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional, Union
 
 import torch
@@ -75,12 +76,12 @@ class FullGrad(Method):
 
     name = "fullgrad"
 
-    def __init__(self, model: nn.Module, post: Post = "abs", check_finite: bool = True):
+    def __init__(self, model: nn.Module, post: Post = "abs", eps: float = EPS, check_finite: bool = True):
         super().__init__(model, check_finite=check_finite)
         if isinstance(post, str) and post not in POSTS:
             raise ValueError(f"unknown FullGrad post-processing {post!r}; accepted: 'abs', 'signed', None or a callable")
-        self.post = post
-        self.reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = POSTS.get(post, post) if isinstance(post, str) else post
+        self.post, self.eps = post, eps
+        self.reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = partial(POSTS[post], eps=eps) if isinstance(post, str) else post
         self.linear = post is None
 
     def rules(self, x):
