@@ -80,7 +80,8 @@ def stabilise(z: Tensor, epsilon: Stabiliser) -> Tensor:
     """``z + ε·sign(z)``, ``sign(0) = +1``; a callable ``epsilon`` is applied to ``z`` instead."""
     if callable(epsilon):
         return epsilon(z)
-    return z + torch.where(z >= 0, epsilon, -epsilon)
+    sign = (z >= 0).to(z.dtype) * 2 - 1
+    return z + sign * epsilon
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,24 @@ def check_layer(rule: Rule, module: nn.Module) -> None:
             raise RuleError(f"{name} cannot handle padding='same' with an even effective kernel size (asymmetric padding)")
 
 
+class _Detour(torch.autograd.Function):
+    """The layer's output, reconnected to its input by a backward that returns zeros (``backward`` of the
+    rule then supplies the real gradient): the layer's own input gradient, which the rule replaces
+    anyway, is never computed, and the layer's saved tensors are freed at once. Parameters get no
+    gradient through a layer with an LRP rule."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, output: Tensor) -> Tensor:
+        ctx.set_materialize_grads(False)
+        ctx.meta = (x.shape, x.dtype, x.device)
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Optional[Tensor]):
+        shape, dtype, device = ctx.meta
+        return torch.zeros((), dtype=dtype, device=device).expand(shape), None
+
+
 class LRPRule(Rule):
     """Base LRP rule: subclasses only declare their ``groups`` (terms with weight/bias modifiers) and a
     stabiliser. See the module docstring for the formula."""
@@ -189,7 +208,7 @@ class LRPRule(Rule):
         self.ctx.x, self.ctx.x_version = x.detach(), x._version
         self.ctx.z, self.ctx.z_version = output.detach(), output._version
         self.ctx.link = self.bn.offer(output) if self.bn is not None else None
-        return None
+        return _Detour.apply(x, output) if x.requires_grad else None
 
     def params(self, module: nn.Module) -> Tuple[Tensor, Optional[Tensor], Tensor]:
         """Effective ``(W, b, z)`` of the layer: merged with a following BatchNorm when there is one."""

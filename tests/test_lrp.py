@@ -22,7 +22,7 @@ from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlus, 
 from zennit.rules import Epsilon as ZEpsilon, Pass  # noqa: E402
 from zennit.types import Activation  # noqa: E402
 
-SETTINGS = dict(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = dict(max_examples=max(4, settings.default.max_examples // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 OPTIONS = {"epsilon_gamma_box": dict(low=-3.0, high=3.0)}
 
 
