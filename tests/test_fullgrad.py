@@ -200,3 +200,22 @@ def test_abs_maps_equal_pytorch_grad_cam_where_normalisations_coincide():
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ours = _minmax(bh.explain(model, x, "fullgrad", "logit", classes=[0, 1, 3], eps=1e-7).attributions)
     np.testing.assert_allclose(ours.float().numpy(), _pgc_fullgrad(model, x, [0, 1, 3]), atol=1e-5)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("batch_stats", [False, True])
+def test_batchnorm_effective_bias_is_the_offset_of_its_affine_map(affine, batch_stats):
+    """BatchNorm computes y = a·x + c per channel; the effective bias is c (running statistics in eval
+    mode, the batch's statistics when it normalises with them)."""
+    from rules.fullgrad import effective_bias
+
+    bn = testing.randomize(nn.BatchNorm2d(3, affine=affine, track_running_stats=not batch_stats), seed=6)
+    bn.train(batch_stats)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    c = effective_bias(bn, (x,)).view(1, 3, 1, 1)
+    zero_in = bn(torch.zeros_like(x)) if not batch_stats else None
+    y = bn(x)
+    if zero_in is not None:  # eval: the map is affine in x, so bn(0) = c
+        torch.testing.assert_close(zero_in, c.expand_as(x))
+    a = (y - c) / x  # per channel constant
+    torch.testing.assert_close(a, a[:1, :, :1, :1].expand_as(a), rtol=1e-8, atol=1e-8)

@@ -8,6 +8,10 @@ i.e. the seed back-propagated from the logits **down to that layer only**):
   the review's variant without ReLU; ``|A|`` keeps the weights' sign meaningful on signed layers)
 * ``linear_approx``: ``Σ_k A_k ⊙ G_k``  (the paper's "LA")
 
+The layer is any module, by qualified name (``layer="layer4"``, ``"features.29"``); if it runs several
+times in one forward pass, its last call is read. pytorch-grad-cam's XGradCAM divides by ``Σ_ij A_kij``
+(no ``|·|``): the same on layers that follow a ReLU.
+
 ``relu=False`` (default) gives signed maps, linear in the seed, so every contrast identity holds;
 ``relu=True`` clamps the map at zero (the classic maps) and is not linear. ``attributions`` is the layer
 grid ``(B, h, w)``; ``Explanation.maps`` upsamples it bilinearly to the input size.
