@@ -97,9 +97,11 @@ class MergeBatchNorm(Rule):
         ref = self._offers.pop(_key(inputs[0]), None)
         link = ref() if ref is not None else None
         self.ctx.merged = link is not None and mergeable(module)
-        if self.ctx.merged:
-            link.bn, link.out, link.version = module, output.detach(), output._version
-        return None
+        if not self.ctx.merged:
+            return None
+        # the merged layer's rule needs this output in backward; downstream (often in-place) ops get a copy
+        link.bn, link.out, link.version = module, output.detach(), output._version
+        return output.clone()
 
     def backward(self, module, grad_input, grad_output):
         if not self.ctx.merged or grad_input[0] is None:

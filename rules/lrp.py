@@ -156,21 +156,21 @@ def check_layer(rule: Rule, module: nn.Module) -> None:
 
 
 class _Detour(torch.autograd.Function):
-    """The layer's output, reconnected to its input by a backward that returns zeros (``backward`` of the
+    """The layer's output (or a copy), reconnected to its input by a backward that returns zeros (``backward`` of the
     rule then supplies the real gradient): the layer's own input gradient, which the rule replaces
     anyway, is never computed, and the layer's saved tensors are freed at once. Parameters get no
     gradient through a layer with an LRP rule."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, output: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, output: Tensor, copy: bool) -> Tensor:
         ctx.set_materialize_grads(False)
         ctx.meta = (x.shape, x.dtype, x.device)
-        return output.detach()
+        return output.clone() if copy else output.detach()
 
     @staticmethod
     def backward(ctx, grad: Optional[Tensor]):
         shape, dtype, device = ctx.meta
-        return torch.zeros((), dtype=dtype, device=device).expand(shape), None
+        return torch.zeros((), dtype=dtype, device=device).expand(shape), None, None
 
 
 class LRPRule(Rule):
@@ -208,7 +208,15 @@ class LRPRule(Rule):
         self.ctx.x, self.ctx.x_version = x.detach(), x._version
         self.ctx.z, self.ctx.z_version = output.detach(), output._version
         self.ctx.link = self.bn.offer(output) if self.bn is not None else None
-        return _Detour.apply(x, output) if x.requires_grad else None
+        if not x.requires_grad:
+            return None
+        # Without BatchNorms, outputs usually feed activations, often in place: hand them a copy and keep
+        # the original (cheaper than recomputing it in backward). Results do not depend on this choice.
+        copy = self.bn is None
+        replacement = _Detour.apply(x, output, copy)
+        if copy:
+            self.ctx.z_version = self.ctx.z._version
+        return replacement
 
     def params(self, module: nn.Module) -> Tuple[Tensor, Optional[Tensor], Tensor]:
         """Effective ``(W, b, z)`` of the layer: merged with a following BatchNorm when there is one."""
@@ -299,7 +307,8 @@ class ZPlus(LRPRule):
 
 class AlphaBeta(LRPRule):
     r"""LRP-αβ: ``R_i = Σ_j [α (x⁺w⁺ + x⁻w⁻)_ij / stab(z_j^+) − β (x⁺w⁻ + x⁻w⁺)_ij / stab(z_j^-)] R_j``,
-    ``z^+ = W⁺x⁺ + b⁺ + W⁻x⁻``, ``z^- = W⁻x⁺ + b⁻ + W⁺x⁻``; requires ``α − β = 1``, ``α, β ≥ 0``."""
+    ``z^+ = W⁺x⁺ + b⁺ + W⁻x⁻``, ``z^- = W⁻x⁺ + b⁻ + W⁺x⁻``; requires ``α − β = 1``, ``α, β ≥ 0``.
+    Conserves only where both ``z^+`` and ``z^-`` are non-zero (a unit with ``z^- = 0`` passes ``α R``)."""
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stabiliser = 1e-6, input_layer: bool = False, bn: Optional[Rule] = None):
         if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
