@@ -1,0 +1,1 @@
+"""Experiments on top of backprop_hooks: perturbation, masking, data sets, reports and plots."""

@@ -1,0 +1,321 @@
+"""Fine-tuning (and training from scratch) with the paper's recipe, resumable to the exact same weights.
+
+SGD (lr 1e-3, momentum 0.9, weight decay 5e-4), batch 128, 200 epochs, cross-entropy, seed 0 by default,
+at a constant learning rate (the paper) or, with `lr_schedule="cosine"`, decayed per step to zero after
+`warmup_epochs` of linear warm-up. `optimizer="adamw"` (betas 0.9, 0.999; `momentum` unused) is offered
+for transformers trained from scratch.
+torchvision/timm architectures start from their ImageNet weights with a fresh classifier for the data's
+classes; the digits networks start from random init. Every epoch writes to `out_dir`:
+
+- `last.pt`: {"model", "optimizer", "epoch", "best_acc", "rng", "config", "history"}, to resume from;
+- `best.pt`: the network's state dict with the best validation accuracy so far (`models.create(arch,
+  weights="best.pt")` loads it); `class_names.json`: the class names.
+
+A run restarted with the same arguments continues from `last.pt` and, on CPU, ends with exactly the
+weights of an uninterrupted run (model, optimizer and RNG states are restored; data order and
+augmentation draw only from the saved generators). `epochs` may be raised when resuming
+(with the constant schedule).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from . import data as data_sources
+from .errors import UnknownArchitectureError, WeightsMismatchError, WeightsUnavailableError
+from .normalized import Normalized
+from .zoo import available, create, spec
+
+TensorPair = tuple[torch.Tensor, torch.Tensor]
+DataSource = Union[Dataset, TensorPair]
+
+
+class ResumeMismatchError(ValueError):
+    """`out_dir/last.pt` was written by a run with different settings."""
+
+
+@dataclass
+class FinetuneResult:
+    model: Normalized  # the final model, in eval mode
+    best_acc: float
+    final_acc: float
+    out_dir: Path
+    history: list[dict] = field(default_factory=list)  # per epoch: epoch, loss, val_acc, seconds
+
+
+def as_dataset(source: DataSource, what: str) -> Dataset:
+    """A Dataset as it is, or a pair (images (N, C, H, W) float in [0, 1], labels (N,) int64) as a TensorDataset."""
+    if isinstance(source, Dataset):
+        return source
+    if isinstance(source, (tuple, list)) and len(source) == 2 and all(isinstance(t, torch.Tensor) for t in source):
+        images, labels = source
+        if images.dim() != 4 or not images.is_floating_point():
+            raise ValueError(f"{what} images must be a float (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],) or labels.dtype != torch.int64:
+            raise ValueError(f"{what} labels must be an int64 ({images.shape[0]},) tensor, got {labels.dtype} {tuple(labels.shape)}")
+        return TensorDataset(images, labels)
+    raise TypeError(f"{what} must be a Dataset or an (images, labels) tensor pair, got {type(source).__name__}")
+
+
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """All labels of a TensorDataset, an ImageFolder (`targets`) or a `models.data.ImageListDataset` (`labels`)."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].tolist()
+    for attribute in ("targets", "labels"):
+        if hasattr(dataset, attribute):
+            return list(getattr(dataset, attribute))
+    raise TypeError(f"cannot read the labels of a {type(dataset).__name__}; pass class_names=")
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by whole pixels, independently in x and y within [-max_shift, max_shift], zero-filled."""
+    if max_shift <= 0:
+        return images
+    b, _, h, w = images.shape
+    padded = F.pad(images, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+
+
+LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """The learning-rate multiplier at optimisation step `step` of `total_steps` (linear warm-up first)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {schedule!r}; expected one of {LR_SCHEDULES}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(name: str, parameters, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+
+
+def accuracy(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy of `model` (switched to eval mode) over `loader`."""
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            predictions = model(images.to(device)).argmax(dim=1)
+            correct += int((predictions.cpu() == labels).sum())
+            total += len(labels)
+    return correct / max(total, 1)
+
+
+def _save(obj: object, path: Path) -> None:
+    """torch.save through a temporary file, so an interruption never leaves a truncated checkpoint."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def _rng_state(generators: dict[str, torch.Generator], device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), **{name: g.get_state() for name, g in generators.items()}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], generators: dict[str, torch.Generator], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    for name, generator in generators.items():
+        generator.set_state(state[name])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def finetune(
+    arch: str,
+    train_data: DataSource,
+    val_data: DataSource,
+    *,
+    epochs: int = 200,
+    lr: float = 1e-3,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int = 128,
+    seed: int = 0,
+    out_dir: str | os.PathLike,
+    resume: bool = True,
+    device: str | torch.device = "cpu",
+    pretrained: bool = True,
+    progress: bool = True,
+    class_names: Sequence[str] | None = None,
+    augment_shift: int = 0,
+    lr_schedule: str = "constant",
+    warmup_epochs: int = 0,
+    optimizer: str = "sgd",
+    num_workers: int = 0,
+) -> FinetuneResult:
+    """Train `arch` on `train_data` with SGD + cross-entropy, validating on `val_data` after every epoch.
+
+    Data: a Dataset of (pixel image in [0, 1], label) or an (images, labels) tensor pair. The number of
+    classes is `len(class_names)` or the largest training label + 1. `augment_shift` > 0 shifts training
+    images randomly by up to that many pixels. With `resume`, an existing `out_dir/last.pt` is continued
+    (ResumeMismatchError if its settings differ). Seeds the global torch RNG with `seed`.
+    """
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+    lr_factor(lr_schedule, 0, 1)  # validates the name
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+    arch_spec = spec(arch)
+    train_set, val_set = as_dataset(train_data, "train_data"), as_dataset(val_data, "val_data")
+    num_classes = len(class_names) if class_names is not None else max(dataset_labels(train_set)) + 1
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from_pretrained = pretrained and not arch_spec.finetune_from_scratch
+    config = {
+        "arch": arch, "num_classes": num_classes, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+        "batch_size": batch_size, "seed": seed, "pretrained": from_pretrained, "augment_shift": augment_shift,
+        "train_size": len(train_set), "val_size": len(val_set), "lr_schedule": lr_schedule,
+        "warmup_epochs": warmup_epochs, "optimizer": optimizer,
+    }
+    if lr_schedule != "constant":  # the schedule depends on the total length
+        config["epochs"] = epochs
+
+    last_path = out_dir / "last.pt"
+    checkpoint = torch.load(last_path, map_location="cpu", weights_only=True) if resume and last_path.is_file() else None
+    if checkpoint is not None and checkpoint["config"] != config:
+        changed = sorted(k for k in config if checkpoint["config"].get(k) != config[k])
+        raise ResumeMismatchError(
+            f"{last_path} was written with different settings ({', '.join(changed)}); use another --out or --no-resume"
+        )
+
+    torch.manual_seed(seed)
+    generators = {"loader": torch.Generator().manual_seed(seed), "augment": torch.Generator().manual_seed(seed + 1)}
+    model = create(arch, pretrained=from_pretrained and checkpoint is None, num_classes=num_classes,
+                   class_names=class_names).to(device)
+    opt = make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
+    start_epoch, best_acc, history = 0, -1.0, []
+    if checkpoint is not None:
+        model.model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["optimizer"])
+        _set_rng_state(checkpoint["rng"], generators, device)
+        start_epoch, best_acc, history = checkpoint["epoch"], checkpoint["best_acc"], list(checkpoint["history"])
+    (out_dir / "class_names.json").write_text(json.dumps(model.class_names))
+
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generators["loader"],
+                              num_workers=num_workers)
+    val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    bar = tqdm(total=epochs * len(train_loader), initial=start_epoch * len(train_loader), disable=not progress,
+               desc=f"finetune {arch}", unit="batch")
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        model.train()
+        loss_sum, seen = 0.0, 0
+        for batch, (images, labels) in enumerate(train_loader):
+            steps = len(train_loader)
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_factor(lr_schedule, epoch * steps + batch, epochs * steps, warmup_epochs * steps)
+            images = random_shift(images, augment_shift, generators["augment"]).to(device)
+            loss = F.cross_entropy(model(images), labels.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(labels)
+            seen += len(labels)
+            bar.update()
+        val_acc = accuracy(model, val_loader, device)
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "val_acc": val_acc,
+                        "seconds": time.perf_counter() - started})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", val_acc=f"{val_acc:.4f}")
+        if val_acc > best_acc:
+            best_acc = val_acc
+            _save(model.model.state_dict(), out_dir / "best.pt")
+        _save({"model": model.model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+               "best_acc": best_acc, "rng": _rng_state(generators, device), "config": config,
+               "history": history}, last_path)
+    bar.close()
+    final_acc = history[-1]["val_acc"] if history else accuracy(model, val_loader, device)
+    return FinetuneResult(model.eval(), best_acc, final_acc, out_dir, history)
+
+
+# ---- command line: `backprop-hooks finetune ...` (or `python -m models.finetune ...`) ----
+
+def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--arch", required=True, choices=available(), help="architecture to train")
+    parser.add_argument("--data", required=True, help=data_sources.DATA_SPEC_HELP)
+    parser.add_argument("--out", required=True, type=Path, help="output folder (last.pt, best.pt, class_names.json)")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--augment-shift", type=int, default=0, help="random shifts of up to N pixels")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
+    parser.add_argument("--warmup-epochs", type=int, default=0)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="start from random init")
+    parser.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing last.pt")
+    parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `finetune` subcommand to a parser's subparsers; its `func` default is `run`."""
+    return _add_arguments(subparsers.add_parser(
+        "finetune", help="fine-tune a model on CUB-200-2011, an image folder or the digits",
+        description=__doc__.splitlines()[0],
+    ))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the `finetune` subcommand; prints one summary line and returns the exit code."""
+    size = spec(args.arch).preprocessing().input_size[0]
+    splits = data_sources.from_spec(args.data, size)
+    result = finetune(
+        args.arch, splits.train, splits.val, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed, out_dir=args.out,
+        resume=args.resume, device=args.device, pretrained=args.pretrained, progress=args.progress,
+        class_names=splits.class_names, augment_shift=args.augment_shift, lr_schedule=args.lr_schedule,
+        warmup_epochs=args.warmup_epochs, optimizer=args.optimizer, num_workers=args.num_workers,
+    )
+    print(f"{args.arch}: final val acc {result.final_acc:.4f}, best {result.best_acc:.4f}; "
+          f"weights in {result.out_dir / 'best.pt'} and {result.out_dir / 'last.pt'}")
+    return 0
+
+
+TYPED_ERRORS = (ValueError, TypeError, FileNotFoundError, WeightsUnavailableError, WeightsMismatchError,
+                UnknownArchitectureError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _add_arguments(argparse.ArgumentParser(prog="python -m models.finetune")).parse_args(argv)
+    try:
+        return run(args)
+    except TYPED_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
