@@ -1,0 +1,68 @@
+"""The command line: ``backprop-hooks SUBCOMMAND ...`` (same as ``python -m backprop_hooks``).
+
+Each subcommand lives in the module that owns its work and exposes ``add_parser(subparsers)``, which adds
+its parser and sets ``func`` (a function ``run(args) -> int``) as a default. Errors a user can fix (bad file, unknown name, class out of range, weights that do
+not fit, no network) become one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+SUBCOMMANDS = {
+    "explain": "eval.explain",
+    "finetune": "models.finetune",
+    "perturb": "eval.perturb",
+    "mask": "eval.mask",
+}
+
+
+class UsageError(Exception):
+    """A command-line mistake detected by a subcommand (exit code 2)."""
+
+
+def _user_errors() -> tuple:
+    from .errors import BackpropHooksError
+
+    errors = [BackpropHooksError, UsageError, ValueError, OSError]
+    try:
+        import models
+
+        errors += [models.WeightsUnavailableError, models.WeightsMismatchError]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="backprop-hooks", description="Class-contrastive back-propagation explanations.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module in SUBCOMMANDS.items():
+        try:
+            importlib.import_module(module).add_parser(sub)
+        except ModuleNotFoundError as exc:  # a subcommand whose module is not written yet
+            if exc.name != module:
+                raise
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        print("backprop-hooks: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"backprop-hooks {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
