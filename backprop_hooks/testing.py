@@ -178,7 +178,7 @@ def contrast_weights(logits_: torch.Tensor, classes: torch.Tensor, target: str, 
     """
     y = logits_.detach().double()
     b, c = y.shape
-    rows = torch.arange(b)
+    rows = torch.arange(b, device=y.device)
     p = torch.softmax(y, dim=1)
     p_t = p[rows, classes]
     e_t = torch.zeros_like(y)
@@ -231,16 +231,16 @@ def assert_contrast_identities(
     from . import targets as _targets
 
     base = method(x, classes=classes, target="logit")
-    y, t = base.logits, base.classes.cpu()
+    y, t = base.logits, base.classes
     c = y.shape[1]
     phi = per_class(method, x, c).double()  # (C, B, ...)
     scale = float(phi.abs().max()) or 1.0
     other = (t + 1) % c
     for name in targets:
-        target = _targets.Versus(other.to(y.device)) if name == "versus" else name
-        got = method(x, classes=t.to(y.device), target=target).attributions.double().cpu()
-        w = contrast_weights(y.cpu(), t, name, other).to(phi.dtype)  # (B, C)
-        want = torch.einsum("bs,sb...->b...", w, phi.cpu())
+        target = _targets.Versus(other) if name == "versus" else name
+        got = method(x, classes=t, target=target).attributions.double()
+        w = contrast_weights(y, t, name, other)  # (B, C), float64
+        want = torch.einsum("bs,sb...->b...", w, phi)
         err = float((got - want).abs().max())
         tol = atol + rtol * scale
         if not err <= tol:
