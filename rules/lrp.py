@@ -104,9 +104,6 @@ class Group:
     where: Optional[str] = None
 
 
-_MULTIPLICATIVE = {"x", "pos", "neg"}
-
-
 # -- the layer operations a rule needs: forward with given parameters, and the vector-Jacobian product --
 def _conv_geometry(module: nn.Module):
     n = module.weight.dim() - 2
@@ -233,51 +230,56 @@ class LRPRule(Rule):
             out = layer_forward(module, ctx.x, weight, bias)
         return weight, bias, out
 
+    def term_input(self, term: Term, x: Tensor, cache: dict) -> Tensor:
+        """``x``, ``x⁺``, ``x⁻`` or a constant, shaped like ``x`` (computed once per backward)."""
+        if term.input not in cache:
+            if term.input == "pos":
+                cache["pos"] = x.clamp(min=0)
+            elif term.input == "neg":
+                cache["neg"] = x.clamp(max=0)
+            else:
+                cache[term.input] = self.constant(term.input, x)
+        return cache[term.input]
+
+    def share(self, group: Group, relevance: Tensor, z: Tensor, z_terms: Sequence[Tensor]) -> Tensor:
+        """``s_G = scale · mask(z) ⊙ R / stab(Σ sign_m z_m)``: what each output unit hands down per unit of
+        contribution."""
+        denom = sum(term.sign * z_m for term, z_m in zip(group.terms, z_terms))
+        s = relevance / stabilise(denom, self.stabilizer)
+        if group.where == "pos":
+            s = s * (z > 0)
+        elif group.where == "neg":
+            s = s * (z < 0)
+        return s * group.scale if group.scale != 1.0 else s
+
     def backward(self, module, grad_input, grad_output):
         g_out = grad_output[0]
         if g_out is None or grad_input[0] is None:
             return None
-        ctx = self.ctx
-        x = ctx.x
-        if x._version != ctx.x_version:
+        x = self.ctx.x
+        if x._version != self.ctx.x_version:
             raise RuleError(f"{type(self).__name__}: the input of {type(module).__name__} was modified in place after the layer ran")
         weight, bias, z = self.params(module)
         relevance = z * g_out
-        grad = torch.zeros_like(x)
-        const = None
+        cache = {"x": x}
+        grad, const = torch.zeros_like(x), torch.zeros_like(x) if self.constant_inputs else None
         for group in self.groups():
-            terms = []
-            for term in group.terms:
-                x_m = x if term.input in _MULTIPLICATIVE else self.constant(term.input, x)
-                if term.input == "pos":
-                    x_m = x.clamp(min=0)
-                elif term.input == "neg":
-                    x_m = x.clamp(max=0)
-                w_m = term.weight(weight)
-                b_m = None if term.bias is None or bias is None else term.bias(bias)
-                plain = term.input == "x" and term.weight is keep and term.bias is keep
-                z_m = z if plain else layer_forward(module, x_m, w_m, b_m)
-                terms.append((term, x_m, w_m, z_m))
-            denom = sum(t.sign * z_m for t, _, _, z_m in terms)
-            s = relevance / stabilise(denom, self.stabilizer)
-            if group.where == "pos":
-                s = s * (z > 0)
-            elif group.where == "neg":
-                s = s * (z < 0)
-            if group.scale != 1.0:
-                s = s * group.scale
-            for term, x_m, w_m, _ in terms:
+            weights = [term.weight(weight) for term in group.terms]
+            z_terms = [
+                z if (term.input, term.weight, term.bias) == ("x", keep, keep)
+                else layer_forward(module, self.term_input(term, x, cache), w_m, None if term.bias is None or bias is None else term.bias(bias))
+                for term, w_m in zip(group.terms, weights)
+            ]
+            s = self.share(group, relevance, z, z_terms)
+            for term, w_m in zip(group.terms, weights):
                 v = layer_vjp(module, x, w_m, s)
-                if term.sign != 1.0:
-                    v = v * term.sign
+                v = v * term.sign if term.sign != 1.0 else v
                 if term.input == "x":
                     grad = grad + v
-                elif term.input == "pos":
-                    grad = grad + v * (x > 0)
-                elif term.input == "neg":
-                    grad = grad + v * (x < 0)
+                elif term.input in ("pos", "neg"):  # x± = x ⊙ 1[±x > 0]
+                    grad = grad + v * (x > 0 if term.input == "pos" else x < 0)
                 else:
-                    const = x_m * v if const is None else const + x_m * v
+                    const = const + self.term_input(term, x, cache) * v
         if self.input_layer:
             grad = x * grad if const is None else x * grad + const
         return (grad,) + tuple(grad_input[1:])

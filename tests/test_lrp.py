@@ -193,8 +193,11 @@ def test_model_left_untouched_after_exception():
     model[0].weight.grad = torch.ones_like(model[0].weight)
     before = testing.model_state(model)
     bad = LRP(model, composite="epsilon_gamma_box", low=torch.zeros(1, 5, 1, 1), high=1.0)  # 5 channels, input has 3
-    with pytest.raises(RuleError, match="does not broadcast"):
+    with pytest.raises(RuleError, match="does not broadcast"):  # raised in the backward pass
         bad(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    testing.assert_same_state(model, before)
+    with pytest.raises(RuntimeError):  # raised in the forward pass: 24 px gives the head the wrong width
+        LRP(model)(torch.randn(2, 3, 24, 24, dtype=torch.float64))
     testing.assert_same_state(model, before)
 
 
