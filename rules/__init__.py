@@ -3,7 +3,7 @@ from backprop_hooks.rule import Function, Identity, Rule
 
 from .capture import Capture
 from .fullgrad import BiasGradient
-from .relu import DeconvReLU, GuidedReLU, ReLUPassThrough
+from .relu import DeconvReLU, GuidedReLU, ReLUPassThrough, ReLURule
 from .lrp import AlphaBeta, Epsilon, Flat, Gamma, LRPRule, WSquare, ZBox, ZPlus
 from .canonizers import MergeBatchNorm
 from .attention import AttentionCapture, is_attention
@@ -11,7 +11,7 @@ from .vit_relevance import GELUHeld, LayerNormHeld
 from .composites import Composite, EpsilonAlpha2Beta1, EpsilonComposite, EpsilonGammaBox, EpsilonPlus, EpsilonPlusFlat
 
 __all__ = ["Rule", "Identity", "Function", "Capture"]
-__all__ += ["BiasGradient", "ReLUPassThrough", "GuidedReLU", "DeconvReLU"]
+__all__ += ["BiasGradient", "ReLURule", "ReLUPassThrough", "GuidedReLU", "DeconvReLU"]
 __all__ += ["LRPRule", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "Flat", "WSquare", "ZBox", "MergeBatchNorm"]
 __all__ += ["Composite", "EpsilonComposite", "EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1", "EpsilonGammaBox"]
 __all__ += ["AttentionCapture", "is_attention", "LayerNormHeld", "GELUHeld"]

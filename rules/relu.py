@@ -31,8 +31,9 @@ from backprop_hooks.errors import RuleError
 from backprop_hooks.rule import Grads, Rule
 
 
-class _ReLURule(Rule):
-    """Common part: the module check, the mask from the output, and the ``enabled`` switch."""
+class ReLURule(Rule):
+    """Base of the modified-ReLU rules: the nn.ReLU check, a call counter, the ``enabled`` switch, and
+    ``rule(masked, grad)`` giving the new input gradient."""
 
     def __init__(self) -> None:
         self.enabled = True
@@ -62,7 +63,7 @@ class _ReLURule(Rule):
         return f"{type(self).__name__}()"
 
 
-class ReLUPassThrough(_ReLURule):
+class ReLUPassThrough(ReLURule):
     """``∂f/∂x = g``: the ReLU's backward becomes the identity ("ReLU removal")."""
 
     linear = True
@@ -71,7 +72,7 @@ class ReLUPassThrough(_ReLURule):
         return grad
 
 
-class GuidedReLU(_ReLURule):
+class GuidedReLU(ReLURule):
     """``∂f/∂x = relu(g) ⊙ [x > 0]`` (Guided Backprop): only positive gradient through active units."""
 
     linear = False
@@ -80,7 +81,7 @@ class GuidedReLU(_ReLURule):
         return masked.clamp(min=0)
 
 
-class DeconvReLU(_ReLURule):
+class DeconvReLU(ReLURule):
     """``∂f/∂x = relu(g)`` (Deconvnet): the ReLU is applied to the gradient, the forward mask ignored."""
 
     linear = False

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from rules.relu import DeconvReLU, GuidedReLU, _ReLURule
+from rules.relu import DeconvReLU, GuidedReLU, ReLURule
 
 from ..errors import RuleError
 from .base import Method, grad, register
@@ -55,7 +55,7 @@ class _ReLUCalls(TorchFunctionMode):
 class ModifiedReLU(Method):
     """Input gradient with ``rule`` on every ``nn.ReLU`` (``rule_class``: a :mod:`rules.relu` rule)."""
 
-    rule_class: Type[_ReLURule]
+    rule_class: Type[ReLURule]
 
     def relu_rules(self):
         if not any(isinstance(m, nn.ReLU) for m in self.model.modules()):
