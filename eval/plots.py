@@ -1,0 +1,120 @@
+"""Heat-map overlays and figure grids for signed explanations.
+
+Conventions (paper and review): maps are bilinearly upsampled to the input (``Explanation.maps``), drawn
+over the image at alpha 0.5 with a diverging colour scale centred on zero: red positive, blue negative,
+white zero, symmetric by the largest absolute value (``bwr`` with ``vmin = -m``, ``vmax = m``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are written to files; never needs a display
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.image import AxesImage  # noqa: E402
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+CMAP = "bwr"
+DPI = 120
+
+
+def to_numpy(array: ArrayLike) -> np.ndarray:
+    """A float numpy array from a tensor (any device, detached) or an array."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().float().cpu().numpy()
+    return np.asarray(array, dtype=np.float32)
+
+
+def image_hwc(image: ArrayLike) -> np.ndarray:
+    """An (H, W, 3) or (H, W) image in [0, 1] from a (3, H, W), (1, H, W), (H, W, 3) or (H, W) one."""
+    image = to_numpy(image)
+    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+        image = image.transpose(1, 2, 0)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim not in (2, 3):
+        raise ValueError(f"expected an image of shape (3, H, W), (H, W, 3) or (H, W), got {image.shape}")
+    return np.clip(image, 0.0, 1.0)
+
+
+def symmetric_limit(maps: ArrayLike) -> float:
+    """``max |value|`` over ``maps`` (any shape), the half-range of a zero-centred colour scale (> 0)."""
+    m = float(np.abs(to_numpy(maps)).max(initial=0.0))
+    return m if np.isfinite(m) and m > 0 else 1.0
+
+
+def overlay(ax: Axes, image: ArrayLike, heatmap: ArrayLike, alpha: float = 0.5, vmax: Optional[float] = None,
+            cmap: str = CMAP) -> AxesImage:
+    """Draw ``heatmap`` (H, W) over ``image`` on ``ax``, zero-centred (``vmax``: default max |heatmap|).
+
+    Returns the heat-map's ``AxesImage`` (for a colour bar). Ticks are removed, the frame is kept.
+    """
+    heatmap = to_numpy(heatmap)
+    if heatmap.ndim != 2:
+        raise ValueError(f"expected a (H, W) heat-map, got shape {heatmap.shape}")
+    m = symmetric_limit(heatmap) if vmax is None else vmax
+    ax.imshow(image_hwc(image), cmap="gray", vmin=0, vmax=1)
+    artist = ax.imshow(heatmap, cmap=cmap, alpha=alpha, vmin=-m, vmax=m, interpolation="bilinear")
+    clean(ax)
+    return artist
+
+
+def clean(ax: Axes) -> None:
+    """No ticks or tick labels (axis labels and titles still show)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def explanation_grid(
+    image: ArrayLike,
+    columns: Sequence[ArrayLike],
+    column_titles: Sequence[str],
+    row_labels: Sequence[str],
+    colorbar_labels: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+    alpha: float = 0.5,
+    panel_size: float = 2.4,
+) -> Figure:
+    """A figure of one image and its maps: a row per class, the image first, then one column per map kind.
+
+    ``columns[j]`` holds the (rows, H, W) maps of column ``j`` (e.g. one target for every class); each
+    column shares one zero-centred scale (symmetric by its max |value|), shown in a colour bar below it,
+    so the rows of a column compare directly. ``row_labels`` label the rows (class names, probabilities).
+    """
+    columns = [to_numpy(c) for c in columns]
+    rows = len(row_labels)
+    if len(column_titles) != len(columns) or any(c.shape[0] != rows for c in columns):
+        raise ValueError("need one title per column and one map per row in every column")
+    fig, axes = plt.subplots(rows, len(columns) + 1, figsize=(panel_size * (len(columns) + 1), panel_size * rows + 0.9),
+                             squeeze=False, layout="constrained", dpi=DPI)
+    for r, label in enumerate(row_labels):
+        axes[r, 0].imshow(image_hwc(image), cmap="gray", vmin=0, vmax=1)
+        clean(axes[r, 0])
+        axes[r, 0].set_ylabel(label, fontsize=9)
+    axes[0, 0].set_title("image", fontsize=10)
+    for j, maps in enumerate(columns, start=1):
+        m = symmetric_limit(maps)
+        for r in range(rows):
+            artist = overlay(axes[r, j], image, maps[r], alpha=alpha, vmax=m)
+        axes[0, j].set_title(column_titles[j - 1], fontsize=10)
+        cax = axes[-1, j].inset_axes([0.05, -0.13, 0.9, 0.045])  # below the column, same width for all
+        bar = fig.colorbar(artist, cax=cax, orientation="horizontal")
+        bar.set_label(colorbar_labels[j - 1] if colorbar_labels else "attribution (red +, blue −)", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def save(fig: Figure, path, dpi: int = DPI) -> None:
+    """Write ``fig`` to ``path`` (format from the suffix) and close it."""
+    try:
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
