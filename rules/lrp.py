@@ -42,6 +42,8 @@ from torch import nn
 from backprop_hooks.errors import RuleError
 from backprop_hooks.rule import Rule
 
+from .canonizers import merged_params
+
 Tensor = torch.Tensor
 Modifier = Callable[[Tensor], Tensor]
 Stabiliser = Union[float, Callable[[Tensor], Tensor]]
@@ -153,10 +155,10 @@ def check_layer(rule: Rule, module: nn.Module) -> None:
 
 
 class _Detour(torch.autograd.Function):
-    """The layer's output (or a copy), reconnected to its input by a backward that returns zeros (``backward`` of the
-    rule then supplies the real gradient): the layer's own input gradient, which the rule replaces
-    anyway, is never computed, and the layer's saved tensors are freed at once. Parameters get no
-    gradient through a layer with an LRP rule."""
+    """The layer's output (or a copy), reconnected to its input by a backward that returns zeros; the
+    rule's ``backward`` then supplies the real gradient. The layer's own input gradient, which the rule
+    replaces anyway, is never computed, and the layer's saved tensors are freed at once. Parameters get
+    no gradient through a layer with an LRP rule."""
 
     @staticmethod
     def forward(ctx, x: Tensor, output: Tensor, copy: bool) -> Tensor:
@@ -199,7 +201,7 @@ class LRPRule(Rule):
                 "be the input layer's rule: use input_layer=True (composites do this for the first layer)"
             )
 
-    # -- forward: remember the input and output (no copies; in-place changes are detected later) --------
+    # -- forward: remember the input and output (in-place changes to them are detected in backward) -----
     def forward(self, module, inputs, output):
         x = inputs[0]
         self.ctx.x, self.ctx.x_version = x.detach(), x._version
@@ -209,11 +211,7 @@ class LRPRule(Rule):
             return None
         # Without BatchNorms, outputs usually feed activations, often in place: hand them a copy and keep
         # the original (cheaper than recomputing it in backward). Results do not depend on this choice.
-        copy = self.bn is None
-        replacement = _Detour.apply(x, output, copy)
-        if copy:
-            self.ctx.z_version = self.ctx.z._version
-        return replacement
+        return _Detour.apply(x, output, self.bn is None)
 
     def params(self, module: nn.Module) -> Tuple[Tensor, Optional[Tensor], Tensor]:
         """Effective ``(W, b, z)`` of the layer: merged with a following BatchNorm when there is one."""
@@ -222,8 +220,6 @@ class LRPRule(Rule):
         out, version = ctx.z, ctx.z_version
         link = ctx.link
         if link is not None and link.bn is not None:
-            from .canonizers import merged_params
-
             weight, bias = merged_params(weight, bias, link.bn)
             out, version = link.out, link.version
         if out._version != version:  # changed in place (e.g. a ReLU(inplace=True) after the layer)
