@@ -71,19 +71,23 @@ def test_matches_zennit(name, batchnorm):
     torch.testing.assert_close(e.attributions, want, rtol=1e-9, atol=1e-12 * want.abs().max().item())
 
 
-def test_matches_zennit_mlp_with_batchnorm1d():
+@pytest.mark.parametrize("name", ["epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1"])
+def test_matches_zennit_mlp_with_batchnorm1d(name):
+    """Linear layers only (the first one gets Flat under epsilon_plus_flat), BatchNorm1d merged."""
     model = testing.randomize(testing.MLP(6, 8, 2, 4, batchnorm=True), 3)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm1d):
             m.eps = 0.0
-    x = torch.randn(5, 6, dtype=torch.float64)
-    e = bh.explain(model, x, method="lrp", composite="epsilon")
-    seed = bh.targets.Logit().seed(e.logits, e.classes)
-    x = x.clone().requires_grad_(True)
-    comp = LayerMapComposite([(Activation, Pass()), (nn.BatchNorm1d, Pass()), (nn.Linear, ZEpsilon(1e-6))], canonizers=[SequentialMergeBatchNorm()])
-    with comp.context(model) as modified:
-        y = modified(x)
-        (want,) = torch.autograd.grad(y, x, seed * y.detach())
+    x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    e = bh.explain(model, x, method="lrp", composite=name, target="mean")
+    seed = bh.targets.MeanContrast().seed(e.logits, e.classes)
+    xg = x.clone().requires_grad_(True)
+    composite = zennit_composite(name, [SequentialMergeBatchNorm()]) if name != "epsilon" else LayerMapComposite(
+        [(Activation, Pass()), (nn.BatchNorm1d, Pass()), (nn.Linear, ZEpsilon(1e-6))], canonizers=[SequentialMergeBatchNorm()]
+    )
+    with composite.context(model) as modified:
+        y = modified(xg)
+        (want,) = torch.autograd.grad(y, xg, seed * y.detach())
     torch.testing.assert_close(e.attributions, want, rtol=1e-9, atol=1e-14)
 
 
