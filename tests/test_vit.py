@@ -270,6 +270,18 @@ def test_transformer_attribution_equals_reference(clamp):
     torch.testing.assert_close(e.attributions, joint[:, 0, 1:].reshape(3, 4, 4), rtol=1e-9, atol=1e-12)
 
 
+def test_transformer_attribution_is_blind_to_the_seed_sign_and_grad_rollout_is_not():
+    """Documented property: G_l ⊙ R_l is quadratic in the seed, so 'why t not s' = 'why s not t'."""
+    model, x = small_vit(), inputs(2)
+    t, s = torch.tensor([0, 1]), torch.tensor([2, 3])
+    ta = TransformerAttribution(model)
+    torch.testing.assert_close(ta(x, classes=t, target=bh.targets.Versus(s)).attributions,
+                               ta(x, classes=s, target=bh.targets.Versus(t)).attributions, rtol=1e-9, atol=1e-12)
+    gr = GradRollout(model)
+    assert not torch.allclose(gr(x, classes=t, target=bh.targets.Versus(s)).attributions,
+                              gr(x, classes=s, target=bh.targets.Versus(t)).attributions)
+
+
 def test_transformer_attribution_switches_its_relevance_rules_back_off():
     model, x = small_vit(depth=2), inputs()
     method = TransformerAttribution(model)
@@ -339,6 +351,13 @@ def test_register_tokens_and_non_square_grid():
     _check_all_methods(model, inputs(2, 32, 48), (4, 6))
 
 
+def test_dynamic_image_size_grid_follows_the_input():
+    model = small_vit(dynamic_img_size=True)
+    x = inputs(2, 40, 32)
+    assert bh.methods.token_layout(model, x).grid == (5, 4)
+    assert Rollout(model)(x).attributions.shape == (2, 5, 4)
+
+
 def test_rollout_with_registers_matches_reference():
     model, x = small_vit(reg_tokens=2), inputs()
     _, a_ref, _ = explicit_oracle(model, x)
@@ -373,7 +392,7 @@ def test_not_a_vit():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch16_reg4_gap_256"])
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_little_patch16_reg4_gap_256"])
 def test_timm_architectures_full_size(name):
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
     size = model.pretrained_cfg["input_size"][-1]

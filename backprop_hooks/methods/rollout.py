@@ -21,21 +21,23 @@ HEAD_FUSIONS = ("mean", "max", "min")
 RESIDUALS = ("average", "add")
 
 
+def check_options(head_fusion: str, discard_ratio: float) -> None:
+    """Raise ``ValueError`` for an unknown head fusion or a discard ratio outside [0, 1)."""
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"unknown head fusion {head_fusion!r}; accepted: {', '.join(map(repr, HEAD_FUSIONS))}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+
+
 def fuse_heads(a: torch.Tensor, how: str = "mean") -> torch.Tensor:
     """(B, heads, N, N) -> (B, N, N) by the mean, max or min over heads."""
-    if how == "mean":
-        return a.mean(dim=1)
-    if how == "max":
-        return a.amax(dim=1)
-    if how == "min":
-        return a.amin(dim=1)
-    raise ValueError(f"unknown head fusion {how!r}; accepted: {', '.join(map(repr, HEAD_FUSIONS))}")
+    check_options(how, 0.0)
+    return a.mean(dim=1) if how == "mean" else a.amax(dim=1) if how == "max" else a.amin(dim=1)
 
 
 def discard(m: torch.Tensor, ratio: float) -> torch.Tensor:
     """Zero the fraction ``ratio`` of each sample's entries of smallest magnitude (diagonal kept)."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {ratio}")
+    check_options("mean", ratio)
     b, n, _ = m.shape
     k = int(ratio * n * n)
     if k == 0:

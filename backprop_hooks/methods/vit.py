@@ -35,7 +35,7 @@ from rules.vit_relevance import GELUHeld, LayerNormHeld
 from ..errors import BackpropHooksError, RuleError
 from .base import Method, grad, register
 from .layers import get_module
-from .rollout import discard, fuse_heads, rollout
+from .rollout import check_options, discard, fuse_heads, rollout
 
 
 class TokenLayoutError(BackpropHooksError, ValueError):
@@ -150,8 +150,7 @@ class _AttentionRollout(Method):
     def __init__(self, model: nn.Module, head_fusion: str = "mean", discard_ratio: float = 0.0,
                  prefix_tokens: Optional[int] = None, grid: Optional[Tuple[int, int]] = None, check_finite: bool = True):
         super().__init__(model, check_finite=check_finite)
-        fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)  # fail early on a bad name
-        discard(torch.zeros(1, 1, 1), discard_ratio)
+        check_options(head_fusion, discard_ratio)
         self.head_fusion, self.discard_ratio = head_fusion, discard_ratio
         self.prefix_tokens, self.grid = prefix_tokens, grid
 
@@ -212,7 +211,12 @@ class TransformerAttribution(_AttentionRollout):
     """Chefer et al. 2021: ``Â_l = I + mean_h[G_l ⊙ R_l]`` (``clamp=True``: ``(G_l ⊙ R_l)⁺``, as in the
     paper), ``R = Â_L ⋯ Â_1``, with the relevance ``R_l = A_l ⊙ ∂̃f/∂A_l`` of a second backward pass over
     the same graph under the held-gate rules (LayerNorm σ, GELU gate, attention; Ali et al. 2022), which
-    stand in for Chefer's LRP so that the relevance is conservative and linear in the seed."""
+    stand in for Chefer's LRP so that the relevance is conservative and linear in the seed.
+
+    Each layer's term is a product of two factors linear in the seed (``G_l`` and ``R_l``), so the map does
+    not change when the seed changes sign: "why t, not s" gives the map of "why s, not t". For the direction
+    of a contrast use ``grad_rollout`` (signed) or ``vit_gradcam``. Costs one forward and two backward passes.
+    """
 
     name = "transformer_attribution"
     residual, normalize = "add", False
