@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from . import data as data_sources
 from .errors import UnknownArchitectureError, WeightsMismatchError, WeightsUnavailableError
 from .normalized import Normalized
-from .zoo import available, create, spec
+from .zoo import available, create, network_from_checkpoint, num_outputs, replace_head, spec, wrap
 
 TensorPair = tuple[torch.Tensor, torch.Tensor]
 DataSource = Union[Dataset, TensorPair]
@@ -62,9 +62,13 @@ def as_dataset(source: DataSource, what: str) -> Dataset:
     if isinstance(source, (tuple, list)) and len(source) == 2 and all(isinstance(t, torch.Tensor) for t in source):
         images, labels = source
         if images.dim() != 4 or not images.is_floating_point():
-            raise ValueError(f"{what} images must be a float (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"{what} images must be a float (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}"
+            )
         if labels.shape != (images.shape[0],) or labels.dtype != torch.int64:
-            raise ValueError(f"{what} labels must be an int64 ({images.shape[0]},) tensor, got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(
+                f"{what} labels must be an int64 ({images.shape[0]},) tensor, got {labels.dtype} {tuple(labels.shape)}"
+            )
         return TensorDataset(images, labels)
     raise TypeError(f"{what} must be a Dataset or an (images, labels) tensor pair, got {type(source).__name__}")
 
@@ -139,12 +143,48 @@ def _rng_state(generators: dict[str, torch.Generator], device: torch.device) -> 
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor], generators: dict[str, torch.Generator], device: torch.device) -> None:
+def _set_rng_state(
+    state: dict[str, torch.Tensor], generators: dict[str, torch.Generator], device: torch.device
+) -> None:
     torch.set_rng_state(state["torch"])
     for name, generator in generators.items():
         generator.set_state(state[name])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _train_epoch(
+    model: torch.nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, lr_at: Callable[[int], float],
+    augment_shift: int, generator: torch.Generator, device: torch.device, bar: tqdm,
+) -> float:
+    """One pass over `loader` (learning rate `lr_at(batch index)`); returns the mean training loss."""
+    model.train()
+    loss_sum, seen = 0.0, 0
+    for batch, (images, labels) in enumerate(loader):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(batch)
+        images = random_shift(images, augment_shift, generator).to(device)
+        loss = F.cross_entropy(model(images), labels.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += float(loss.detach()) * len(labels)
+        seen += len(labels)
+        bar.update()
+    return loss_sum / max(seen, 1)
+
+
+def _resume_checkpoint(last_path: Path, config: dict) -> dict | None:
+    """The checkpoint in `last_path`, if any; ResumeMismatchError if it was written with other settings."""
+    if not last_path.is_file():
+        return None
+    checkpoint = torch.load(last_path, map_location="cpu", weights_only=True)
+    if checkpoint["config"] != config:
+        changed = sorted(k for k in config if checkpoint["config"].get(k) != config[k])
+        raise ResumeMismatchError(
+            f"{last_path} was written with different settings ({', '.join(changed)}); use another --out or --no-resume"
+        )
+    return checkpoint
 
 
 def finetune(
@@ -168,14 +208,19 @@ def finetune(
     lr_schedule: str = "constant",
     warmup_epochs: int = 0,
     optimizer: str = "sgd",
+    weights: str | os.PathLike | None = None,
     num_workers: int = 0,
 ) -> FinetuneResult:
-    """Train `arch` on `train_data` with SGD + cross-entropy, validating on `val_data` after every epoch.
+    """Train `arch` on `train_data` with cross-entropy, validating on `val_data` after every epoch.
 
-    Data: a Dataset of (pixel image in [0, 1], label) or an (images, labels) tensor pair. The number of
-    classes is `len(class_names)` or the largest training label + 1. `augment_shift` > 0 shifts training
-    images randomly by up to that many pixels. With `resume`, an existing `out_dir/last.pt` is continued
-    (ResumeMismatchError if its settings differ). Seeds the global torch RNG with `seed`.
+    Data: a Dataset of (pixel image in [0, 1], label) or an (images, labels) tensor pair. Classes:
+    `class_names`, else the dataset's `classes` (ImageFolder), else 0 .. largest training label.
+    `augment_shift` > 0 shifts training images randomly by up to that many pixels. `lr_schedule`
+    ("constant" or "cosine", after `warmup_epochs` of linear warm-up) and `optimizer` ("sgd" or "adamw")
+    default to the paper's recipe. `weights=PATH` starts from a local checkpoint instead of the
+    architecture's pretrained weights (its classifier is replaced if its size differs). With `resume`, an
+    existing `out_dir/last.pt` is continued (ResumeMismatchError if its settings differ). Seeds the global
+    torch RNG with `seed`.
     """
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
@@ -184,6 +229,7 @@ def finetune(
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
     arch_spec = spec(arch)
     train_set, val_set = as_dataset(train_data, "train_data"), as_dataset(val_data, "val_data")
+    class_names = class_names if class_names is not None else getattr(train_set, "classes", None)
     num_classes = len(class_names) if class_names is not None else max(dataset_labels(train_set)) + 1
     device = torch.device(device)
     out_dir = Path(out_dir)
@@ -193,23 +239,23 @@ def finetune(
         "arch": arch, "num_classes": num_classes, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
         "batch_size": batch_size, "seed": seed, "pretrained": from_pretrained, "augment_shift": augment_shift,
         "train_size": len(train_set), "val_size": len(val_set), "lr_schedule": lr_schedule,
-        "warmup_epochs": warmup_epochs, "optimizer": optimizer,
+        "warmup_epochs": warmup_epochs, "optimizer": optimizer, "weights": None if weights is None else str(weights),
     }
     if lr_schedule != "constant":  # the schedule depends on the total length
         config["epochs"] = epochs
-
     last_path = out_dir / "last.pt"
-    checkpoint = torch.load(last_path, map_location="cpu", weights_only=True) if resume and last_path.is_file() else None
-    if checkpoint is not None and checkpoint["config"] != config:
-        changed = sorted(k for k in config if checkpoint["config"].get(k) != config[k])
-        raise ResumeMismatchError(
-            f"{last_path} was written with different settings ({', '.join(changed)}); use another --out or --no-resume"
-        )
+    checkpoint = _resume_checkpoint(last_path, config) if resume else None
 
     torch.manual_seed(seed)
     generators = {"loader": torch.Generator().manual_seed(seed), "augment": torch.Generator().manual_seed(seed + 1)}
-    model = create(arch, pretrained=from_pretrained and checkpoint is None, num_classes=num_classes,
-                   class_names=class_names).to(device)
+    if weights is not None and checkpoint is None:
+        network = network_from_checkpoint(arch_spec, weights, None)
+        if num_outputs(network) != num_classes:
+            network = replace_head(network, num_classes)
+        model = wrap(network, arch_spec, class_names).to(device)
+    else:
+        model = create(arch, pretrained=from_pretrained and checkpoint is None, num_classes=num_classes,
+                       class_names=class_names).to(device)
     opt = make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     start_epoch, best_acc, history = 0, -1.0, []
     if checkpoint is not None:
@@ -222,28 +268,19 @@ def finetune(
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generators["loader"],
                               num_workers=num_workers)
     val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    bar = tqdm(total=epochs * len(train_loader), initial=start_epoch * len(train_loader), disable=not progress,
-               desc=f"finetune {arch}", unit="batch")
+    steps = len(train_loader)
+    bar = tqdm(total=epochs * steps, initial=start_epoch * steps, disable=not progress, desc=f"finetune {arch}",
+               unit="batch")
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
-        model.train()
-        loss_sum, seen = 0.0, 0
-        for batch, (images, labels) in enumerate(train_loader):
-            steps = len(train_loader)
-            for group in opt.param_groups:
-                group["lr"] = lr * lr_factor(lr_schedule, epoch * steps + batch, epochs * steps, warmup_epochs * steps)
-            images = random_shift(images, augment_shift, generators["augment"]).to(device)
-            loss = F.cross_entropy(model(images), labels.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(labels)
-            seen += len(labels)
-            bar.update()
+        loss = _train_epoch(
+            model, train_loader, opt,
+            lambda batch: lr * lr_factor(lr_schedule, epoch * steps + batch, epochs * steps, warmup_epochs * steps),
+            augment_shift, generators["augment"], device, bar,
+        )
         val_acc = accuracy(model, val_loader, device)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "val_acc": val_acc,
-                        "seconds": time.perf_counter() - started})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", val_acc=f"{val_acc:.4f}")
+        history.append({"epoch": epoch + 1, "loss": loss, "val_acc": val_acc, "seconds": time.perf_counter() - started})
+        bar.set_postfix(loss=f"{loss:.4f}", val_acc=f"{val_acc:.4f}")
         if val_acc > best_acc:
             best_acc = val_acc
             _save(model.model.state_dict(), out_dir / "best.pt")
@@ -273,6 +310,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--warmup-epochs", type=int, default=0)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--weights", type=Path, help="start from this local checkpoint instead of downloading")
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="start from random init")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing last.pt")
     parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
@@ -297,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed, out_dir=args.out,
         resume=args.resume, device=args.device, pretrained=args.pretrained, progress=args.progress,
         class_names=splits.class_names, augment_shift=args.augment_shift, lr_schedule=args.lr_schedule,
-        warmup_epochs=args.warmup_epochs, optimizer=args.optimizer, num_workers=args.num_workers,
+        warmup_epochs=args.warmup_epochs, optimizer=args.optimizer, weights=args.weights, num_workers=args.num_workers,
     )
     print(f"{args.arch}: final val acc {result.final_acc:.4f}, best {result.best_acc:.4f}; "
           f"weights in {result.out_dir / 'best.pt'} and {result.out_dir / 'last.pt'}")

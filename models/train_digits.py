@@ -2,7 +2,7 @@
 
 Trains with `models.finetune` on the digits training split (test split for validation only: the shipped
 weights are those of the final epoch, not the best one) with 1 CPU thread, and writes the final state
-dict to `models/weights/<arch>.pt`.
+dict to `models/weights/<arch>.pt` (or `--weights-dir`).
 """
 from __future__ import annotations
 
@@ -41,12 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.train_digits", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=[*RECIPES, "all"], default="all")
     parser.add_argument("--out", type=Path, default=Path("runs/digits"), help="training folder (last.pt, best.pt)")
+    parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="where <arch>.pt is written")
     args = parser.parse_args(argv)
     for arch in RECIPES if args.arch == "all" else [args.arch]:
         started = time.perf_counter()
-        result = train(arch, args.out / arch)
+        path = args.weights_dir / f"{arch}.pt"
+        result = train(arch, args.out / arch, weights_path=path)
         print(f"{arch}: test accuracy {result.final_acc:.4f} after {len(result.history)} epochs, "
-              f"{time.perf_counter() - started:.0f} s -> {WEIGHTS_DIR / f'{arch}.pt'}")
+              f"{time.perf_counter() - started:.0f} s -> {path}")
     return 0
 
 

@@ -174,7 +174,7 @@ def replace_head(network: nn.Module, num_classes: int) -> nn.Module:
     return network
 
 
-def _network_from_checkpoint(arch: ArchSpec, path: str | os.PathLike, num_classes: int | None) -> nn.Module:
+def network_from_checkpoint(arch: ArchSpec, path: str | os.PathLike, num_classes: int | None) -> nn.Module:
     state = read_state_dict(path)
     network = arch.build(num_classes or arch.num_classes)
     if num_classes is None:  # take the number of classes from the checkpoint's classifier
@@ -205,15 +205,23 @@ def create(
     """
     arch = spec(name)
     if weights is not None:
-        network = _network_from_checkpoint(arch, weights, num_classes)
+        network = network_from_checkpoint(arch, weights, num_classes)
     elif pretrained:
         network = arch.build_pretrained()
         if num_classes is not None and num_classes != arch.num_classes:
             network = replace_head(network, num_classes)
     else:
         network = arch.build(num_classes or arch.num_classes)
+    return wrap(network, arch, class_names)
 
-    n = network.get_submodule(head_name(network)).out_features
+
+def num_outputs(network: nn.Module) -> int:
+    return network.get_submodule(head_name(network)).out_features
+
+
+def wrap(network: nn.Module, arch: ArchSpec, class_names: Sequence[str] | None = None) -> Normalized:
+    """`Normalized(network)` with the architecture's preprocessing and attributes, in eval mode."""
+    n = num_outputs(network)
     if class_names is not None and len(class_names) != n:
         raise ValueError(f"{len(class_names)} class names given for a {n}-class model")
     prep = arch.preprocessing()
@@ -223,7 +231,7 @@ def create(
     )
     model.input_size = prep.input_size
     model.default_layer = f"model.{arch.default_layer}"
-    model.arch = name
+    model.arch = arch.name
     model.crop_pct = prep.crop_pct
     model.interpolation = prep.interpolation
     return model.eval()

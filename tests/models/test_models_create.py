@@ -50,7 +50,7 @@ def _check_attributes(model, name):
     assert logits.shape == (1, len(model.class_names))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "deit_tiny_patch16_224", "mobilenet_v3_small", "digits_vit"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "digits_vit"])
 def test_random_init_carries_the_attributes(name):
     _check_attributes(models.create(name, pretrained=False), name)
 
@@ -69,7 +69,8 @@ def test_imagenet_class_names_are_offline():
 def test_num_classes_replaces_the_head():
     model = models.create("digits_cnn", num_classes=4)
     assert model.class_names == ["0", "1", "2", "3"] and model(torch.rand(2, 3, 32, 32)).shape == (2, 4)
-    torch.testing.assert_close(model.model.features.conv1.weight, models.create("digits_cnn").model.features.conv1.weight)
+    shipped = models.create("digits_cnn").model.features.conv1.weight
+    torch.testing.assert_close(model.model.features.conv1.weight, shipped)
 
 
 def test_local_checkpoint_round_trip_reads_num_classes(tmp_path):
@@ -88,10 +89,12 @@ def test_local_checkpoint_round_trip_reads_num_classes(tmp_path):
 def test_mismatched_checkpoint_names_missing_unexpected_and_shapes(tmp_path):
     path = tmp_path / "other.pt"
     torch.save(models.create("digits_vit", pretrained=False).model.state_dict(), path)
-    with pytest.raises(models.WeightsMismatchError, match=r"missing \d+: features\.conv1\.weight.*unexpected \d+: cls_token"):
+    missing_and_unexpected = r"missing \d+: features\.conv1\.weight.*unexpected \d+: cls_token"
+    with pytest.raises(models.WeightsMismatchError, match=missing_and_unexpected):
         models.create("digits_cnn", weights=path)
     torch.save(DigitsCNN(width=16).state_dict(), path)
-    with pytest.raises(models.WeightsMismatchError, match=r"shape mismatch \d+: features\.conv1\.weight \(16, 3, 3, 3\) vs \(32, 3, 3, 3\)"):
+    shape = r"shape mismatch \d+: features\.conv1\.weight \(16, 3, 3, 3\) vs \(32, 3, 3, 3\)"
+    with pytest.raises(models.WeightsMismatchError, match=shape):
         models.create("digits_cnn", weights=path)
 
 
@@ -110,7 +113,8 @@ def test_offline_pretrained_fails_fast_with_a_typed_error(monkeypatch, name):
         models.create(name, pretrained=True)
     assert time.perf_counter() - started < 5
     message = str(info.value)
-    assert "\n" not in message and "offline (test)" in message and "weights=PATH" in message and "--weights PATH" in message
+    assert "\n" not in message and "offline (test)" in message
+    assert "weights=PATH" in message and "--weights PATH" in message
 
 
 def test_probe_of_an_unresolvable_host_answers_quickly():

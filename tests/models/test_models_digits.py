@@ -34,3 +34,16 @@ def test_shipped_weights_reach_their_accuracy(name, minimum):
         accuracy = (model(images).argmax(1) == labels).float().mean().item()
     assert accuracy >= minimum
     assert model.class_names == [str(d) for d in range(10)]
+
+
+@pytest.mark.slow
+def test_cnn_recipe_reaches_the_accuracy_again(tmp_path):
+    from models.train_digits import train
+
+    threads = torch.get_num_threads()
+    try:
+        result = train("digits_cnn", tmp_path / "run", weights_path=tmp_path / "digits_cnn.pt", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.final_acc >= 0.98
+    assert models.create("digits_cnn", weights=tmp_path / "digits_cnn.pt").class_names[3] == "3"
