@@ -52,6 +52,14 @@ TARGET_TITLES = {
     "softmax": "softmax probability",
     "log_softmax": "log-softmax",
 }
+OBJECTIVES = {
+    "logit": "y_t",
+    "weighted": "y_t − Σ α_s y_s",
+    "mean": "y_t − mean y_s",
+    "max": "y_t − y_s*",
+    "softmax": "p_t",
+    "log_softmax": "log p_t",
+}
 
 
 # ---- the job: explain the classes of one image ------------------------------------------------------
@@ -146,6 +154,11 @@ def target_title(key: str, class_names: Sequence[str]) -> str:
     return TARGET_TITLES.get(key, key)
 
 
+def objective(key: str) -> str:
+    """The objective a target explains, for colour-bar labels: ``"y_t − Σ α_s y_s"``, ``"y_t − y_281"``."""
+    return f"y_t − y_{key.split(':')[1]}" if key.startswith("versus:") else OBJECTIVES.get(key, key)
+
+
 def figure(result: ClassExplanations, title: str):
     """The figure: a row per class (name, index, probability), the image then one overlay per target."""
     keys = list(result.explanations)
@@ -156,7 +169,7 @@ def figure(result: ClassExplanations, title: str):
     ]
     return plots.explanation_grid(
         result.image, [result.maps(k) for k in keys], [target_title(k, result.names) for k in keys], rows,
-        colorbar_labels=[f"{result.method}, {k}: red for, blue against" for k in keys], title=title,
+        colorbar_labels=[f"{result.method} of {objective(k)}: red for t, blue against" for k in keys], title=title,
     )
 
 
@@ -344,14 +357,14 @@ def check_targets(targets: Sequence[str], num_classes: int) -> List[str]:
     keys = list(dict.fromkeys(target_key(t) for t in targets))
     for key in keys:
         if key.startswith("versus:"):
-            check_class_range([int(key.split(":")[1])], num_classes, what="target versus:S class")
+            check_class_range([int(key.split(":")[1])], num_classes, what=f"target {key!r}")
     return keys
 
 
 def check_class_range(classes: Sequence[int], num_classes: int, what: str = "--classes") -> None:
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise UsageError(f"{what} {bad[0]} is out of range; the model has {num_classes} classes: 0 to {num_classes - 1}")
+        raise UsageError(f"{what}: class {bad[0]} is out of range; the model has {num_classes} classes: 0 to {num_classes - 1}")
 
 
 def check_device(name: str) -> torch.device:
@@ -382,22 +395,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Add the ``explain`` subcommand; its ``func`` default is :func:`run`."""
     parser = subparsers.add_parser(
         "explain", help="explain the top-k classes of images (figure, maps, summary)",
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Why class t and not the others: explain the top-k classes of images with any method and "
+                    "target; write a figure, the raw maps (.pt) and a summary (.json) per image.",
     )
     parser.add_argument("images", nargs="*", metavar="IMAGE",
-                        help=f"image files, or bundled photos {', '.join(PHOTOS)} (default: {DEFAULT_PHOTO})")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="architecture: " + ", ".join(models.available()))
-    parser.add_argument("--weights", default=None, help="local checkpoint (state dict) instead of the default weights")
-    parser.add_argument("--method", default=DEFAULT_METHOD, help="method: " + ", ".join(bh.methods.available()))
+                        help=f"image files, or bundled photos: {', '.join(PHOTOS)} (default: {DEFAULT_PHOTO})")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"architecture (default: {DEFAULT_MODEL}): {', '.join(models.available())}")
+    parser.add_argument("--weights", default=None, help="a local checkpoint (state dict) instead of the default weights")
+    parser.add_argument("--method", default=DEFAULT_METHOD,
+                        help=f"method (default: {DEFAULT_METHOD}): {', '.join(bh.methods.available())}")
     parser.add_argument("--target", nargs="+", default=list(DEFAULT_TARGETS), dest="targets", metavar="TARGET",
-                        help="targets, one column each: " + ", ".join(bh.targets.names()) + ", versus:S")
+                        help=f"targets, one column each (default: {' '.join(DEFAULT_TARGETS)}): "
+                             f"{', '.join(bh.targets.names())}, versus:S")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--classes", nargs="+", type=int, default=None, metavar="C", help="classes to explain (rows)")
-    which.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="explain the k most probable classes")
-    parser.add_argument("--layer", default=None, help="layer of CAM methods (default: the model's default layer)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
-    parser.add_argument("--device", default="cpu", help="torch device")
-    parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
+    which.add_argument("--classes", nargs="+", type=int, default=None, metavar="C", help="the classes to explain (rows)")
+    which.add_argument("--topk", type=int, default=DEFAULT_TOPK,
+                       help=f"explain the k most probable classes (default: {DEFAULT_TOPK})")
+    parser.add_argument("--layer", default=None, help="layer of the CAM methods (default: the model's default layer)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar for several images")
     parser.set_defaults(func=run)
     return parser
 

@@ -91,8 +91,11 @@ def explanation_grid(
     rows = len(row_labels)
     if len(column_titles) != len(columns) or any(c.shape[0] != rows for c in columns):
         raise ValueError("need one title per column and one map per row in every column")
-    fig, axes = plt.subplots(rows, len(columns) + 1, figsize=(panel_size * (len(columns) + 1), panel_size * rows + 0.9),
-                             squeeze=False, layout="constrained", dpi=DPI)
+    fig, grid = plt.subplots(rows + 1, len(columns) + 1, squeeze=False, layout="constrained", dpi=DPI,
+                             figsize=(panel_size * (len(columns) + 1), panel_size * (rows + 0.25) + 0.6),
+                             gridspec_kw={"height_ratios": [1.0] * rows + [0.06]})
+    axes, bars = grid[:-1], grid[-1]  # the last row holds the colour bars
+    bars[0].axis("off")
     for r, label in enumerate(row_labels):
         axes[r, 0].imshow(image_hwc(image), cmap="gray", vmin=0, vmax=1)
         clean(axes[r, 0])
@@ -103,8 +106,7 @@ def explanation_grid(
         for r in range(rows):
             artist = overlay(axes[r, j], image, maps[r], alpha=alpha, vmax=m)
         axes[0, j].set_title(column_titles[j - 1], fontsize=10)
-        cax = axes[-1, j].inset_axes([0.05, -0.13, 0.9, 0.045])  # below the column, same width for all
-        bar = fig.colorbar(artist, cax=cax, orientation="horizontal")
+        bar = fig.colorbar(artist, cax=bars[j], orientation="horizontal")
         bar.set_label(colorbar_labels[j - 1] if colorbar_labels else "attribution (red +, blue −)", fontsize=8)
         bar.ax.tick_params(labelsize=7)
     if title:
