@@ -52,13 +52,13 @@ TARGET_TITLES = {
     "softmax": "softmax probability",
     "log_softmax": "log-softmax",
 }
-OBJECTIVES = {
-    "logit": "y_t",
-    "weighted": "y_t − Σ α_s y_s",
-    "mean": "y_t − mean y_s",
-    "max": "y_t − y_s*",
-    "softmax": "p_t",
-    "log_softmax": "log p_t",
+OBJECTIVES = {  # matplotlib mathtext
+    "logit": r"$y_t$",
+    "weighted": r"$y_t - \sum_{s \neq t} \alpha_s y_s$",
+    "mean": r"$y_t - \mathrm{mean}_{s \neq t}\, y_s$",
+    "max": r"$y_t - y_{s^*}$",
+    "softmax": r"$p_t$",
+    "log_softmax": r"$\log p_t$",
 }
 
 
@@ -155,21 +155,21 @@ def target_title(key: str, class_names: Sequence[str]) -> str:
 
 
 def objective(key: str) -> str:
-    """The objective a target explains, for colour-bar labels: ``"y_t − Σ α_s y_s"``, ``"y_t − y_281"``."""
-    return f"y_t − y_{key.split(':')[1]}" if key.startswith("versus:") else OBJECTIVES.get(key, key)
+    """The objective a target explains, as mathtext for colour-bar labels (``versus:281`` -> ``y_t - y_281``)."""
+    return f"$y_t - y_{{{key.split(':')[1]}}}$" if key.startswith("versus:") else OBJECTIVES.get(key, key)
 
 
 def figure(result: ClassExplanations, title: str):
     """The figure: a row per class (name, index, probability), the image then one overlay per target."""
     keys = list(result.explanations)
     rows = [
-        f"{name} ({c})\np = {p:.3f}, rank {r}"
+        f"{f'class {c}' if name == str(c) else f'{name} ({c})'}\np = {p:.3f}, rank {r}"
         for name, c, p, r in zip(result.class_names, result.classes.tolist(), result.probabilities.tolist(),
                                  result.ranks.tolist())
     ]
     return plots.explanation_grid(
         result.image, [result.maps(k) for k in keys], [target_title(k, result.names) for k in keys], rows,
-        colorbar_labels=[f"{result.method} of {objective(k)}: red for t, blue against" for k in keys], title=title,
+        colorbar_labels=[f"{result.method} of {objective(k)}\nred: for t, blue: against t" for k in keys], title=title,
     )
 
 
