@@ -175,6 +175,7 @@ def replace_head(network: nn.Module, num_classes: int) -> nn.Module:
 
 
 def network_from_checkpoint(arch: ArchSpec, path: str | os.PathLike, num_classes: int | None) -> nn.Module:
+    """The network with the local checkpoint `path` loaded (strict); None classes: as many as the checkpoint's head."""
     state = read_state_dict(path)
     network = arch.build(num_classes or arch.num_classes)
     if num_classes is None:  # take the number of classes from the checkpoint's classifier
@@ -216,6 +217,7 @@ def create(
 
 
 def num_outputs(network: nn.Module) -> int:
+    """The number of classes: the output size of the classifier."""
     return network.get_submodule(head_name(network)).out_features
 
 
