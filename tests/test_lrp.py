@@ -23,6 +23,7 @@ from zennit.rules import Epsilon as ZEpsilon, Pass  # noqa: E402
 from zennit.types import Activation  # noqa: E402
 
 SETTINGS = dict(max_examples=max(4, settings.default.max_examples // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FEWER = dict(SETTINGS, max_examples=max(3, settings.default.max_examples // 4))  # tests running C + 7 explanations
 OPTIONS = {"epsilon_gamma_box": dict(low=-3.0, high=3.0)}
 
 
@@ -164,14 +165,14 @@ def test_conservation_on_bias_free_relu_nets(case, name, target):
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9 * (1 + e.logits.abs().max().item()))
 
 
-@settings(**SETTINGS)
+@settings(**FEWER)
 @given(case=testing.cases(batch=(1, 3)), name=st.sampled_from(sorted(COMPOSITES)))
 def test_contrast_identities(case, name):
     options = dict(low=-4.0, high=4.0) if name == "epsilon_gamma_box" else {}
     testing.assert_contrast_identities(LRP(case.model, composite=name, **options), case.x, rtol=1e-8, atol=1e-12)
 
 
-@settings(**SETTINGS)
+@settings(**FEWER)
 @given(case=testing.cases(batch=(2, 4)), name=st.sampled_from(sorted(COMPOSITES)))
 def test_batch_equals_single(case, name):
     options = dict(low=-4.0, high=4.0) if name == "epsilon_gamma_box" else {}
