@@ -122,7 +122,7 @@ def explain_classes(
     One call of :func:`bh.explain` per target, batched over the classes (the image repeated k times);
     ``options`` go to the method (``layer=...``). Results are on the CPU.
     """
-    x = image[None].to(next(model.parameters()).device)
+    x = image[None].to(_device(model))
     chosen = torch.as_tensor(classes, device=x.device) if classes is not None else top_classes(model, x, topk)
     batch = x.repeat(len(chosen), 1, 1, 1)
     explanations = {
@@ -135,6 +135,13 @@ def explain_classes(
         image=image.detach().cpu(), logits=first.logits[0], classes=first.classes, names=list(names),
         method=first.method, explanations=explanations,
     )
+
+
+def _device(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _to_cpu(e: Explanation) -> Explanation:

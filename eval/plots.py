@@ -8,16 +8,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are written to files; never needs a display
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.image import AxesImage  # noqa: E402
+import numpy as np
+import torch
+from matplotlib import pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 CMAP = "bwr"

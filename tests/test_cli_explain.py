@@ -144,6 +144,15 @@ def test_existing_out_folder_keeps_other_files(tmp_path, capsys):
     assert saved["layer"] is None and saved["attributions"]["logit"].shape == (3, 3, 32, 32)
 
 
+def test_non_linear_method_gets_a_note(tmp_path, capsys):
+    code, stdout, stderr = run_cli(capsys, *SMALL, "--method", "guided_backprop", "--topk", "2", "--out", str(tmp_path / "o"))
+    assert code == 0
+    assert stderr.strip().splitlines() == [line for line in stderr.strip().splitlines() if line.startswith("note:")]
+    assert "not linear" in stderr and "weighted" in stderr and "Warning" not in stderr
+    info = json.loads((tmp_path / "o" / "chelsea.json").read_text())
+    assert info["targets"]["weighted"]["linear"] is False and info["targets"]["logit"]["linear"] is False
+
+
 def _corrupt(tmp_path: Path) -> str:
     path = tmp_path / "broken.jpg"
     path.write_bytes(b"this is not a JPEG")
