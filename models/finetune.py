@@ -14,7 +14,9 @@ classes; the digits networks start from random init. Every epoch writes to `out_
 A run restarted with the same arguments continues from `last.pt` and, on CPU, ends with exactly the
 weights of an uninterrupted run (model, optimizer and RNG states are restored; data order and
 augmentation draw only from the saved generators). `epochs` may be raised when resuming
-(with the constant schedule).
+(with the constant schedule). On CUDA, atomics in cuDNN and pooling backward kernels make even two
+uninterrupted runs differ unless `torch.use_deterministic_algorithms(True)` is set (with
+CUBLAS_WORKSPACE_CONFIG=:4096:8); only then can resumed and uninterrupted runs agree bit for bit.
 """
 from __future__ import annotations
 
