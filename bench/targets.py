@@ -15,26 +15,10 @@ import torchvision
 
 import backprop_hooks as bh
 
+from .peers import per_class
 from .timing import compare, forward_backward, machine, markdown
 
 TARGETS = ["logit", "softmax", "log_softmax", "weighted", "mean", "max"]
-
-
-def per_class_contrast(model: torch.nn.Module, x: torch.Tensor, classes: torch.Tensor, target: str):
-    """The earlier code's approach: one forward, C backward passes (one per class), then the composition."""
-
-    def run():
-        xg = x.detach().requires_grad_(True)
-        y = model(xg)
-        phis = []
-        for s in range(y.shape[1]):
-            seed = torch.zeros_like(y)
-            seed[:, s] = 1.0
-            phis.append(torch.autograd.grad(y, xg, seed, retain_graph=True)[0])
-        weights = bh.targets.get(target).seed(y.detach(), classes)  # (B, C)
-        return torch.einsum("bs,sb...->b...", weights, torch.stack(phis))
-
-    return run
 
 
 def run(quick: bool = False, device: str = "cpu", model_name: str = "resnet18", batch: int = 4, size: int = 224) -> List[Dict]:
@@ -53,7 +37,7 @@ def run(quick: bool = False, device: str = "cpu", model_name: str = "resnet18", 
     # per-class passes: 1000 backward passes, so a small batch and input; measured once against the seed
     xs, cs = x[:1, :, : size // 2, : size // 2], classes[:1]
     for t in ("weighted", "mean"):
-        pc = compare({"seed": lambda t=t: bh.explain(model, xs, "gradient", t, classes=cs), "per-class": per_class_contrast(model, xs, cs, t)}, dev, repeats=1, warmup=0)
+        pc = compare({"seed": lambda t=t: bh.explain(model, xs, "gradient", t, classes=cs), "per-class": per_class(model, xs, cs, t, 1000)}, dev, repeats=1, warmup=0)
         rows.append(dict(bench="seed vs C=1000 per-class passes", model=model_name, batch=1, size=size // 2, target=t, seconds=pc["seed"], per_class_seconds=pc["per-class"], speedup=pc["per-class"] / pc["seed"]))
     return rows
 

@@ -1,9 +1,7 @@
 """Timing helpers shared by the benchmarks: interleaved repeats, medians, CUDA-aware clocks, peak memory."""
 from __future__ import annotations
 
-import gc
 import platform
-import resource
 import statistics
 import time
 from typing import Callable, Dict, List, Mapping
@@ -41,21 +39,6 @@ def compare(candidates: Mapping[str, Callable[[], object]], device: torch.device
         for name, fn in candidates.items():
             times[name].append(clock(fn, device))
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
-    """Peak memory of one call in MiB: ``max_memory_allocated`` on CUDA; on the CPU the growth of the
-    process's max RSS (a lower bound when an earlier call already reached a higher peak)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
 
 def machine(device: torch.device) -> str:

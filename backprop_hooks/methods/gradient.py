@@ -12,7 +12,6 @@ itself (e.g. IG of ``p_t`` satisfies completeness ``Σ φ = p_t(x) − p_t(x0)``
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator, Optional, Tuple, Union
 
 import torch

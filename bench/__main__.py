@@ -1,0 +1,175 @@
+"""The benchmark harness: ``python -m bench [--quick] [--out DIR] [--methods ...] [--models ...] ...``.
+
+For each model x batch size: the floors (one forward; one forward + backward of the logit to the input),
+every method x target as a ratio to those floors, the peers' time for the same explanation (Captum,
+pytorch-grad-cam, Zennit, and the earlier code's C per-class backward passes for contrast targets, and a
+batch-size-1 loop for ViT rollouts), and peak memory. Everything within one model x batch is measured
+interleaved, so the ratios are side by side in one run. ``--scaling`` adds time vs batch size, input
+resolution and number of classes. Output: ``DIR/results.json`` and ``DIR/results.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+import backprop_hooks as bh
+
+from . import peers as peer_lib
+from .memory import peak_mib
+from .timing import compare, forward, forward_backward, machine, markdown
+from .zoo import CNN_METHODS, METHOD_OPTIONS, VIT_METHODS, build
+
+GOALS = {  # method -> (floor, maximum ratio) from the issues; contrast targets: <= 1.05 x logit
+    "gradient": ("fwd+bwd", 1.05),
+    "gradcam": ("fwd", 1.10),
+    "fullgrad": ("fwd+bwd", 2.0),
+    "rollout": ("fwd+bwd", 1.5),
+    "grad_rollout": ("fwd+bwd", 1.5),
+    "transformer_attribution": ("fwd+bwd", 1.5),
+}
+
+
+def explain_fn(method: str, model, x, t, target: str, layer) -> Callable:
+    options = dict(METHOD_OPTIONS.get(method, {}))
+    if layer is not None and method in ("gradcam", "xgradcam", "linear_approx", "guided_gradcam", "vit_gradcam"):
+        options["layer"] = layer
+    m = bh.methods.get(method)(model, **options)
+    return lambda: m(x, classes=t, target=target)
+
+
+def loop_fn(method: str, model, x, t, layer) -> Callable:
+    """The earlier ViT code: one sample at a time."""
+    fns = [explain_fn(method, model, x[i : i + 1], t[i : i + 1], "logit", layer) for i in range(x.shape[0])]
+    return lambda: [f() for f in fns]
+
+
+def bench_case(model_name: str, batch: int, size: int, methods: List[str], targets: List[str], device: torch.device, repeats: int, with_peers: bool, with_memory: bool, per_class_classes: int) -> List[Dict]:
+    model, layer_name, num_classes, is_vit = build(model_name, device)
+    x = torch.rand(batch, 3, size, size, device=device)
+    t = torch.arange(batch, device=device) % num_classes
+    layer = bh.methods.get_module(model, layer_name) if layer_name else None
+    candidates: Dict[str, Callable] = {"fwd": forward(model, x), "fwd+bwd": forward_backward(model, x, t)}
+    applicable = [m for m in methods if m in (VIT_METHODS if is_vit else CNN_METHODS)]
+    for method in applicable:
+        for target in targets:
+            candidates[f"{method}|{target}"] = explain_fn(method, model, x, t, target, layer_name)
+        if with_peers:
+            for peer, fn in peer_lib.peers(method, model, x, t, layer).items():
+                candidates[f"{method}|logit|{peer}"] = fn
+            if is_vit and method in GOALS and batch > 1:
+                candidates[f"{method}|logit|batch-1 loop"] = loop_fn(method, model, x, t, layer_name)
+    if with_peers and per_class_classes and "gradient" in applicable and batch == 1:
+        for target in ("weighted", "mean"):
+            if target in targets:
+                candidates[f"gradient|{target}|per-class passes"] = peer_lib.per_class(model, x, t, target, num_classes)
+    times = compare(candidates, device, repeats=repeats)
+    rows = []
+    for key, seconds in times.items():
+        method, target, peer = (key.split("|") + ["", ""])[:3] if "|" in key else (key, "", "")
+        row = dict(model=model_name, batch=batch, size=size, method=method, target=target, impl=peer or "backprop_hooks", seconds=seconds,
+                   x_fwd=seconds / times["fwd"], x_fwd_bwd=seconds / times["fwd+bwd"])
+        if target and not peer and f"{method}|logit" in times:
+            row["x_logit"] = seconds / times[f"{method}|logit"]
+        if peer and f"{method}|{target}" in times:
+            row["peer_x_ours"] = seconds / times[f"{method}|{target}"]
+        if with_memory:
+            row["peak_mib"] = peak_mib(candidates[key], device)
+        rows.append(row)
+    del model
+    return rows
+
+
+def check_goals(rows: List[Dict]) -> List[Dict]:
+    """One line per goal of the issues, with the measured ratio and whether it is met."""
+    out = []
+    for r in rows:
+        if r["impl"] != "backprop_hooks" or not r["target"]:
+            continue
+        if r["method"] in GOALS and r["target"] == "logit":
+            floor, limit = GOALS[r["method"]]
+            ratio = r["x_fwd"] if floor == "fwd" else r["x_fwd_bwd"]
+            out.append(dict(model=r["model"], batch=r["batch"], goal=f"{r['method']} <= {limit}x {floor}", measured=ratio, met=ratio <= limit))
+        if r["target"] != "logit" and "x_logit" in r and r["method"] in ("gradient", "gradcam", "fullgrad", "lrp"):
+            out.append(dict(model=r["model"], batch=r["batch"], goal=f"{r['method']} {r['target']} <= 1.05x logit", measured=r["x_logit"], met=r["x_logit"] <= 1.05))
+    fb = {(r["model"], r["batch"]): r for r in rows if r["method"] == "fwd+bwd"}
+    for r in rows:
+        if "peak_mib" in r and r["method"] in GOALS and r["target"] == "logit" and r["impl"] == "backprop_hooks":
+            base = fb[(r["model"], r["batch"])].get("peak_mib") or float("nan")
+            out.append(dict(model=r["model"], batch=r["batch"], goal=f"{r['method']} peak memory <= 1.2x fwd+bwd", measured=r["peak_mib"] / base if base else float("nan"), met=base and r["peak_mib"] / base <= 1.2))
+    return out
+
+
+def scaling(device: torch.device, quick: bool, repeats: int) -> List[Dict]:
+    """Time vs batch size, resolution (gradient, gradcam, fullgrad on ResNet-18; grad_rollout on ViT-Tiny)
+    and vs number of classes (weighted ÷ logit)."""
+    rows = []
+    batches = [1, 4, 16] if quick else [1, 4, 16, 64]
+    sizes = [112, 224] if quick else [112, 224, 448]
+    for model_name, methods in (("resnet18", ["gradient", "gradcam", "fullgrad"]), ("vit_tiny", ["grad_rollout"])):
+        for b in batches:
+            rows += [dict(r, sweep="batch") for r in bench_case(model_name, b, 224, methods, ["logit"], device, repeats, False, False, 0)]
+        for s in sizes if model_name == "resnet18" else [224]:
+            rows += [dict(r, sweep="size") for r in bench_case(model_name, 4, s, methods, ["logit"], device, repeats, False, False, 0)]
+    for c in [10, 100, 1000]:
+        rows += [dict(r, sweep="classes", classes=c) for r in bench_case(f"resnet18@{c}", 4, 224 if not quick else 112, ["gradient"], ["logit", "weighted", "mean", "max"], device, repeats, False, False, 0)]
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small models and inputs: a few minutes on 2 CPU cores")
+    p.add_argument("--out", default="out/bench", help="folder for results.json and results.md")
+    p.add_argument("--methods", nargs="+", default=None, help=f"default: all of {CNN_METHODS + VIT_METHODS}")
+    p.add_argument("--targets", nargs="+", default=["logit", "weighted", "mean", "max"])
+    p.add_argument("--models", nargs="+", default=None, help="resnet50 vgg16_bn resnet18 vit_tiny (a suffix @C sets C classes)")
+    p.add_argument("--batch", nargs="+", type=int, default=None)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--scaling", action="store_true", help="also time vs batch size, resolution and number of classes")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    warnings.simplefilter("ignore")
+    models = a.models or (["resnet18", "vit_tiny"] if a.quick else ["resnet50", "vgg16_bn", "vit_tiny"])
+    batches = a.batch or ([2] if a.quick else [8, 32])
+    size = a.size or (112 if a.quick else 224)
+    repeats = a.repeats or (3 if a.quick else 5)
+    methods = a.methods or CNN_METHODS + VIT_METHODS
+    rows = []
+    for model_name in models:
+        for b in batches + ([1] if not a.no_peers and 1 not in batches else []):
+            ms = methods if b in batches else ["gradient"]  # batch 1: the per-class comparison only
+            rows += bench_case(model_name, b, size, ms, a.targets, device, repeats, not a.no_peers, not a.no_memory and b in batches, 1000 if not a.quick else 100)
+            print(f"done: {model_name} batch {b}", file=sys.stderr)
+    if a.scaling:
+        rows += scaling(device, a.quick, repeats)
+    goals = check_goals([r for r in rows if "sweep" not in r])
+    meta = dict(machine=machine(device), device=str(device), command="python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows, goals=goals), indent=1))
+    main_rows = [r for r in rows if "sweep" not in r]
+    text = [f"machine: {meta['machine']}  \ncommand: `{meta['command']}`  \ndate: {meta['date']}", "",
+            markdown(main_rows, ["model", "batch", "method", "target", "impl", "seconds", "x_fwd", "x_fwd_bwd", "x_logit", "peer_x_ours", "peak_mib"]),
+            "", "Goals:", "", markdown(goals, ["model", "batch", "goal", "measured", "met"])]
+    sweep = [r for r in rows if "sweep" in r]
+    if sweep:
+        text += ["", "Scaling:", "", markdown(sweep, ["sweep", "model", "batch", "size", "classes", "method", "target", "seconds", "x_fwd_bwd", "x_logit"])]
+    (out / "results.md").write_text("\n".join(text) + "\n")
+    print("\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
