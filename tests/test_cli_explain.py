@@ -1,7 +1,7 @@
 """`backprop-hooks explain`: outputs (figure, tensors, summary, table), batching, bad input, plots.
 
-Most tests use the small shipped `digits_cnn` (32 px, 10 classes) on the bundled photos; the real
-EfficientNet-Lite0 run on the cat photo is marked slow.
+Most tests use a small `digits_cnn` (32 px, 10 classes; a seeded random checkpoint, so they need no
+shipped weights) on the bundled photos; the real EfficientNet-Lite0 run on the cat photo is marked slow.
 """
 from __future__ import annotations
 
@@ -20,8 +20,25 @@ from backprop_hooks.cli import main
 from eval import explain as ex
 from eval import plots
 
-SMALL = ["--model", "digits_cnn"]
-WEIGHTS = Path(models.__file__).resolve().parent / "weights"
+
+
+def _checkpoint(folder: Path, arch: str) -> Path:
+    torch.manual_seed(0)
+    path = folder / f"{arch}_random.pt"
+    torch.save(models.create(arch, pretrained=False).model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("weights")
+    return {arch: _checkpoint(folder, arch) for arch in ("digits_cnn", "digits_vit")}
+
+
+@pytest.fixture
+def small(weights) -> list:
+    """Command-line options selecting the small model."""
+    return ["--model", "digits_cnn", "--weights", str(weights["digits_cnn"])]
 
 
 def run_cli(capsys, *argv: str):
@@ -44,13 +61,13 @@ def photo_files(tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def small_model():
-    return models.create("digits_cnn")
+def small_model(weights):
+    return models.create("digits_cnn", weights=weights["digits_cnn"])
 
 
-def test_default_outputs(tmp_path, capsys, small_model):
+def test_default_outputs(tmp_path, capsys, small, small_model):
     out = tmp_path / "out" / "explain"
-    code, stdout, stderr = run_cli(capsys, *SMALL, "--out", str(out))
+    code, stdout, stderr = run_cli(capsys, *small, "--out", str(out))
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == ["chelsea.json", "chelsea.png", "chelsea.pt"]
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]
@@ -92,7 +109,7 @@ def test_default_outputs(tmp_path, capsys, small_model):
     assert stderr == ""
 
 
-def test_one_batched_call_per_target(tmp_path, capsys, monkeypatch, small_model):
+def test_one_batched_call_per_target(tmp_path, capsys, monkeypatch, small, small_model):
     calls = []
     original = bh.explain
 
@@ -103,7 +120,7 @@ def test_one_batched_call_per_target(tmp_path, capsys, monkeypatch, small_model)
     monkeypatch.setattr(ex.bh, "explain", counting)
     out = tmp_path / "o"
     targets = ["logit", "weighted", "versus:1", "mean"]
-    code, stdout, stderr = run_cli(capsys, *SMALL, "--classes", "3", "5", "--target", *targets, "--out", str(out))
+    code, stdout, stderr = run_cli(capsys, *small, "--classes", "3", "5", "--target", *targets, "--out", str(out))
     assert code == 0, stderr
     assert calls == [(2, t, [3, 5]) for t in targets]
 
@@ -118,9 +135,9 @@ def test_one_batched_call_per_target(tmp_path, capsys, monkeypatch, small_model)
     assert [c["index"] for c in info["classes"]] == [3, 5]
 
 
-def test_multiple_images_with_progress(tmp_path, capsys, photo_files):
+def test_multiple_images_with_progress(tmp_path, capsys, small, photo_files):
     out = tmp_path / "many"
-    code, stdout, stderr = run_cli(capsys, *SMALL, *map(str, photo_files), "coffee", "--topk", "2",
+    code, stdout, stderr = run_cli(capsys, *small, *map(str, photo_files), "coffee", "--topk", "2",
                                    "--method", "linear_approx", "--out", str(out))
     assert code == 0, stderr
     names = {p.name for p in out.iterdir()}
@@ -133,19 +150,19 @@ def test_multiple_images_with_progress(tmp_path, capsys, photo_files):
     torch.testing.assert_close(a, b, atol=2 / 255, rtol=0)  # the same photo, from a file and bundled
 
 
-def test_existing_out_folder_keeps_other_files(tmp_path, capsys):
+def test_existing_out_folder_keeps_other_files(tmp_path, capsys, small):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    code, _, stderr = run_cli(capsys, *SMALL, "coffee", "--method", "gradient", "--target", "logit", "--out", str(out))
+    code, _, stderr = run_cli(capsys, *small, "coffee", "--method", "gradient", "--target", "logit", "--out", str(out))
     assert code == 0, stderr
     assert {p.name for p in out.iterdir()} == {"notes.txt", "coffee.png", "coffee.pt", "coffee.json"}
     saved = torch.load(out / "coffee.pt", weights_only=True)
     assert saved["layer"] is None and saved["attributions"]["logit"].shape == (3, 3, 32, 32)
 
 
-def test_non_linear_method_gets_a_note(tmp_path, capsys):
-    code, stdout, stderr = run_cli(capsys, *SMALL, "--method", "guided_backprop", "--topk", "2", "--out", str(tmp_path / "o"))
+def test_non_linear_method_gets_a_note(tmp_path, capsys, small):
+    code, stdout, stderr = run_cli(capsys, *small, "--method", "guided_backprop", "--topk", "2", "--out", str(tmp_path / "o"))
     assert code == 0
     assert stderr.strip().splitlines() == [line for line in stderr.strip().splitlines() if line.startswith("note:")]
     assert "not linear" in stderr and "weighted" in stderr and "Warning" not in stderr
@@ -160,30 +177,30 @@ def _corrupt(tmp_path: Path) -> str:
 
 
 BAD_INPUTS = {
-    "missing image": (lambda t: ["no_such_photo.png"], ["no_such_photo.png", "not found", "chelsea"]),
-    "folder as image": (lambda t: [str(t)], ["folder", "chelsea"]),
-    "corrupt image": (lambda t: [_corrupt(t)], ["broken.jpg", "cannot read"]),
-    "unknown model": (lambda t: ["--model", "resnet9000"], ["resnet9000", "digits_cnn"]),
-    "unknown method": (lambda t: ["--method", "gradcamm"], ["gradcamm", "gradcam"]),
-    "unknown target": (lambda t: ["--target", "logit", "weigthed"], ["weigthed", "weighted"]),
-    "unknown layer": (lambda t: ["--layer", "features.relu4"], ["features.relu4", "model.features.relu3"]),
-    "layer on a method without one": (lambda t: ["--method", "gradient", "--layer", "x"], ["gradient", "xgradcam"]),
-    "class out of range": (lambda t: ["--classes", "3", "10"], ["10", "0 to 9"]),
-    "negative class": (lambda t: ["--classes", "-1"], ["-1", "0 to 9"]),
-    "versus class out of range": (lambda t: ["--target", "versus:12"], ["12", "0 to 9"]),
-    "topk too large": (lambda t: ["--topk", "11"], ["--topk", "10"]),
-    "weights of another architecture": (lambda t: ["--weights", str(WEIGHTS / "digits_vit.pt")], ["digits_vit.pt"]),
-    "missing weights file": (lambda t: ["--weights", str(t / "nope.pt")], ["nope.pt"]),
-    "unknown device": (lambda t: ["--device", "gpu7"], ["gpu7", "cpu"]),
+    "missing image": (lambda t, w: ["no_such_photo.png"], ["no_such_photo.png", "not found", "chelsea"]),
+    "folder as image": (lambda t, w: [str(t)], ["folder", "chelsea"]),
+    "corrupt image": (lambda t, w: [_corrupt(t)], ["broken.jpg", "cannot read"]),
+    "unknown model": (lambda t, w: ["--model", "resnet9000"], ["resnet9000", "digits_cnn"]),
+    "unknown method": (lambda t, w: ["--method", "gradcamm"], ["gradcamm", "gradcam"]),
+    "unknown target": (lambda t, w: ["--target", "logit", "weigthed"], ["weigthed", "weighted"]),
+    "unknown layer": (lambda t, w: ["--layer", "features.relu4"], ["features.relu4", "model.features.relu3"]),
+    "layer on a method without one": (lambda t, w: ["--method", "gradient", "--layer", "x"], ["gradient", "xgradcam"]),
+    "class out of range": (lambda t, w: ["--classes", "3", "10"], ["10", "0 to 9"]),
+    "negative class": (lambda t, w: ["--classes", "-1"], ["-1", "0 to 9"]),
+    "versus class out of range": (lambda t, w: ["--target", "versus:12"], ["12", "0 to 9"]),
+    "topk too large": (lambda t, w: ["--topk", "11"], ["--topk", "10"]),
+    "weights of another architecture": (lambda t, w: ["--weights", str(w["digits_vit"])], ["digits_vit_random.pt"]),
+    "missing weights file": (lambda t, w: ["--weights", str(t / "nope.pt")], ["nope.pt"]),
+    "unknown device": (lambda t, w: ["--device", "gpu7"], ["gpu7", "cpu"]),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, small, weights, case):
     make_args, expected = BAD_INPUTS[case]
     out = tmp_path / "new" / "explain"
-    args = make_args(tmp_path)
-    model = [] if "--model" in args else SMALL
+    args = make_args(tmp_path, weights)
+    model = [] if "--model" in args else small[:2] if "--weights" in args else small
     code, stdout, stderr = run_cli(capsys, *model, *args, "--out", str(out))
     assert code == 2
     lines = stderr.strip().splitlines()
@@ -194,11 +211,11 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
     assert stdout == ""
 
 
-def test_failure_midway_leaves_out_folder_unchanged(tmp_path, capsys, photo_files):
+def test_failure_midway_leaves_out_folder_unchanged(tmp_path, capsys, small, photo_files):
     out = tmp_path / "out"
     out.mkdir()
     (out / "photo.png").write_bytes(b"old figure")
-    code, _, stderr = run_cli(capsys, *SMALL, str(photo_files[0]), "chelsea", _corrupt(tmp_path), "--out", str(out))
+    code, _, stderr = run_cli(capsys, *small, str(photo_files[0]), "chelsea", _corrupt(tmp_path), "--out", str(out))
     assert code == 2
     assert "broken.jpg" in [line for line in stderr.splitlines() if line.strip()][-1]
     assert [p.name for p in out.iterdir()] == ["photo.png"] and (out / "photo.png").read_bytes() == b"old figure"
