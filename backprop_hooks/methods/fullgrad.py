@@ -45,12 +45,12 @@ EPS = 1e-6
 
 
 def abs_minmax(part: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """``|part|`` min-max normalised per sample over channels and positions, then summed over channels."""
+    """``|part|`` min-max normalised per sample over channels and positions, then summed over channels:
+    ``Σ_c (|p_c| − lo) / (hi − lo + eps) = (Σ_c |p_c| − C·lo) / (hi − lo + eps)`` (no normalised copy)."""
     m = part.abs()
-    flat = m.flatten(1)
-    lo = flat.amin(1).view(-1, *([1] * (m.dim() - 1)))
-    hi = flat.amax(1).view(-1, *([1] * (m.dim() - 1)))
-    return ((m - lo) / (hi - lo + eps)).sum(1)
+    lo, hi = torch.aminmax(m.flatten(1), dim=1)
+    shape = (-1,) + (1,) * (m.dim() - 2)
+    return (m.sum(1) - m.shape[1] * lo.view(shape)) / (hi - lo + eps).view(shape)
 
 
 def signed_maxabs(part: torch.Tensor, eps: float = EPS) -> torch.Tensor:
