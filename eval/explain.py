@@ -335,14 +335,18 @@ def explain_images(
     """
     sources = check_sources(sources)
     summaries = []
-    with staged_folder(out) as stage:
-        bar = tqdm(list(zip(sources, output_names(sources))), desc="explain", unit="image",
-                   disable=not progress or len(sources) < 2, file=sys.stderr)
-        for source, name in bar:
-            result = explain_classes(model, load_source(source, model), method, targets, classes, topk, **options)
-            summaries.append(write_result(result, stage, name, source, model_name))
-            if echo:
-                tqdm.write(table(result, source) + "\n", file=sys.stdout)
+    bar = tqdm(list(zip(sources, output_names(sources))), desc="explain", unit="image",
+               disable=not progress or len(sources) < 2, file=sys.stderr)
+    with staged_folder(out) as stage, bar:
+        try:
+            for source, name in bar:
+                result = explain_classes(model, load_source(source, model), method, targets, classes, topk, **options)
+                summaries.append(write_result(result, stage, name, source, model_name))
+                if echo:
+                    tqdm.write(table(result, source) + "\n", file=sys.stdout)
+        except BaseException:
+            bar.leave = False  # clear the bar: the error message stays alone on its line
+            raise
     return summaries
 
 
