@@ -124,6 +124,39 @@ def summarize(results: Results, targets: Sequence[str], eps: Sequence[float], st
     return rows
 
 
+def paired(results: Results, targets: Sequence[str], eps: Sequence[float], steps: Sequence[int],
+           reference: str = "logit") -> List[Dict[str, Any]]:
+    """Per-sample paired differences of each mode against ``reference`` (the original): the mean of
+    ``value_mode − value_reference`` over samples and its 95 % CI (tighter than comparing two CIs)."""
+    if reference not in targets:
+        return []
+    r = list(targets).index(reference)
+    rows = []
+    for i, target in enumerate(targets):
+        if i == r:
+            continue
+        for j, e in enumerate(eps):
+            for k, s in enumerate(steps):
+                row: Dict[str, Any] = {"mode": target, "versus": reference, "eps": float(e), "steps": int(s)}
+                for key, _ in METRICS:
+                    diff = results[key][i, j, k] - results[key][r, j, k]
+                    row[f"diff_{key}"], row[f"diff_{key}_ci95"] = report.mean_ci(diff)
+                rows.append(row)
+    return rows
+
+
+def paired_table(rows: Sequence[Dict[str, Any]]) -> str:
+    def cell(r, key):
+        digits = 2 if key == "y" else 4
+        return f"{report.fmt(r[f'diff_{key}'], digits)} ± {report.fmt(r[f'diff_{key}_ci95'], digits)}"
+
+    return report.markdown_table(
+        ["mode − original", "ε", "n_tot", "Δacc diff ± CI95", "Δp_t diff ± CI95", "Δy_t diff ± CI95"],
+        [[MODE_TITLES.get(r["mode"], r["mode"]), f"{r['eps']:g}", r["steps"], cell(r, "acc"), cell(r, "p"), cell(r, "y")]
+         for r in rows],
+    )
+
+
 def review_table(rows: Sequence[Dict[str, Any]], targets: Sequence[str]) -> str:
     """The review's layout: a line per (ε, n_tot); base acc / p_t / y_t; each Δ for every mode."""
     modes = "/".join(MODE_TITLES.get(t, t) for t in targets)
@@ -213,9 +246,13 @@ def write_report(setup: Setup, results: Results, out: Path) -> None:
           f"(per-sample means, 95 % CIs by Student t). Weights sha256 `{cfg['weights_sha256'][:16]}…`; "
           f"config hash `{config_hash(cfg)[:16]}…`.", "",
           review_table(rows, targets), "", "## With 95 % confidence intervals", "", ci_table(rows), ""]
+    pairs = paired(results, targets, eps, steps)
+    if pairs:
+        md += ["## Paired per-sample differences against the original (logit) mode", "", paired_table(pairs), ""]
     report.write_text(out / "results.md", "\n".join(md))
     report.write_csv(out / "results.csv", rows)
-    report.write_json(out / "results.json", {"config": cfg, "rows": rows, "samples_file": "samples.csv"})
+    report.write_json(out / "results.json", {"config": cfg, "rows": rows, "paired": pairs,
+                                            "samples_file": "samples.csv"})
     report.write_csv(out / "samples.csv", sample_rows(setup, results, targets, eps, steps))
     report.save_figure(figure(rows, targets, eps, steps, f"{cfg['model']} on {cfg['data']}, {cfg['method']}, n = {rows[0]['n']}"),
                        out / "figure_deltas.png")

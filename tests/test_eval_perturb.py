@@ -88,3 +88,27 @@ def test_mean_ci_ignores_nan_and_handles_tiny_samples():
     mean, half = report.mean_ci(torch.tensor([4.0]))
     assert mean == 4.0 and math.isnan(half)
     assert all(math.isnan(v) for v in report.mean_ci(torch.tensor([])))
+
+
+def test_paired_differences_against_the_original_mode():
+    acc = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]).view(2, 1, 1, 3)  # weighted, logit
+    results = {"acc": acc, "p": acc * 0.5, "y": acc * 3}
+    (row,) = perturb.paired(results, ["weighted", "logit"], [1e-3], [1])
+    assert row["mode"] == "weighted" and row["versus"] == "logit"
+    assert row["diff_acc"] == pytest.approx(1 / 3) and row["diff_y"] == pytest.approx(1.0)
+    assert perturb.paired(results, ["weighted", "max"], [1e-3], [1]) == []
+
+
+def test_command_line_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    from backprop_hooks import cli
+
+    base = ["--model", "digits_cnn", "--limit", "1", "--quiet", "--out", str(tmp_path / "o")]
+    assert cli.main(["perturb", *base, "--method", "gradcam"]) == 2
+    assert "input-space method" in capsys.readouterr().err
+    assert cli.main(["perturb", *base, "--eps", "0"]) == 2
+    assert cli.main(["perturb", *base, "--targets", "nonsense"]) == 2
+    assert cli.main(["perturb", *base, "--data", "cub:/does/not/exist"]) == 2
+    assert cli.main(["mask", *base, "--threshold", "0.7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("backprop-hooks") for line in err)
+    assert not (tmp_path / "o").exists()
