@@ -90,6 +90,14 @@ class ClassExplanations:
         """(k,) 1-based rank of each explained class among all classes (1 = predicted)."""
         return (self.logits[None, :] > self.logits[self.classes, None]).sum(dim=1) + 1
 
+    def class_rows(self) -> List[Dict[str, Any]]:
+        """One dict per explained class: index, name, probability, logit, rank."""
+        return [
+            {"index": c, "name": n, "probability": p, "logit": y, "rank": r}
+            for c, n, p, y, r in zip(self.classes.tolist(), self.class_names, self.probabilities.tolist(),
+                                     self.logits[self.classes].tolist(), self.ranks.tolist())
+        ]
+
     @property
     def layer(self) -> Optional[str]:
         return next(iter(self.explanations.values())).layer
@@ -166,13 +174,16 @@ def objective(key: str) -> str:
     return f"$y_t - y_{{{key.split(':')[1]}}}$" if key.startswith("versus:") else OBJECTIVES.get(key, key)
 
 
+def row_name(row: Dict[str, Any]) -> str:
+    """``"tabby (281)"``, or ``"class 3"`` for classes named by their index."""
+    return f"class {row['index']}" if row["name"] == str(row["index"]) else f"{row['name']} ({row['index']})"
+
+
 def figure(result: ClassExplanations, title: str):
     """The figure: a row per class (name, index, probability), the image then one overlay per target."""
     keys = list(result.explanations)
     rows = [
-        f"{f'class {c}' if name == str(c) else f'{name} ({c})'}\np = {p:.3f}, rank {r}"
-        for name, c, p, r in zip(result.class_names, result.classes.tolist(), result.probabilities.tolist(),
-                                 result.ranks.tolist())
+        f"{row_name(row)}\np = {row['probability']:.3f}, rank {row['rank']}" for row in result.class_rows()
     ]
     return plots.explanation_grid(
         result.image, [result.maps(k) for k in keys], [target_title(k, result.names) for k in keys], rows,
@@ -199,23 +210,18 @@ def class_similarity(maps: torch.Tensor) -> List[List[float]]:
 
 def summary(result: ClassExplanations, image: str, model: str, files: Dict[str, str]) -> Dict[str, Any]:
     """The JSON summary of one image: classes with probabilities and logits, statistics per target and class."""
-    classes = [
-        {"index": c, "name": n, "probability": p, "logit": y, "rank": r}
-        for c, n, p, y, r in zip(result.classes.tolist(), result.class_names, result.probabilities.tolist(),
-                                 result.logits[result.classes].tolist(), result.ranks.tolist())
-    ]
     targets = {}
     for key, e in result.explanations.items():
         stats = map_statistics(e.maps)
-        objective = bh.targets.get(key).objective(e.logits, e.classes).tolist()
+        values = bh.targets.get(key).objective(e.logits, e.classes).tolist()
         targets[key] = {
             "linear": e.linear,
-            "per_class": [dict(index=c, objective=objective[i], **{s: v[i] for s, v in stats.items()})
+            "per_class": [dict(index=c, objective=values[i], **{s: v[i] for s, v in stats.items()})
                           for i, c in enumerate(result.classes.tolist())],
             "class_similarity": class_similarity(e.maps),
         }
     return {"image": image, "model": model, "method": result.method, "layer": result.layer,
-            "input_size": list(result.image.shape[-2:]), "classes": classes, "targets": targets, "files": files}
+            "input_size": list(result.image.shape[-2:]), "classes": result.class_rows(), "targets": targets, "files": files}
 
 
 def tensors(result: ClassExplanations) -> Dict[str, Any]:
@@ -239,9 +245,9 @@ def table(result: ClassExplanations, name: str) -> str:
     width = max(len("class name"), *(len(n) for n in result.class_names))
     lines = [f"{name}: {result.method}" + (f" at {result.layer}" if result.layer else ""),
              f"  {'rank':>4}  {'class':>5}  {'class name':<{width}}  {'prob':>6}  {'logit':>8}"]
-    for c, n, p, y, r in zip(result.classes.tolist(), result.class_names, result.probabilities.tolist(),
-                             result.logits[result.classes].tolist(), result.ranks.tolist()):
-        lines.append(f"  {r:>4}  {c:>5}  {n:<{width}}  {p:>6.3f}  {y:>8.3f}")
+    for row in result.class_rows():
+        lines.append(f"  {row['rank']:>4}  {row['index']:>5}  {row['name']:<{width}}  {row['probability']:>6.3f}  "
+                     f"{row['logit']:>8.3f}")
     return "\n".join(lines)
 
 
@@ -254,7 +260,6 @@ def write_result(result: ClassExplanations, folder: Path, name: str, image: str,
     info = summary(result, image, model, files)
     (folder / files["summary"]).write_text(json.dumps(info, indent=2) + "\n")
     return info
-
 
 
 # ---- inputs: image files or bundled photos -----------------------------------------------------------
