@@ -41,40 +41,18 @@ class _Call:
         self.inputs_gated = False
 
 
-class _InputGate(torch.autograd.Function):
+class _Gate(torch.autograd.Function):
+    """Identity on tensors (detached aliases, no copies) whose backward hands the gradients to ``on_backward``."""
+
     @staticmethod
-    def forward(ctx, hook: "_ModuleHook", call: _Call, *xs: torch.Tensor):
+    def forward(ctx, on_backward: Callable, *xs: torch.Tensor):
         ctx.set_materialize_grads(False)
-        ctx.hook, ctx.call = hook, call
+        ctx.on_backward = on_backward
         return tuple(x.detach() for x in xs)
 
     @staticmethod
     def backward(ctx, *grads):
-        hook, call = ctx.hook, ctx.call
-        grad_input: List[Optional[torch.Tensor]] = [None] * call.n_args
-        for k, i in enumerate(call.arg_index):
-            grad_input[i] = grads[k]
-        new = hook.run_backward(call, tuple(grad_input))
-        return (None, None) + tuple(new[i] for i in call.arg_index)
-
-
-class _OutputGate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hook: "_ModuleHook", call: _Call, *ys: torch.Tensor):
-        ctx.set_materialize_grads(False)
-        ctx.hook, ctx.call = hook, call
-        return tuple(y.detach() for y in ys)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        hook, call = ctx.hook, ctx.call
-        grad_output: List[Optional[torch.Tensor]] = [None] * call.n_out
-        for k, j in enumerate(call.out_index):
-            grad_output[j] = grads[k]
-        call.grad_output = tuple(grad_output)
-        if not call.inputs_gated:  # nothing upstream needs a gradient: still show the rules grad_output
-            hook.run_backward(call, (None,) * call.n_args)
-        return (None, None) + grads
+        return (None,) + tuple(ctx.on_backward(grads))
 
 
 class _ModuleHook:
@@ -98,7 +76,7 @@ class _ModuleHook:
         if not call.arg_index:
             return None
         call.inputs_gated = True
-        gated = _InputGate.apply(self, call, *(args[i] for i in call.arg_index))
+        gated = _Gate.apply(lambda grads: self.input_backward(call, grads), *(args[i] for i in call.arg_index))
         args = list(args)
         for i, g in zip(call.arg_index, gated):
             args[i] = g
@@ -119,10 +97,28 @@ class _ModuleHook:
         call.out_index = [k for k, i in enumerate(tensors) if leaves[i].requires_grad]
         if not call.out_index:
             return output
-        gated = _OutputGate.apply(self, call, *(leaves[tensors[k]] for k in call.out_index))
+        gated = _Gate.apply(lambda grads: self.output_backward(call, grads), *(leaves[tensors[k]] for k in call.out_index))
         for k, g in zip(call.out_index, gated):
             leaves[tensors[k]] = g
         return tree_unflatten(leaves, spec)
+
+    def input_backward(self, call: _Call, grads: Tuple[Optional[torch.Tensor], ...]):
+        """Gradients reaching the gated inputs: align them with the positional inputs, run the rules."""
+        grad_input: List[Optional[torch.Tensor]] = [None] * call.n_args
+        for k, i in enumerate(call.arg_index):
+            grad_input[i] = grads[k]
+        new = self.run_backward(call, tuple(grad_input))
+        return tuple(new[i] for i in call.arg_index)
+
+    def output_backward(self, call: _Call, grads: Tuple[Optional[torch.Tensor], ...]):
+        """Gradients reaching the gated outputs: record them as ``grad_output`` and pass them on."""
+        grad_output: List[Optional[torch.Tensor]] = [None] * call.n_out
+        for k, j in enumerate(call.out_index):
+            grad_output[j] = grads[k]
+        call.grad_output = tuple(grad_output)
+        if not call.inputs_gated:  # nothing upstream needs a gradient: still show the rules grad_output
+            self.run_backward(call, (None,) * call.n_args)
+        return grads
 
     def run_backward(self, call: _Call, grad_input: Tuple[Optional[torch.Tensor], ...]):
         grad_output = call.grad_output if call.grad_output is not None else (None,) * call.n_out
