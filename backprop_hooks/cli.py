@@ -36,8 +36,15 @@ def _user_errors() -> tuple:
     return tuple(errors)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line (subparsers inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="backprop-hooks", description="Class-contrastive back-propagation explanations.")
+    parser = _Parser(prog="backprop-hooks", description="Class-contrastive back-propagation explanations.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module in SUBCOMMANDS.items():
@@ -51,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return int(exc.code or 0)
     try:
         code = args.func(args)
     except KeyboardInterrupt:
