@@ -227,7 +227,7 @@ def figure(rows: Sequence[Dict[str, Any]], methods, baselines, features, title: 
                              [by_key[(method, kind, feature, cls)][f"{key}_ci95"] for kind, cls in groups])
                       for name, key in (("before", "before"), ("original", "original"), ("weighted", "weighted"))}
             report.grouped_bars(axes[f, m], [f"{kind}\n{cls}" for kind, cls in groups], series,
-                                "e^{y_t}/(e^{y_t1}+e^{y_t2})", f"{method}, {feature} features")
+                                r"$e^{y_t}/(e^{y_{t1}}+e^{y_{t2}})$", f"{method}, {feature} features")
             axes[f, m].set_ylim(0, 1)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
