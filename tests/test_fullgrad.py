@@ -4,15 +4,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import backprop_hooks as bh
-from backprop_hooks import methods, testing
+from backprop_hooks import testing
 from backprop_hooks.errors import InputError, RuleError
 from backprop_hooks.methods import FullGrad, NonLinearContrastWarning
-from backprop_hooks.methods.fullgrad import abs_minmax, signed_maxabs, upsample
+from backprop_hooks.methods.cam import upsample
+from backprop_hooks.methods.fullgrad import abs_minmax, signed_maxabs
 from rules import BiasGradient
 
 pytestmark = pytest.mark.filterwarnings("ignore::backprop_hooks.methods.NonLinearContrastWarning")

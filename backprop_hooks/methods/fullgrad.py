@@ -32,13 +32,13 @@ from functools import partial
 from typing import Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rules.fullgrad import BiasGradient, has_bias
 
 from ..errors import InputError
 from .base import Method, grad, register
+from .cam import upsample
 
 Post = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
 EPS = 1e-6
@@ -60,14 +60,6 @@ def signed_maxabs(part: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 
 POSTS = {"abs": abs_minmax, "signed": signed_maxabs}
-
-
-def upsample(m: torch.Tensor, size: tuple) -> torch.Tensor:
-    """Bilinear (linear/trilinear by rank) resize of ``(B, *s)`` maps to ``size``; identity if equal."""
-    if tuple(m.shape[1:]) == tuple(size):
-        return m
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-    return F.interpolate(m[:, None], size=size, mode=mode, align_corners=False)[:, 0]
 
 
 @register
@@ -113,4 +105,5 @@ class FullGrad(Method):
         self._extras, self.bias = {}, None  # per-call state: do not keep tensors alive
         return e
 
-__all__ = ["FullGrad", "abs_minmax", "signed_maxabs", "upsample"]
+
+__all__ = ["FullGrad", "abs_minmax", "signed_maxabs"]

@@ -30,7 +30,7 @@ from rules.relu import DeconvReLU, GuidedReLU, ReLURule
 
 from ..errors import RuleError
 from .base import Method, grad, register
-from .cam import GradCAM
+from .cam import GradCAM, upsample
 
 _RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 
@@ -132,11 +132,7 @@ class GuidedGradCAM(GuidedBackprop):
             cam = self.gradcam.layer_map(logits, seed, retain_graph=True)
         finally:
             self.relu_rule.enabled = True
-        guided = grad(logits, x, seed)
-        size = tuple(x.shape[2:])
-        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-        cam = F.interpolate(cam[:, None], size=size, mode=mode, align_corners=False)
-        return guided * cam
+        return grad(logits, x, seed) * upsample(cam, tuple(x.shape[2:]))[:, None]
 
 
 __all__ = ["ModifiedReLU", "GuidedBackprop", "Deconvnet", "GuidedGradCAM", "FunctionalReLUWarning"]
