@@ -63,8 +63,9 @@ class Method:
         """The rules attached during one explanation of ``x`` (none by default)."""
         return []
 
-    def attribute(self, x: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-        """Back-propagate ``seed`` from ``logits`` and read out the attributions."""
+    def attribute(self, x: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor):
+        """Back-propagate ``seed`` from ``logits`` and read out the attributions: a tensor, or a pair
+        ``(attributions, extras)`` whose dict lands in ``Explanation.extras``."""
         raise NotImplementedError
 
     @property
@@ -87,9 +88,10 @@ class Method:
         with attach(self.model, self.rules(x)) as handle:
             xg = x.detach().requires_grad_(True)
             logits, classes, seed = self.forward(xg, classes, target)
-            attributions = self.attribute(xg, logits, seed)
+            out = self.attribute(xg, logits, seed)
             linear = self.linear and handle.linear
-        return self.result(attributions, logits, classes, target, linear, x)
+        attributions, extras = out if isinstance(out, tuple) else (out, {})
+        return self.result(attributions, logits, classes, target, linear, x, **extras)
 
     def result(self, attributions, logits, classes, target, linear: bool, x: torch.Tensor, **extras) -> Explanation:
         if target.contrastive and not linear:

@@ -96,14 +96,8 @@ class FullGrad(Method):
                 total_map = total_map + upsample(reduced, size)
         raw_parts = {name: raw.detach() for name, raw, _ in parts}
         total = input_part.flatten(1).sum(1) + sum(r.reshape(r.shape[0], -1).sum(1) for r in raw_parts.values())
-        self._extras = {"input": input_part.detach(), "bias": raw_parts, "total": total.detach()}
-        return total_map
-
-    def __call__(self, x, classes=None, target="logit"):
-        e = super().__call__(x, classes=classes, target=target)
-        e.extras.update(self._extras)
-        self._extras, self.bias = {}, None  # per-call state: do not keep tensors alive
-        return e
+        self.bias = None  # per-call state: do not keep tensors alive
+        return total_map, {"input": input_part.detach(), "bias": raw_parts, "total": total.detach()}
 
 
 __all__ = ["FullGrad", "abs_minmax", "signed_maxabs"]
