@@ -86,3 +86,10 @@ def test_bad_options(model, x):
         bh.explain(model, x, "integrated_gradients", quadrature="simpson")
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         bh.methods.Gradient(lambda t: t)
+
+
+def test_training_mode_is_warned_not_changed(model, x):
+    model.train()
+    with pytest.warns(bh.methods.TrainingModeWarning, match="call model.eval\\(\\)"):
+        bh.explain(model, x)
+    assert model.training

@@ -2,7 +2,7 @@
 
 ``available()`` lists the names usable in ``bh.explain(method=...)``.
 """
-from .base import Method, NonLinearContrastWarning, available, get, grad, register
+from .base import Method, NonLinearContrastWarning, TrainingModeWarning, available, get, grad, register
 from .gradient import Gradient, InputXGradient, IntegratedGradients, SmoothGrad, path_rule
 from .layers import default_layer, get_module, resolve_layer
 from .cam import CAM, GradCAM, LayerGradient, LinearApprox, XGradCAM
@@ -12,7 +12,7 @@ from .lrp import LRP
 from .vit import GradRollout, Rollout, TokenLayout, TokenLayoutError, TransformerAttribution, ViTGradCAM, token_layout
 
 __all__ = [
-    "Method", "NonLinearContrastWarning", "available", "get", "grad", "register",
+    "Method", "NonLinearContrastWarning", "TrainingModeWarning", "available", "get", "grad", "register",
     "Gradient", "InputXGradient", "IntegratedGradients", "SmoothGrad", "path_rule",
     "default_layer", "get_module", "resolve_layer",
 ]

@@ -29,6 +29,11 @@ class NonLinearContrastWarning(UserWarning):
     still the back-propagated contrast seed, but it does not equal the per-class composition."""
 
 
+class TrainingModeWarning(UserWarning):
+    """The model is in training mode, so explaining it changes its BatchNorm statistics (the framework does
+    not switch modes: that would be a trace on the user's model)."""
+
+
 def register(cls: Type["Method"]) -> Type["Method"]:
     """Class decorator: make a method available to ``bh.explain(method=cls.name)``."""
     _REGISTRY[cls.name] = cls
@@ -74,6 +79,13 @@ class Method:
 
     # -- the template ------------------------------------------------------------------------------
     def prepare(self, x: torch.Tensor, target: Any) -> Tuple[torch.Tensor, _targets.Target]:
+        if self.model.training:
+            warnings.warn(
+                f"{type(self.model).__name__} is in training mode: its forward pass updates BatchNorm running "
+                "statistics and applies dropout; call model.eval() before explaining",
+                TrainingModeWarning,
+                stacklevel=3,
+            )
         return check_input(x, self.check_finite), _targets.get(target)
 
     def forward(self, x: torch.Tensor, classes: Classes, target: _targets.Target):
