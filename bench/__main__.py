@@ -51,7 +51,7 @@ def loop_fn(method: str, model, x, t, layer) -> Callable:
     return lambda: [f() for f in fns]
 
 
-def bench_case(model_name: str, batch: int, size: int, methods: List[str], targets: List[str], device: torch.device, repeats: int, with_peers: bool, with_memory: bool, per_class_classes: int) -> List[Dict]:
+def bench_case(model_name: str, batch: int, size: int, methods: List[str], targets: List[str], device: torch.device, repeats: int, with_peers: bool, with_memory: bool, with_per_class: bool) -> List[Dict]:
     model, layer_name, num_classes, is_vit = build(model_name, device)
     x = torch.rand(batch, 3, size, size, device=device)
     t = torch.arange(batch, device=device) % num_classes
@@ -66,7 +66,7 @@ def bench_case(model_name: str, batch: int, size: int, methods: List[str], targe
                 candidates[f"{method}|logit|{peer}"] = fn
             if is_vit and method in GOALS and batch > 1:
                 candidates[f"{method}|logit|batch-1 loop"] = loop_fn(method, model, x, t, layer_name)
-    if with_peers and per_class_classes and "gradient" in applicable and batch == 1:
+    if with_per_class and "gradient" in applicable and batch == 1:
         for target in ("weighted", "mean"):
             if target in targets:
                 candidates[f"gradient|{target}|per-class passes"] = peer_lib.per_class(model, x, t, target, num_classes)
@@ -115,11 +115,11 @@ def scaling(device: torch.device, quick: bool, repeats: int) -> List[Dict]:
     sizes = [112, 224] if quick else [112, 224, 448]
     for model_name, methods in (("resnet18", ["gradient", "gradcam", "fullgrad"]), ("vit_tiny", ["grad_rollout"])):
         for b in batches:
-            rows += [dict(r, sweep="batch") for r in bench_case(model_name, b, 224, methods, ["logit"], device, repeats, False, False, 0)]
+            rows += [dict(r, sweep="batch") for r in bench_case(model_name, b, 224, methods, ["logit"], device, repeats, False, False, False)]
         for s in sizes if model_name == "resnet18" else [224]:
-            rows += [dict(r, sweep="size") for r in bench_case(model_name, 4, s, methods, ["logit"], device, repeats, False, False, 0)]
+            rows += [dict(r, sweep="size") for r in bench_case(model_name, 4, s, methods, ["logit"], device, repeats, False, False, False)]
     for c in [10, 100, 1000]:
-        rows += [dict(r, sweep="classes", classes=c) for r in bench_case(f"resnet18@{c}", 4, 224 if not quick else 112, ["gradient"], ["logit", "weighted", "mean", "max"], device, repeats, False, False, 0)]
+        rows += [dict(r, sweep="classes", classes=c) for r in bench_case(f"resnet18@{c}", 4, 224 if not quick else 112, ["gradient"], ["logit", "weighted", "mean", "max"], device, repeats, False, False, False)]
     return rows
 
 
@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--scaling", action="store_true", help="also time vs batch size, resolution and number of classes")
+    p.add_argument("--per-class", action="store_true", help="also time the earlier code's C per-class backward passes (batch 1)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     warnings.simplefilter("ignore")
@@ -147,9 +148,9 @@ def main(argv=None) -> int:
     methods = a.methods or CNN_METHODS + VIT_METHODS
     rows = []
     for model_name in models:
-        for b in batches + ([1] if not a.no_peers and 1 not in batches else []):
+        for b in batches + ([1] if a.per_class and 1 not in batches else []):
             ms = methods if b in batches else ["gradient"]  # batch 1: the per-class comparison only
-            rows += bench_case(model_name, b, size, ms, a.targets, device, repeats, not a.no_peers, not a.no_memory and b in batches, 1000 if not a.quick else 100)
+            rows += bench_case(model_name, b, size, ms, a.targets, device, repeats, not a.no_peers, not a.no_memory and b in batches, a.per_class)
             print(f"done: {model_name} batch {b}", file=sys.stderr)
     if a.scaling:
         rows += scaling(device, a.quick, repeats)
