@@ -286,7 +286,7 @@ def write_report(setup: Setup, results: Results, out: Path) -> None:
         first = methods[0]
         grid = example_maps(setup, results, first, cfg["methods"][first], setup.examples) if setup.examples else None
         if grid is not None:
-            report.save_figure(grid, out / "example_maps.png")
+            report.save_figure(grid, out / "example_maps.png", dpi=report.EXAMPLE_DPI)
 
 
 # ---- command line ------------------------------------------------------------------------------------

@@ -258,7 +258,7 @@ def write_report(setup: Setup, results: Results, out: Path) -> None:
                        out / "figure_deltas.png")
     if setup.examples > 0:
         report.save_figure(example_maps(setup, cfg["method"], targets, setup.examples, cfg["options"]),
-                           out / "example_maps.png")
+                           out / "example_maps.png", dpi=report.EXAMPLE_DPI)
 
 
 # ---- command line ------------------------------------------------------------------------------------

@@ -162,5 +162,8 @@ def example_grid(images: torch.Tensor, columns: Sequence[torch.Tensor], titles: 
     return fig
 
 
-def save_figure(fig, path: Path) -> None:
-    plots.save(fig, Path(path))
+EXAMPLE_DPI = 72  # example grids hold photos: a low resolution keeps the committed files small
+
+
+def save_figure(fig, path: Path, dpi: int = plots.DPI) -> None:
+    plots.save(fig, Path(path), dpi=dpi)

@@ -39,7 +39,7 @@ class Linear(nn.Module):
 def test_constant_gradient_reaches_x0_plus_eps_sign_in_any_number_of_steps(steps):
     torch.manual_seed(0)
     w = torch.randn(3, 1 * 2 * 2)
-    model = Linear(w)
+    model = Linear(w).eval()
     x0 = torch.tensor([[[[0.5, 0.0], [1.0, 0.2]]], [[[0.3, 0.7], [0.9994, 0.0003]]]])
     classes = torch.tensor([0, 2])
     eps = [1e-3, 3e-3]
@@ -52,7 +52,7 @@ def test_constant_gradient_reaches_x0_plus_eps_sign_in_any_number_of_steps(steps
 
 def test_stacked_eps_equal_separate_runs():
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
     x0, classes = torch.rand(3, 3, 6, 6), torch.tensor([0, 4, 2])
     both = perturb.perturb(model, x0, classes, "gradient", "weighted", [1e-2, 5e-2], 3)
     for i, e in enumerate([1e-2, 5e-2]):
