@@ -21,7 +21,7 @@ from .timing import compare, forward_backward, machine, markdown
 TARGETS = ["logit", "softmax", "log_softmax", "weighted", "mean", "max"]
 
 
-def run(quick: bool = False, device: str = "cpu", model_name: str = "resnet18", batch: int = 4, size: int = 224) -> List[Dict]:
+def run(quick: bool = False, device: str = "cpu", model_name: str = "resnet18", batch: int = 4, size: int = 224, repeats: int = 21) -> List[Dict]:
     dev = torch.device(device)
     torch.manual_seed(0)
     model = getattr(torchvision.models, model_name)(weights=None).eval().to(dev)  # 1000 classes
@@ -31,7 +31,7 @@ def run(quick: bool = False, device: str = "cpu", model_name: str = "resnet18", 
     candidates = {"plain autograd (logit)": forward_backward(model, x, classes)}
     for t in TARGETS:
         candidates[t] = lambda t=t: bh.explain(model, x, "gradient", t, classes=classes)
-    times = compare(candidates, dev, repeats=3 if quick else 7)
+    times = compare(candidates, dev, repeats=3 if quick else repeats)
     base = times["plain autograd (logit)"]
     rows = [dict(bench="target overhead", model=model_name, batch=batch, size=size, target=k, seconds=v, ratio=v / base) for k, v in times.items()]
     # per-class passes: 1000 backward passes, so a small batch and input; measured once against the seed
@@ -49,8 +49,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=21)
     a = p.parse_args(argv)
-    rows = run(a.quick, a.device, a.model, a.batch, a.size)
+    rows = run(a.quick, a.device, a.model, a.batch, a.size, a.repeats)
     print(f"machine: {machine(torch.device(a.device))}")
     print(markdown([r for r in rows if "ratio" in r], ["model", "batch", "size", "target", "seconds", "ratio"]))
     print()
