@@ -15,6 +15,7 @@ in-place ops after the module work. A fresh gate per call pairs every ``grad_inp
 """
 from __future__ import annotations
 
+import weakref
 from fnmatch import fnmatchcase
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -33,7 +34,7 @@ RuleSpec = Union[Mapping[Selector, Union[Rule, Sequence[Rule]]], Sequence[Tuple[
 class _Call:
     """State of one call of a hooked module: per-rule contexts and the recorded ``grad_output``."""
 
-    __slots__ = ("ctxs", "n_args", "arg_index", "n_out", "out_index", "grad_output", "inputs_gated")
+    __slots__ = ("ctxs", "n_args", "arg_index", "n_out", "out_index", "grad_output", "inputs_gated", "__weakref__")
 
     def __init__(self, n_rules: int):
         self.ctxs = [SimpleNamespace() for _ in range(n_rules)]
@@ -64,6 +65,7 @@ class _ModuleHook:
         self.module = module
         self.rules = rules
         self.calls: List[Optional[_Call]] = []  # stack: a module may (rarely) call itself
+        self.live: "weakref.WeakSet[_Call]" = weakref.WeakSet()  # calls whose graph may still exist
 
     def pre(self, module: nn.Module, args: Tuple[Any, ...]):
         if not torch.is_grad_enabled():
@@ -71,6 +73,7 @@ class _ModuleHook:
             return None
         call = _Call(len(self.rules))
         self.calls.append(call)
+        self.live.add(call)
         call.n_args = len(args)
         call.arg_index = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
         if not call.arg_index:
@@ -120,7 +123,20 @@ class _ModuleHook:
             self.run_backward(call, (None,) * call.n_args)
         return grads
 
+    def release(self) -> None:
+        """Drop the rules and every call's state. The autograd graph references the gates' callbacks, and
+        the rules' state (captured activations, saved inputs) references the graph: a cycle through C++
+        that Python's collector cannot break, so removal breaks it here."""
+        for call in list(self.live):
+            call.ctxs, call.grad_output = None, None
+        self.rules, self.calls = [], []
+
     def run_backward(self, call: _Call, grad_input: Tuple[Optional[torch.Tensor], ...]):
+        if call.ctxs is None:
+            raise RuleError(
+                f"backward pass through {type(self.module).__name__} after its rules were removed: run the "
+                "backward pass inside the `with bh.attach(...)` block (or before handle.remove())"
+            )
         grad_output = call.grad_output if call.grad_output is not None else (None,) * call.n_out
         for rule, ctx in zip(self.rules, call.ctxs):
             rule.ctx = ctx
@@ -155,9 +171,10 @@ class Handle:
         return all(rule.linear for _, hook, _ in self._placed for rule in hook.rules)
 
     def remove(self) -> None:
-        for _, _, handles in self._placed:
+        for _, hook, handles in self._placed:
             for h in handles:
                 h.remove()
+            hook.release()
         self._placed = []
 
     def __enter__(self) -> "Handle":

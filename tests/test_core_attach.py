@@ -218,3 +218,28 @@ def test_handle_remove_is_idempotent_and_no_grad_forward_is_untouched():
     handle.remove()
     testing.assert_no_hooks_left(model)
     assert "Handle" in repr(handle) and handle.linear
+
+
+def test_removal_breaks_the_graph_rule_cycle_so_captures_are_freed():
+    """The graph holds the gates, the rules hold graph tensors: removal must break that cycle (a leak before)."""
+    import gc
+    import weakref
+
+    from rules import Capture
+
+    model = mlp()
+    capture = Capture()
+    with bh.attach(model, {"2": capture, nn.ReLU: Identity()}):
+        y = model(torch.randn(2, 3, dtype=torch.float64, requires_grad=True))
+    ref = weakref.ref(capture.outputs[0])
+    del capture, y
+    gc.collect()
+    assert ref() is None
+
+
+def test_backward_after_removal_is_a_clear_error():
+    model = mlp()
+    with bh.attach(model, {nn.Linear: Identity()}):
+        y = model(torch.randn(2, 3, dtype=torch.float64, requires_grad=True))
+    with pytest.raises(RuleError, match="after its rules were removed"):
+        y.sum().backward()
