@@ -20,6 +20,7 @@ import models
 from backprop_hooks.cli import UsageError
 
 from . import datasets, report, runner
+from .explain import check_device
 
 
 @dataclass
@@ -59,15 +60,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_model: str, de
     parser.add_argument("--fresh", action="store_true", help="discard the chunks of an earlier run in --out")
     parser.add_argument("--examples", type=int, default=4, help="samples in the figure of example maps")
     parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
-
-
-def check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:
-        raise UsageError(f"device {name!r} is not available ({str(error).splitlines()[0]}); try 'cpu'") from None
-    return device
 
 
 def select(n: int, limit: Optional[int], seed: int) -> List[int]:
