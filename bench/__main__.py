@@ -3,7 +3,7 @@
 For each model x batch size: the floors (one forward; one forward + backward of the logit to the input),
 every method x target as a ratio to those floors, the peers' time for the same explanation (Captum,
 pytorch-grad-cam, Zennit, and the earlier code's C per-class backward passes for contrast targets, and a
-batch-size-1 loop for ViT rollouts), and peak memory. Everything within one model x batch is measured
+batch-size-1 loop for ViT rollouts), and peak memory on CUDA. Everything within one model x batch is measured
 interleaved, so the ratios are side by side in one run. ``--scaling`` adds time vs batch size, input
 resolution and number of classes. Output: ``DIR/results.json`` and ``DIR/results.md``.
 """
@@ -80,7 +80,7 @@ def bench_case(model_name: str, batch: int, size: int, methods: List[str], targe
             row["x_logit"] = seconds / times[f"{method}|logit"]
         if peer and f"{method}|{target}" in times:
             row["peer_x_ours"] = seconds / times[f"{method}|{target}"]
-        if with_memory:
+        if with_memory and device.type == "cuda":  # see bench/memory.py: no reliable per-call figure on the CPU
             row["peak_mib"] = peak_mib(candidates[key], device)
         rows.append(row)
     del model

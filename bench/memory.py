@@ -1,47 +1,26 @@
-"""Peak memory of one call: CUDA's allocator counter, or on the CPU the process's resident set sampled
-every millisecond by a thread (large tensors are returned to the OS when freed, so RSS follows them)."""
+"""Peak memory of one call on CUDA (``max_memory_allocated`` above what was allocated before).
+
+On the CPU there is no reliable per-call figure: PyTorch's CPU allocations are served from pages the
+process already holds after the first call, so sampling the resident set reads about zero. The harness
+reports CPU peak memory as not measured rather than print a number that means nothing.
+"""
 from __future__ import annotations
 
 import gc
-import os
-import threading
-import time
 from typing import Callable
 
 import torch
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
 
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        result = fn()
-        torch.cuda.synchronize(device)
-        del result
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    if not os.path.exists("/proc/self/statm"):
+    """MiB allocated at the peak of ``fn()`` beyond what was allocated before it; NaN off CUDA."""
+    if device.type != "cuda":
         return float("nan")
-    base, peak, done = _rss(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
     result = fn()
-    peak[0] = max(peak[0], _rss())
-    done.set()
-    thread.join()
+    torch.cuda.synchronize(device)
     del result
-    return (peak[0] - base) / 2**20
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
