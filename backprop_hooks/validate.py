@@ -1,7 +1,7 @@
 """Input checks shared by every method: clear, typed errors before any work is done."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
@@ -72,10 +72,3 @@ def check_classes(classes: Classes, logits: torch.Tensor, what: str = "class") -
         first = classes[bad][0]
         raise ClassIndexError(f"{what} index {int(first)} is out of range; the model has {num_classes} classes (0..{num_classes - 1})")
     return classes.to(device=logits.device, dtype=torch.long)
-
-
-def batch_of(x: torch.Tensor, expected: Optional[int]) -> int:
-    """The batch size of ``x``, checked against ``expected`` when given."""
-    if expected is not None and x.shape[0] != expected:
-        raise InputError(f"batch size mismatch: input has {x.shape[0]} samples, expected {expected}")
-    return x.shape[0]
