@@ -12,6 +12,10 @@ input gate hands ``grad_input`` and that ``grad_output`` to the rules, which may
 The gates return detached aliases (no copies), so in-place modules (``nn.ReLU(inplace=True)``) and
 in-place ops after the module work. A fresh gate per call pairs every ``grad_input`` with its own
 ``grad_output`` when a module runs several times in one forward pass.
+
+Removing a handle releases its rules and their per-call state (the graph and the rules' captures would
+otherwise keep each other alive); run the backward pass while the rules are attached: a backward through a
+graph recorded under rules that have since been removed raises :class:`RuleError`.
 """
 from __future__ import annotations
 
