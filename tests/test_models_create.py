@@ -1,5 +1,5 @@
 """`models.create`: the wrapper contract, attributes, local checkpoints and offline behaviour."""
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -108,18 +108,29 @@ def test_offline_pretrained_fails_fast_with_a_typed_error(monkeypatch, name):
     monkeypatch.setattr(zoo, "torch_hub_cached", lambda url: False)
     monkeypatch.setattr(zoo, "hf_hub_cached_file", lambda repo: None)
     monkeypatch.setattr("models.weights.unreachable_reason", lambda url, timeout=3.0: "offline (test)")
-    started = time.perf_counter()
-    with pytest.raises(models.WeightsUnavailableError) as info:
+    with pytest.raises(models.WeightsUnavailableError) as info:  # before any download is attempted
         models.create(name, pretrained=True)
-    assert time.perf_counter() - started < 5
     message = str(info.value)
     assert "\n" not in message and "offline (test)" in message
     assert "weights=PATH" in message and "--weights PATH" in message
 
 
-def test_probe_of_an_unresolvable_host_answers_quickly():
+def test_probe_of_an_unresolvable_host_gives_a_reason():
     from models.weights import unreachable_reason
 
-    started = time.perf_counter()
     assert unreachable_reason("https://no-such-host.invalid/weights.pth", timeout=2.0) is not None
-    assert time.perf_counter() - started < 3
+
+
+def test_probe_cuts_off_a_hanging_connection(monkeypatch):
+    """A lookup that never answers is cut off by the timeout (structurally: the probe thread is abandoned)."""
+    import threading
+
+    from models import weights
+
+    release = threading.Event()
+    monkeypatch.setattr(weights.urllib.request, "getproxies", lambda: {})
+    monkeypatch.setattr(weights.socket, "create_connection", lambda *a, **k: release.wait() and SimpleNamespace(close=lambda: None))
+    try:
+        assert weights.unreachable_reason("https://example.invalid/w.pth", timeout=0.2) == "no answer from example.invalid:443 within 0.2 s"
+    finally:
+        release.set()
