@@ -8,6 +8,14 @@ import torch
 import torch.nn.functional as F
 
 
+def upsample(m: torch.Tensor, size: Tuple[int, ...]) -> torch.Tensor:
+    """Resize maps ``(B, *s)`` to ``size``: (bi/tri)linear by rank, ``align_corners=False``; identity if equal."""
+    if tuple(m.shape[1:]) == tuple(size):
+        return m
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(m[:, None], size=size, mode=mode, align_corners=False)[:, 0]
+
+
 def to_maps(attributions: torch.Tensor, input_shape: Tuple[int, ...]) -> torch.Tensor:
     """Signed spatial maps at input resolution.
 
@@ -17,11 +25,7 @@ def to_maps(attributions: torch.Tensor, input_shape: Tuple[int, ...]) -> torch.T
     """
     if len(input_shape) == 4:
         size = tuple(input_shape[-2:])
-        if attributions.dim() == 4:
-            attributions = attributions.sum(dim=1)
-        if tuple(attributions.shape[-2:]) != size:
-            attributions = F.interpolate(attributions[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        return attributions
+        return upsample(attributions.sum(dim=1) if attributions.dim() == 4 else attributions, size)
     if len(input_shape) == 3 and attributions.dim() == 3:
         return attributions.sum(dim=1)
     return attributions

@@ -21,12 +21,12 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rules.capture import Capture
 
 from ..errors import InputError
+from ..explanation import upsample
 from .base import Method, register
 from .layers import resolve_layer
 
@@ -63,14 +63,6 @@ class LayerGradient:
             raise InputError(f"the output of layer {self.name!r} does not depend on anything that requires grad")
         g = torch.autograd.grad(logits, a, grad_outputs=seed, retain_graph=retain_graph)[0]
         return a.detach(), g
-
-
-def upsample(m: torch.Tensor, size: Tuple[int, ...]) -> torch.Tensor:
-    """Resize maps ``(B, *s)`` to ``size``: (bi/tri)linear by rank, ``align_corners=False``; identity if equal."""
-    if tuple(m.shape[1:]) == tuple(size):
-        return m
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-    return F.interpolate(m[:, None], size=size, mode=mode, align_corners=False)[:, 0]
 
 
 def _spatial(a: torch.Tensor) -> Tuple[int, ...]:
