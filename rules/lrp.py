@@ -179,9 +179,9 @@ class LRPRule(Rule):
     linear = True
     constant_inputs = False  # True when a term's input is a constant (only valid on the input layer)
 
-    def __init__(self, stabilizer: Stabiliser = 1e-6, input_layer: bool = False, bn: Optional[Rule] = None):
+    def __init__(self, stabilizer: Stabiliser = 1e-6, input_layer: Optional[bool] = None, bn: Optional[Rule] = None):
         self.stabilizer = stabilizer
-        self.input_layer = input_layer
+        self.input_layer = self.constant_inputs if input_layer is None else input_layer  # default: rules with constant inputs sit on the input layer
         self.bn = bn
 
     def groups(self) -> Sequence[Group]:
@@ -345,9 +345,6 @@ class Flat(LRPRule):
 
     constant_inputs = True
 
-    def __init__(self, stabilizer: Stabiliser = 1e-6, input_layer: bool = True, bn: Optional[Rule] = None):
-        super().__init__(stabilizer=stabilizer, input_layer=input_layer, bn=bn)
-
     def groups(self):
         return (Group((Term("ones", ones, None),)),)
 
@@ -356,9 +353,6 @@ class WSquare(LRPRule):
     r"""w² (input layer only): ``R_i = Σ_j w_ij² R_j / stab(Σ_i w_ij² + b_j²)``."""
 
     constant_inputs = True
-
-    def __init__(self, stabilizer: Stabiliser = 1e-6, input_layer: bool = True, bn: Optional[Rule] = None):
-        super().__init__(stabilizer=stabilizer, input_layer=input_layer, bn=bn)
 
     def groups(self):
         return (Group((Term("ones", square, square),)),)
@@ -371,7 +365,7 @@ class ZBox(LRPRule):
 
     constant_inputs = True
 
-    def __init__(self, low: Union[float, Tensor], high: Union[float, Tensor], stabilizer: Stabiliser = 1e-6, input_layer: bool = True, bn: Optional[Rule] = None):
+    def __init__(self, low: Union[float, Tensor], high: Union[float, Tensor], stabilizer: Stabiliser = 1e-6, input_layer: Optional[bool] = None, bn: Optional[Rule] = None):
         super().__init__(stabilizer=stabilizer, input_layer=input_layer, bn=bn)
         self.low, self.high = low, high
 
