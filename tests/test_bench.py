@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from bench import __main__ as harness
+from bench import memory
 
 
 def test_bench_case_and_goals_on_a_tiny_model():
@@ -10,9 +11,26 @@ def test_bench_case_and_goals_on_a_tiny_model():
     keys = {(r["method"], r["target"], r["impl"]) for r in rows}
     assert {("fwd", "", "backprop_hooks"), ("gradient", "weighted", "backprop_hooks"), ("gradient", "weighted", "per-class passes")} <= keys
     assert all(r["seconds"] > 0 and r["x_fwd_bwd"] > 0 for r in rows)
-    assert not any("peak_mib" in r for r in rows)  # CPU: not measured (bench/memory.py)
+    assert all(r["peak_mib"] > 0 for r in rows)  # CPU: from the allocator's events (bench/memory.py)
     goals = harness.check_goals(rows)
     assert any(g["goal"].startswith("gradcam <= 1.1x fwd") for g in goals)
+    assert any(g["goal"] == "gradient peak memory <= 1.2x fwd+bwd" for g in goals)
+
+
+def test_cpu_peak_memory_of_known_allocations():
+    """Oracle: 4 MiB + 8 MiB live, the 4 freed, 4 MiB more, both freed, 12 MiB returned: the peak is 12 MiB;
+    tensors allocated before the call do not count."""
+    before = torch.empty(2**22)  # 16 MiB, alive throughout
+
+    def fn():
+        a, b = torch.empty(2**20), torch.empty(2**21)
+        del a
+        c = torch.empty(2**20)
+        del b, c
+        return torch.empty(3 * 2**20)
+
+    assert memory.peak_mib(fn, torch.device("cpu")) == 12.0
+    assert memory.peak_of_events([(2, -5), (0, 10), (1, 3), (3, 7)]) == 15
 
 
 @pytest.mark.slow
