@@ -55,14 +55,12 @@ def mergeable(bn: nn.Module) -> bool:
 
 
 class Link:
-    """Shared between a layer's call and the BatchNorm that consumes its output (``bn``/``out`` set then)."""
+    """Shared between a layer's call and the BatchNorm that consumes its output (``bn`` set then)."""
 
-    __slots__ = ("bn", "out", "version", "__weakref__")
+    __slots__ = ("bn", "__weakref__")
 
     def __init__(self) -> None:
         self.bn: Optional[nn.Module] = None
-        self.out: Optional[Tensor] = None
-        self.version = 0
 
 
 def _key(t: Tensor) -> tuple:
@@ -99,9 +97,9 @@ class MergeBatchNorm(Rule):
         self.ctx.merged = link is not None and mergeable(module)
         if not self.ctx.merged:
             return None
-        # the merged layer's rule needs this output in backward; downstream (often in-place) ops get a copy
-        link.bn, link.out, link.version = module, output.detach(), output._version
-        return output.clone()
+        # the merged layer's rule recomputes this output from its own (``s·z + c``): no copy is kept
+        link.bn = module
+        return None
 
     def backward(self, module, grad_input, grad_output):
         if not self.ctx.merged or grad_input[0] is None:

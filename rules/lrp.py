@@ -42,7 +42,7 @@ from torch import nn
 from backprop_hooks.errors import RuleError
 from backprop_hooks.rule import Rule
 
-from .canonizers import merged_params
+from .canonizers import bn_affine, merged_params
 
 Tensor = torch.Tensor
 Modifier = Callable[[Tensor], Tensor]
@@ -82,8 +82,7 @@ def stabilise(z: Tensor, epsilon: Stabiliser) -> Tensor:
     """``z + ε·sign(z)``, ``sign(0) = +1``; a callable ``epsilon`` is applied to ``z`` instead."""
     if callable(epsilon):
         return epsilon(z)
-    sign = (z >= 0).to(z.dtype) * 2 - 1
-    return z + sign * epsilon
+    return (z >= 0).to(z.dtype).mul_(2 * epsilon).sub_(epsilon).add_(z)  # ±ε exactly, then + z: one new tensor
 
 
 @dataclass(frozen=True)
@@ -155,21 +154,21 @@ def check_layer(rule: Rule, module: nn.Module) -> None:
 
 
 class _Detour(torch.autograd.Function):
-    """The layer's output (or a copy), reconnected to its input by a backward that returns zeros; the
+    """The layer's output, reconnected to its input by a backward that returns zeros; the
     rule's ``backward`` then supplies the real gradient. The layer's own input gradient, which the rule
     replaces anyway, is never computed, and the layer's saved tensors are freed at once. Parameters get
     no gradient through a layer with an LRP rule."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, output: Tensor, copy: bool) -> Tensor:
+    def forward(ctx, x: Tensor, output: Tensor) -> Tensor:
         ctx.set_materialize_grads(False)
         ctx.meta = (x.shape, x.dtype, x.device)
-        return output.clone() if copy else output.detach()
+        return output.detach()
 
     @staticmethod
     def backward(ctx, grad: Optional[Tensor]):
         shape, dtype, device = ctx.meta
-        return torch.zeros((), dtype=dtype, device=device).expand(shape), None, None
+        return torch.zeros((), dtype=dtype, device=device).expand(shape), None
 
 
 class LRPRule(Rule):
@@ -209,75 +208,110 @@ class LRPRule(Rule):
         self.ctx.link = self.bn.offer(output) if self.bn is not None else None
         if not x.requires_grad:
             return None
-        # Without BatchNorms, outputs usually feed activations, often in place: hand them a copy and keep
-        # the original (cheaper than recomputing it in backward). Results do not depend on this choice.
-        return _Detour.apply(x, output, self.bn is None)
+        # No copy of the output is kept: when a later in-place op (a ReLU(inplace=True)) changes it,
+        # backward recomputes it from x. Copies would cost a second set of activations.
+        return _Detour.apply(x, output)
 
     def params(self, module: nn.Module) -> Tuple[Tensor, Optional[Tensor], Tensor]:
-        """Effective ``(W, b, z)`` of the layer: merged with a following BatchNorm when there is one."""
+        """Effective ``(W, b, z)`` of the layer: merged with a following BatchNorm when there is one.
+        ``z`` is the forward's own output unless an in-place op changed it since (then it is recomputed)."""
         ctx = self.ctx
         weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
-        out, version = ctx.z, ctx.z_version
-        link = ctx.link
-        if link is not None and link.bn is not None:
-            weight, bias = merged_params(weight, bias, link.bn)
-            out, version = link.out, link.version
-        if out._version != version:  # changed in place (e.g. a ReLU(inplace=True) after the layer)
-            out = layer_forward(module, ctx.x, weight, bias)
-        return weight, bias, out
+        bn = ctx.link.bn if ctx.link is not None else None
+        if bn is not None:
+            weight, bias = merged_params(weight, bias, bn)
+        z = ctx.z
+        if z._version != ctx.z_version:  # e.g. a ReLU(inplace=True) right after the layer
+            return weight, bias, layer_forward(module, ctx.x, weight, bias)
+        if bn is not None:  # bn(z) = s·z + c per channel (dim 1)
+            scale, shift = bn_affine(bn)
+            shape = (-1,) + (1,) * (z.dim() - 2)
+            z = torch.addcmul(shift.to(z.dtype).view(shape), z, scale.to(z.dtype).view(shape))
+        return weight, bias, z
 
-    def term_input(self, term: Term, x: Tensor, cache: dict) -> Tensor:
-        """``x``, ``x⁺``, ``x⁻`` or a constant, shaped like ``x`` (computed once per backward)."""
-        if term.input not in cache:
-            if term.input == "pos":
-                cache["pos"] = x.clamp(min=0)
-            elif term.input == "neg":
-                cache["neg"] = x.clamp(max=0)
+    def term_input(self, term: Term, x: Tensor, constants: dict) -> Tensor:
+        """``x``, ``x⁺``, ``x⁻`` (computed when asked: cheap, and not held) or a constant, shaped like ``x``."""
+        if term.input == "x":
+            return x
+        if term.input == "pos":
+            return x.clamp(min=0)
+        if term.input == "neg":
+            return x.clamp(max=0)
+        if term.input not in constants:
+            constants[term.input] = self.constant(term.input, x)
+        return constants[term.input]
+
+    def share(self, group: Group, module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor], z: Tensor, g_out: Tensor, constants: dict) -> Tensor:
+        """``s_G = scale · mask(z) ⊙ z ⊙ g_out / stab(Σ sign_m z_m)`` (``z ⊙ g_out`` is the output relevance):
+        what each output unit hands down per unit of contribution. The ``z_m`` are summed as they are made and
+        the fresh tensors are updated in place, so a layer adds few output-sized tensors at a time."""
+        denom = None
+        for term in group.terms:
+            if (term.input, term.weight, term.bias) == ("x", keep, keep):
+                z_m = z
             else:
-                cache[term.input] = self.constant(term.input, x)
-        return cache[term.input]
-
-    def share(self, group: Group, relevance: Tensor, z: Tensor, z_terms: Sequence[Tensor]) -> Tensor:
-        """``s_G = scale · mask(z) ⊙ R / stab(Σ sign_m z_m)``: what each output unit hands down per unit of
-        contribution."""
-        denom = sum(term.sign * z_m for term, z_m in zip(group.terms, z_terms))
-        s = relevance / stabilise(denom, self.stabilizer)
-        if group.where == "pos":
-            s = s * (z > 0)
-        elif group.where == "neg":
-            s = s * (z < 0)
-        return s * group.scale if group.scale != 1.0 else s
+                b_m = None if term.bias is None or bias is None else term.bias(bias)
+                z_m = layer_forward(module, self.term_input(term, x, constants), term.weight(weight), b_m)
+            if term.sign != 1.0:
+                z_m = z_m * term.sign
+            if denom is None:
+                denom = z_m
+            elif denom is z:
+                denom = denom + z_m
+            else:
+                denom.add_(z_m)
+            del z_m
+        s = stabilise(denom, self.stabilizer)
+        del denom
+        s = torch.div(z, s, out=s) if not callable(self.stabilizer) else z / s  # a callable may return its input
+        if group.where is not None:
+            s.mul_(z > 0 if group.where == "pos" else z < 0)
+        if group.scale != 1.0:
+            s.mul_(group.scale)
+        return s.mul_(g_out)
 
     def backward(self, module, grad_input, grad_output):
         g_out = grad_output[0]
         if g_out is None or grad_input[0] is None:
             return None
         x = self.ctx.x
+        if x is None:
+            raise RuleError(
+                f"{type(self).__name__} on {type(module).__name__} ran backward a second time over the same forward: LRP rules "
+                "release the tensors they keep from forward once their backward has run (as autograd does without "
+                "retain_graph); run the forward again"
+            )
         if x._version != self.ctx.x_version:
             raise RuleError(f"{type(self).__name__}: the input of {type(module).__name__} was modified in place after the layer ran")
         weight, bias, z = self.params(module)
-        relevance = z * g_out
-        cache = {"x": x}
-        grad, const = torch.zeros_like(x), torch.zeros_like(x) if self.constant_inputs else None
-        for group in self.groups():
-            weights = [term.weight(weight) for term in group.terms]
-            z_terms = [
-                z if (term.input, term.weight, term.bias) == ("x", keep, keep)
-                else layer_forward(module, self.term_input(term, x, cache), w_m, None if term.bias is None or bias is None else term.bias(bias))
-                for term, w_m in zip(group.terms, weights)
-            ]
-            s = self.share(group, relevance, z, z_terms)
-            for term, w_m in zip(group.terms, weights):
-                v = layer_vjp(module, x, w_m, s)
-                v = v * term.sign if term.sign != 1.0 else v
-                if term.input == "x":
-                    grad = grad + v
-                elif term.input in ("pos", "neg"):  # x± = x ⊙ 1[±x > 0]
-                    grad = grad + v * (x > 0 if term.input == "pos" else x < 0)
+        self.ctx.x = self.ctx.z = None  # freed as we go, like autograd's saved tensors: peak memory stays near a plain backward
+        constants: dict = {}
+        groups = self.groups()
+        # every group's s first, so that z is freed before the vector-Jacobian products
+        shares = [self.share(group, module, x, weight, bias, z, g_out, constants) for group in groups]
+        del z
+        grad: Optional[Tensor] = None
+        const: Optional[Tensor] = None
+        for group in groups:
+            s = shares.pop(0)
+            for term in group.terms:
+                v = layer_vjp(module, x, term.weight(weight), s)  # a fresh tensor: scaled and accumulated in place
+                if term.sign != 1.0:
+                    v.mul_(term.sign)
+                if term.input in ("x", "pos", "neg"):
+                    if term.input != "x":  # x± = x ⊙ 1[±x > 0]
+                        v.mul_(x > 0 if term.input == "pos" else x < 0)
+                    grad = v if grad is None else grad.add_(v)
                 else:
-                    const = const + self.term_input(term, x, cache) * v
+                    v.mul_(self.term_input(term, x, constants))
+                    const = v if const is None else const.add_(v)
+            del s
+        if grad is None:
+            grad = torch.zeros_like(x)
         if self.input_layer:
-            grad = x * grad if const is None else x * grad + const
+            grad.mul_(x)
+            if const is not None:
+                grad.add_(const)
         return (grad,) + tuple(grad_input[1:])
 
 
