@@ -68,6 +68,7 @@ class _ModuleHook:
     def __init__(self, module: nn.Module, rules: List[Rule]):
         self.module = module
         self.rules = rules
+        self.gated = any(rule.needs_backward for rule in rules)
         self.calls: List[Optional[_Call]] = []  # stack: a module may (rarely) call itself
         self.live: "weakref.WeakSet[_Call]" = weakref.WeakSet()  # calls whose graph may still exist
 
@@ -80,7 +81,7 @@ class _ModuleHook:
         self.live.add(call)
         call.n_args = len(args)
         call.arg_index = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-        if not call.arg_index:
+        if not call.arg_index or not self.gated:
             return None
         call.inputs_gated = True
         gated = _Gate.apply(lambda grads: self.input_backward(call, grads), *(args[i] for i in call.arg_index))
@@ -98,6 +99,8 @@ class _ModuleHook:
             replaced = rule.forward(module, args, output)
             if replaced is not None:
                 output = replaced
+        if not self.gated:
+            return output
         leaves, spec = tree_flatten(output)
         tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         call.n_out = len(tensors)
@@ -167,7 +170,10 @@ class Handle:
     @property
     def modules(self) -> dict:
         """Qualified module name -> the rules on it, in the order they run."""
-        return {name: list(hook.rules) for name, hook, _ in self._placed}
+        out: dict = {}
+        for name, hook, _ in self._placed:
+            out.setdefault(name, []).extend(hook.rules)
+        return out
 
     @property
     def linear(self) -> bool:
@@ -229,7 +235,9 @@ def attach(model: nn.Module, rules: RuleSpec) -> Handle:
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
     named = list(model.named_modules())
+    names = {id(module): name for name, module in named}
     per_module: dict = {}
+    parts: List[Tuple[str, nn.Module, List[Rule]]] = []
     for selector, value in _items(rules):
         chosen = _as_rules(selector, value)
         hits = [(name, module) for name, module in named if _matches(selector, name, module)]
@@ -238,9 +246,12 @@ def attach(model: nn.Module, rules: RuleSpec) -> Handle:
         for name, module in hits:
             for rule in chosen:
                 rule.check(module)
+                for child, helper in rule.parts(module):
+                    helper.check(child)
+                    parts.append((names.get(id(child), f"{name}.<part>"), child, [helper]))
             per_module.setdefault(id(module), (name, module, []))[2].extend(chosen)
     placed = []
-    for name, module, module_rules in per_module.values():
+    for name, module, module_rules in list(per_module.values()) + parts:
         hook = _ModuleHook(module, module_rules)
         handles = [module.register_forward_pre_hook(hook.pre), module.register_forward_hook(hook.post)]
         placed.append((name, hook, handles))

@@ -13,7 +13,7 @@ one forward pass.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -29,10 +29,17 @@ class Rule:
     """
 
     linear: bool = True
+    needs_backward: bool = True  # False: never reads or changes gradients; the module then gets no gradient gates
     ctx: SimpleNamespace
 
     def check(self, module: nn.Module) -> None:
         """Raise :class:`~backprop_hooks.errors.RuleError` if this rule cannot handle ``module``."""
+
+    def parts(self, module: nn.Module) -> Sequence[Tuple[nn.Module, "Rule"]]:
+        """Helper rules this rule needs on submodules of ``module``, as ``(submodule, rule)`` pairs. They are
+        attached and removed with it, on hooks of their own placed after all others, so they see each
+        submodule's final output."""
+        return ()
 
     def forward(self, module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> Any:
         """Called after ``module`` ran. Return ``None``, or a replacement for ``output``."""

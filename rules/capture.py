@@ -16,6 +16,7 @@ class Capture(Rule):
     """
 
     linear = True
+    needs_backward = False
 
     def __init__(self, clone: bool = True):
         self.clone = clone

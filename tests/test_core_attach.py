@@ -185,6 +185,42 @@ def test_rule_forward_may_replace_output_and_ctx_is_per_call():
     torch.testing.assert_close(g, 4 * 3 * lin.weight.sum(0).expand(4, 2))
 
 
+def test_forward_only_rules_add_no_gates_and_parts_see_the_final_output():
+    """``needs_backward=False``: no gradient gates around the module (its output is returned as the rule
+    left it). ``parts``: helper rules on submodules, attached and removed with their owner, on hooks placed
+    after all others, so a helper sees the output other rules' gates produced."""
+
+    class Record(bh.Rule):
+        needs_backward = False
+
+        def __init__(self):
+            self.seen = []
+
+        def forward(self, module, inputs, output):
+            self.seen.append(output)
+
+    class Owner(bh.Rule):
+        def __init__(self):
+            self.helper = Record()
+
+        def parts(self, module):
+            return [(module[0], self.helper)]
+
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)).double()
+    x = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    alone = Record()
+    with bh.attach(net, {"2": alone}):
+        y = net(x)
+    assert y is alone.seen[0] and type(y.grad_fn).__name__ == "AddmmBackward0"  # not gated
+    owner = Owner()
+    with bh.attach(net, [("", owner), ("0", Identity())]) as handle:
+        y = net(x)
+        assert [type(r) for r in handle.modules["0"]] == [Identity, Record]
+        assert type(owner.helper.seen[0].grad_fn).__name__ == "_GateBackward"  # Identity's gate came first
+        torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], plain_grad(net, x, torch.ones(4, 1, dtype=torch.float64)))
+    testing.assert_no_hooks_left(net)
+
+
 def test_wrong_backward_return_is_a_rule_error():
     lin = nn.Linear(2, 2)
     x = torch.randn(1, 2, requires_grad=True)
