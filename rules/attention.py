@@ -1,15 +1,20 @@
 r"""Attention capture: each attention call's probabilities ``A = softmax(q kᵀ · scale)``, in the graph.
 
 Fused kernels (``F.scaled_dot_product_attention``, timm's default; ``nn.MultiheadAttention`` called with
-``need_weights=False``, torchvision's ViT) never materialise ``A``. :class:`AttentionCapture` recomputes the
-module's explicit path from the same inputs and parameters,
+``need_weights=False``, torchvision's ViT) never materialise ``A``. :class:`AttentionCapture` builds the
+explicit path
 
-    A = softmax(q kᵀ · scale),   out = proj(merge_heads(A v)),
+    A = softmax(q kᵀ · scale),   out = merge_heads(A v)
 
-and returns the module's *own* output value with the explicit path's gradient (a straight-through sum
+and returns the model's *own* value with the explicit path's gradient (a straight-through sum
 ``out_fused.detach() + (out − out.detach())``): the model's numbers are bit-for-bit unchanged, while
 ``A`` is part of the graph, so ``torch.autograd.grad(logits, capture.attentions, seed)`` yields every
 layer's ``∂f/∂A`` in one backward pass, each paired with its own layer by tensor identity.
+
+On timm's ``Attention`` the path uses the very ``q``, ``k``, ``v`` the fused forward computed (helper rules
+tap ``qkv``, ``q_norm`` and ``k_norm``) and joins the model at ``norm``, before ``proj``: only the attention
+core runs twice, no projection does. On ``nn.MultiheadAttention`` (no submodules to tap) the whole path,
+projections included, is recomputed from the module's inputs and joins at its output.
 
 Supported modules: timm's ``Attention`` (ViT, DeiT, register-token ViTs; ``q_norm``/``k_norm``, ``norm``
 and ``gate`` included) and ``nn.MultiheadAttention`` (no masks, no ``bias_k``/``add_zero_attn``).
@@ -84,6 +89,44 @@ def _straight_through(value: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
     return value.detach() + (path - path.detach())
 
 
+class _Tap(Rule):
+    """Keeps the last output of each module it sits on (timm Attention's ``qkv``, ``q_norm``, ``k_norm``)."""
+
+    needs_backward = False
+
+    def __init__(self) -> None:
+        self.outputs: dict = {}
+
+    def forward(self, module, inputs, output):
+        self.outputs[module] = output
+
+
+class _TimmPath(Rule):
+    """On timm Attention's ``norm`` (an ``nn.Identity`` unless ``scale_norm``), inside the attention call:
+    builds the explicit path ``merge_heads(softmax(q kᵀ·scale) v)`` from the ``q``, ``k``, ``v`` the fused
+    forward itself used (tapped), and returns ``norm``'s own output with that path's gradient. So only the
+    attention core is computed twice; the projections run once, in the model."""
+
+    needs_backward = False
+
+    def __init__(self, attention: nn.Module, tap: _Tap, owner: "AttentionCapture") -> None:
+        self.attention, self.tap, self.owner = attention, tap, owner
+
+    def forward(self, module, inputs, output):
+        m, taps = self.attention, self.tap.outputs
+        qkv, q, k = (taps.pop(part, None) for part in (m.qkv, m.q_norm, m.k_norm))
+        if qkv is None or q is None or k is None or not isinstance(output, torch.Tensor):
+            return None  # not the expected call sequence: AttentionCapture recomputes the whole path instead
+        b, n, _ = qkv.shape
+        v = qkv.reshape(b, n, 3, m.num_heads, m.head_dim)[:, :, 2].transpose(1, 2)
+        attn = ((q * m.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        path = (attn @ v).transpose(1, 2).reshape(b, n, m.num_heads * m.head_dim)
+        if not isinstance(module, nn.Identity):
+            path = module.forward(path)  # not module(...): that would run this hook again
+        self.owner.pending[m] = attn
+        return _straight_through(output, path)
+
+
 class AttentionCapture(Rule):
     """Records the attention probabilities of every call of the modules it sits on, in forward order.
 
@@ -102,6 +145,14 @@ class AttentionCapture(Rule):
         self.hold_attention = hold_attention
         self.attentions: List[torch.Tensor] = []
         self.modules: List[nn.Module] = []
+        self.pending: dict = {}  # attention module -> A of the call in progress (from _TimmPath)
+        self._tap = _Tap()
+
+    def parts(self, module: nn.Module):
+        """timm Attention: taps on ``qkv``, ``q_norm``, ``k_norm`` and the path on ``norm`` (see _TimmPath)."""
+        if not is_timm_attention(module) or not isinstance(getattr(module, "norm", None), nn.Module):
+            return ()
+        return [(module.qkv, self._tap), (module.q_norm, self._tap), (module.k_norm, self._tap), (module.norm, _TimmPath(module, self._tap, self))]
 
     def check(self, module: nn.Module) -> None:
         if is_timm_attention(module):
@@ -127,8 +178,12 @@ class AttentionCapture(Rule):
         else:
             if len(inputs) > 1 and isinstance(inputs[1], torch.Tensor):
                 raise RuleError("AttentionCapture does not handle masked attention calls (attn_mask)")
-            path, attn = _timm_explicit(module, inputs[0])
-            replaced = _straight_through(output, path)
+            attn = self.pending.pop(module, None)
+            if attn is not None:  # the path is already in the graph (put there by _TimmPath on module.norm)
+                replaced = None
+            else:
+                path, attn = _timm_explicit(module, inputs[0])
+                replaced = _straight_through(output, path)
         self.attentions.append(attn)
         self.modules.append(module)
         self.ctx.attn = attn.detach()

@@ -119,6 +119,29 @@ def test_captured_gradients_are_each_layers_own():
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
 
 
+def test_capture_reuses_the_models_own_projections():
+    """The explicit path is built from the q, k, v the fused forward computed (taps on qkv/q_norm/k_norm):
+    no Linear runs twice, and probabilities and their gradients equal the explicit oracle's, also with qk-norm."""
+    for kw in ({}, {"qk_norm": True}):
+        model, x = small_vit(**kw), inputs()
+        calls = []
+        hooks = [m.register_forward_hook(lambda m, i, o: calls.append(m)) for m in model.modules() if isinstance(m, nn.Linear)]
+        model(x)
+        plain_calls, calls[:] = len(calls), []
+        capture = AttentionCapture()
+        with bh.attach(model, {is_attention: capture}):
+            y = model(x.requires_grad_(True))
+            grads = torch.autograd.grad(y, capture.attentions, torch.ones_like(y))
+        for h in hooks:
+            h.remove()
+        assert len(calls) == plain_calls
+        _, a_ref, g_ref = explicit_oracle(model, x, torch.ones_like)
+        for a, r, g, gr in zip(capture.attentions, a_ref, grads, g_ref):
+            torch.testing.assert_close(a.detach(), r, rtol=0, atol=1e-12)
+            torch.testing.assert_close(g, gr, rtol=1e-9, atol=1e-12)
+        assert not capture.pending
+
+
 def test_capture_on_multihead_attention_matches_need_weights():
     model, x = small_torchvision_vit(), inputs(2)
     with torch.no_grad():
