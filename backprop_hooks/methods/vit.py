@@ -236,13 +236,19 @@ class TransformerAttribution(_AttentionRollout):
 
     def layer_matrices(self, attentions, logits, seed):
         grads = self.attention_gradients(logits, attentions, seed, retain_graph=True)
+        for g, a in zip(grads, attentions):  # G_l ⊙ A_l in place: these gradients are ours alone
+            g.mul_(a.detach())
         self._relevance_mode(True)
         try:
             held = self.attention_gradients(logits, attentions, seed)
         finally:
             self._relevance_mode(False)
-        mats = [g * a.detach() * h for a, g, h in zip(attentions, grads, held)]
-        return [fuse_heads(m.clamp_min(0) if self.clamp else m, self.head_fusion) for m in mats]
+        mats = []
+        for i, h in enumerate(held):  # one layer at a time, each gradient freed once used
+            m = grads[i].mul_(h)
+            grads[i] = held[i] = None
+            mats.append(fuse_heads(m.clamp_min_(0) if self.clamp else m, self.head_fusion))
+        return mats
 
 
 @register
