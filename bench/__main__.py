@@ -16,7 +16,7 @@ import platform
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -51,7 +51,7 @@ def loop_fn(method: str, model, x, t, layer) -> Callable:
     return lambda: [f() for f in fns]
 
 
-def bench_case(model_name: str, batch: int, size: int, methods: List[str], targets: List[str], device: torch.device, repeats: int, with_peers: bool, with_memory: bool, with_per_class: bool) -> List[Dict]:
+def bench_case(model_name: str, batch: int, size: int, methods: List[str], targets: List[str], device: torch.device, repeats: int, with_peers: bool, with_memory: bool, with_per_class: bool, skip_peers: Sequence[str] = ()) -> List[Dict]:
     model, layer_name, num_classes, is_vit = build(model_name, device)
     x = torch.rand(batch, 3, size, size, device=device)
     t = torch.arange(batch, device=device) % num_classes
@@ -62,7 +62,7 @@ def bench_case(model_name: str, batch: int, size: int, methods: List[str], targe
         for target in targets:
             candidates[f"{method}|{target}"] = explain_fn(method, model, x, t, target, layer_name)
         if with_peers:
-            for peer, fn in peer_lib.peers(method, model, x, t, layer).items():
+            for peer, fn in peer_lib.peers(method, model, x, t, layer, skip_peers).items():
                 candidates[f"{method}|logit|{peer}"] = fn
             if is_vit and method in GOALS and batch > 1:
                 candidates[f"{method}|logit|batch-1 loop"] = loop_fn(method, model, x, t, layer_name)
@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--skip-peers", nargs="+", default=[], metavar="METHOD:PEER", help="e.g. fullgrad:pytorch-grad-cam")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--scaling", action="store_true", help="also time vs batch size, resolution and number of classes")
     p.add_argument("--per-class", action="store_true", help="also time the earlier code's C per-class backward passes (batch 1)")
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     for model_name in models:
         for b in batches + ([1] if a.per_class and 1 not in batches else []):
             ms = methods if b in batches else ["gradient"]  # batch 1: the per-class comparison only
-            rows += bench_case(model_name, b, size, ms, a.targets, device, repeats, not a.no_peers, not a.no_memory and b in batches, a.per_class)
+            rows += bench_case(model_name, b, size, ms, a.targets, device, repeats, not a.no_peers, not a.no_memory and b in batches, a.per_class, a.skip_peers)
             print(f"done: {model_name} batch {b}", file=sys.stderr)
     if a.scaling:
         rows += scaling(device, a.quick, repeats)

@@ -4,7 +4,7 @@ None where the peer does not implement the method (or is not installed)."""
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -59,12 +59,23 @@ def _zennit(method: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, lay
     from zennit.attribution import Gradient
     from zennit.composites import EpsilonPlusFlat
 
-    def run():
-        with Gradient(model=model, composite=EpsilonPlusFlat()) as attributor:
-            seed = torch.nn.functional.one_hot(t, 1000).to(x.dtype)
-            return attributor(x, seed)[1]
+    canonizers = _zennit_canonizers(model)
+
+    def run():  # the same computation as ours: BatchNorms merged (Zennit edits the weights, then restores them)
+        with Gradient(model=model, composite=EpsilonPlusFlat(canonizers=canonizers)) as attributor:
+            return attributor(x, lambda y: torch.nn.functional.one_hot(t, y.shape[1]).to(y.dtype))[1]
 
     return run
+
+
+def _zennit_canonizers(model: nn.Module) -> list:
+    """Zennit's BatchNorm merging for the benchmark models (torchvision ResNet / VGG; none without BatchNorm)."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return []
+    import torchvision
+    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+    return [ResNetCanonizer()] if isinstance(model, torchvision.models.ResNet) else [VGGCanonizer()]
 
 
 def per_class(model: nn.Module, x: torch.Tensor, t: torch.Tensor, target: str, num_classes: int) -> Callable:
@@ -84,11 +95,11 @@ def per_class(model: nn.Module, x: torch.Tensor, t: torch.Tensor, target: str, n
     return run
 
 
-def peers(method: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, layer: nn.Module) -> Dict[str, Callable]:
-    """Peer name -> callable computing ``method`` for the logit of classes ``t`` on the same model and input."""
-    found = {
-        "captum": _captum(method, model, x, t, layer),
-        "pytorch-grad-cam": _pytorch_grad_cam(method, model, x, t, layer),
-        "zennit": _zennit(method, model, x, t, layer),
-    }
+BUILDERS = {"captum": _captum, "pytorch-grad-cam": _pytorch_grad_cam, "zennit": _zennit}
+
+
+def peers(method: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, layer: nn.Module, skip: Sequence[str] = ()) -> Dict[str, Callable]:
+    """Peer name -> callable computing ``method`` for the logit of classes ``t`` on the same model and input.
+    ``skip``: ``"method:peer"`` pairs left out (e.g. ``"fullgrad:pytorch-grad-cam"``, minutes per call on a CPU)."""
+    found = {name: build(method, model, x, t, layer) for name, build in BUILDERS.items() if f"{method}:{name}" not in skip}
     return {name: fn for name, fn in found.items() if fn is not None}
