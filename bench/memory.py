@@ -4,8 +4,9 @@ CUDA: ``torch.cuda.max_memory_allocated`` after a reset of the peak statistics.
 
 CPU: there is no allocator statistic, and sampling the resident set reads about zero after the first call
 (the process reuses pages it already holds). Instead the call runs once under the profiler with
-``profile_memory=True``, which records every tensor allocation and free of the CPU allocator; the running
-sum of those events, in time order, peaks at the call's peak tensor memory. This counts tensors only (not
+``profile_memory=True``, which records every tensor allocation and free of the CPU allocator with its
+address; the running sum of the call's own allocations and of the frees of those blocks, in time order,
+peaks at the call's peak tensor memory. This counts tensors only (not
 Python objects or library workspaces such as oneDNN scratch), which is what the forward+backward floor and
 an explanation are compared on. The profiled call is slower; only its memory is used.
 """
@@ -17,23 +18,38 @@ from typing import Callable, Iterable, Tuple
 import torch
 
 
-def peak_of_events(events: Iterable[Tuple[int, int]]) -> int:
-    """Highest running sum of ``(time, bytes)`` allocation (+) and free (-) events taken in time order."""
+def peak_of_events(events: Iterable[Tuple[int, int, int]]) -> int:
+    """Highest running sum of ``(time, address, bytes)`` allocation (+) and free (-) events in time order,
+    counting only frees of blocks allocated among these events (a free of an older block, e.g. the previous
+    call's results, would otherwise pull the sum below what this call holds)."""
+    live: set = set()
     current = peak = 0
-    for _, nbytes in sorted(events):
+    for _, address, nbytes in sorted(events, key=lambda e: e[0]):
+        if nbytes > 0:
+            live.add(address)
+        elif address in live:
+            live.discard(address)
+        else:
+            continue
         current += nbytes
         peak = max(peak, current)
     return peak
 
 
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
         del result
-    events = prof.profiler.kineto_results.events()  # the raw events: key_averages() drops the memory ones
-    return peak_of_events((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:  # allocation events sit anywhere in the tree of ops
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+            events.append((node.start_time_ns, node.typed[1].ptr, node.typed[1].alloc_size))
+    return peak_of_events(events)
 
 
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
