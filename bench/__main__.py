@@ -108,7 +108,7 @@ def check_goals(rows: List[Dict]) -> List[Dict]:
 
 
 def scaling(device: torch.device, quick: bool, repeats: int) -> List[Dict]:
-    """Time vs batch size, resolution (gradient, gradcam, fullgrad on ResNet-18; grad_rollout on ViT-Tiny)
+    """Time vs batch size and resolution (gradient, gradcam, fullgrad on ResNet-18; grad_rollout on ViT-Tiny)
     and vs number of classes (weighted ÷ logit)."""
     rows = []
     batches = [1, 4, 16] if quick else [1, 4, 16, 64]
@@ -116,7 +116,7 @@ def scaling(device: torch.device, quick: bool, repeats: int) -> List[Dict]:
     for model_name, methods in (("resnet18", ["gradient", "gradcam", "fullgrad"]), ("vit_tiny", ["grad_rollout"])):
         for b in batches:
             rows += [dict(r, sweep="batch") for r in bench_case(model_name, b, 224, methods, ["logit"], device, repeats, False, False, False)]
-        for s in sizes if model_name == "resnet18" else [224]:
+        for s in sizes:  # ViT-Tiny is built with dynamic_img_size: 49 to 784 patches
             rows += [dict(r, sweep="size") for r in bench_case(model_name, 4, s, methods, ["logit"], device, repeats, False, False, False)]
     for c in [10, 100, 1000]:
         rows += [dict(r, sweep="classes", classes=c) for r in bench_case(f"resnet18@{c}", 4, 224 if not quick else 112, ["gradient"], ["logit", "weighted", "mean", "max"], device, repeats, False, False, False)]

@@ -35,3 +35,12 @@ def test_cpu_peak_memory_of_known_allocations():
     assert memory.peak_mib(lambda: (kept.clear(), torch.empty(2**20))[1], cpu) == 4.0  # not 4 - 16
     events = [(0, "a", 10), (1, "b", 3), (2, "a", -10), (3, "older", -50), (4, "d", 7)]
     assert memory.peak_of_events(events) == 13
+
+
+@pytest.mark.slow
+def test_peers_run_side_by_side():
+    rows = harness.bench_case("resnet18@10", 1, 32, ["gradient", "gradcam", "fullgrad", "lrp"], ["logit"], torch.device("cpu"), 1, True, False, False)
+    impls = {(r["method"], r["impl"]) for r in rows}
+    assert {("gradient", "captum"), ("gradcam", "captum"), ("gradcam", "pytorch-grad-cam"), ("fullgrad", "pytorch-grad-cam"), ("lrp", "zennit")} <= impls
+    skipped = harness.bench_case("resnet18@10", 1, 32, ["fullgrad"], ["logit"], torch.device("cpu"), 1, True, False, False, ["fullgrad:pytorch-grad-cam"])
+    assert not any(r["impl"] == "pytorch-grad-cam" for r in skipped)
