@@ -142,6 +142,26 @@ def test_capture_reuses_the_models_own_projections():
         assert not capture.pending
 
 
+def test_rollout_keeps_no_activations_for_a_backward():
+    """Rollout never back-propagates: its forward saves nothing for autograd, so its peak tensor memory is the
+    attention maps, well below a forward that records the graph (deterministic allocator count), with the
+    same logits and the same map as a forward that does record it."""
+    from bench.memory import peak_mib
+    from bench.timing import forward
+
+    model = small_vit(dtype=torch.float32, img_size=64, depth=4)
+    x, cpu = torch.rand(4, 3, 64, 64), torch.device("cpu")
+    method = Rollout(model)
+    assert peak_mib(lambda: method(x), cpu) < 0.75 * peak_mib(forward(model, x), cpu)  # 1.6x before
+    e = method(x)
+    capture = AttentionCapture()
+    with bh.attach(model, {is_attention: capture}):
+        y = model(x.clone().requires_grad_(True))
+    assert torch.equal(e.logits, y.detach())
+    reference = reference_rollout([a.detach() for a in capture.attentions], prefix=1)
+    torch.testing.assert_close(e.attributions.flatten(1), reference, rtol=1e-5, atol=1e-7)
+
+
 def test_capture_on_multihead_attention_matches_need_weights():
     model, x = small_torchvision_vit(), inputs(2)
     with torch.no_grad():

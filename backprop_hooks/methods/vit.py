@@ -185,8 +185,22 @@ class Rollout(_AttentionRollout):
 
     name = "rollout"
 
+    def forward(self, x, classes, target):
+        """The model's forward with autograd saving nothing: rollout never runs a backward, so the graph's
+        activations need not be kept (peak memory: the attention maps, not the whole forward)."""
+        with torch.autograd.graph.saved_tensors_hooks(_discard, _discarded):
+            return super().forward(x, classes, target)
+
     def layer_matrices(self, attentions, logits, seed):
         return [fuse_heads(a.detach(), self.head_fusion) for a in attentions]
+
+
+def _discard(tensor: torch.Tensor) -> None:
+    return None
+
+
+def _discarded(_: None) -> torch.Tensor:
+    raise RuleError("rollout keeps no tensors for a backward pass: its logits cannot be differentiated")
 
 
 @register
