@@ -48,15 +48,19 @@ def is_attention(name: str, module: nn.Module) -> bool:
     return is_timm_attention(module) or isinstance(module, nn.MultiheadAttention)
 
 
+def _core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``A = softmax(q kᵀ · scale)`` and ``merge_heads(A v)`` for (B, heads, N, head_dim) inputs: ``(merged, A)``."""
+    attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    b, heads, n, _ = q.shape
+    return (attn @ v).transpose(1, 2).reshape(b, n, heads * v.shape[-1]), attn
+
+
 def _timm_explicit(m: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """timm ``Attention``'s non-fused path (eval mode, no mask): ``(output, A)``."""
     b, n, _ = x.shape
-    heads, head_dim = m.num_heads, m.head_dim
     gate = m.gate(x).sigmoid() if getattr(m, "gate", None) is not None else None
-    q, k, v = m.qkv(x).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = m.q_norm(q), m.k_norm(k)
-    attn = ((q * m.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    out = (attn @ v).transpose(1, 2).reshape(b, n, heads * head_dim)
+    q, k, v = m.qkv(x).reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    out, attn = _core(m.q_norm(q), m.k_norm(k), v, m.scale)
     norm = getattr(m, "norm", None)
     out = norm(out) if norm is not None else out
     out = out * gate if gate is not None else out
@@ -67,7 +71,7 @@ def _mha_explicit(m: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tens
     """``nn.MultiheadAttention``'s math without masks: ``(output, A)``; ``A`` is (B, heads, Lq, Lk)."""
     if not m.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    b, lq, e = query.shape
+    b = query.shape[0]
     heads, head_dim = m.num_heads, m.head_dim
     if m._qkv_same_embed_dim:
         w_q, w_k, w_v = m.in_proj_weight.chunk(3)
@@ -79,8 +83,8 @@ def _mha_explicit(m: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tens
         return t.reshape(b, t.shape[1], heads, head_dim).transpose(1, 2)
 
     q, k, v = split(F.linear(query, w_q, b_q)), split(F.linear(key, w_k, b_k)), split(F.linear(value, w_v, b_v))
-    attn = ((q * head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-    out = F.linear((attn @ v).transpose(1, 2).reshape(b, lq, e), m.out_proj.weight, m.out_proj.bias)
+    merged, attn = _core(q, k, v, head_dim**-0.5)
+    out = F.linear(merged, m.out_proj.weight, m.out_proj.bias)
     return (out if m.batch_first else out.transpose(0, 1)), attn
 
 
@@ -119,8 +123,7 @@ class _TimmPath(Rule):
             return None  # not the expected call sequence: AttentionCapture recomputes the whole path instead
         b, n, _ = qkv.shape
         v = qkv.reshape(b, n, 3, m.num_heads, m.head_dim)[:, :, 2].transpose(1, 2)
-        attn = ((q * m.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        path = (attn @ v).transpose(1, 2).reshape(b, n, m.num_heads * m.head_dim)
+        path, attn = _core(q, k, v, m.scale)
         if not isinstance(module, nn.Identity):
             path = module.forward(path)  # not module(...): that would run this hook again
         self.owner.pending[m] = attn
