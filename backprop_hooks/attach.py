@@ -79,9 +79,11 @@ class _ModuleHook:
         call = _Call(len(self.rules))
         self.calls.append(call)
         self.live.add(call)
+        if not self.gated:  # forward-only rules: nothing to pair in backward
+            return None
         call.n_args = len(args)
         call.arg_index = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-        if not call.arg_index or not self.gated:
+        if not call.arg_index:
             return None
         call.inputs_gated = True
         gated = _Gate.apply(lambda grads: self.input_backward(call, grads), *(args[i] for i in call.arg_index))

@@ -294,7 +294,7 @@ class LRPRule(Rule):
         const: Optional[Tensor] = None
         for group in groups:
             s = shares.pop(0)
-            for term in group.terms:
+            for term in group.terms:  # modified weights are made again, not held: they can be as large as activations
                 v = layer_vjp(module, x, term.weight(weight), s)  # a fresh tensor: scaled and accumulated in place
                 if term.sign != 1.0:
                     v.mul_(term.sign)
