@@ -17,6 +17,7 @@ Removing a handle releases its rules and their per-call state (the graph and the
 otherwise keep each other alive); run the backward pass while the rules are attached: a backward through a
 graph recorded under rules that have since been removed raises :class:`RuleError`.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import RuleError, SelectorError, choices
+from .errors import ModelError, RuleError, SelectorError, choices
 from .rule import Rule
 
 Selector = Union[type, Tuple[type, ...], str, Callable[[str, nn.Module], bool]]
@@ -109,7 +110,9 @@ class _ModuleHook:
         call.out_index = [k for k, i in enumerate(tensors) if leaves[i].requires_grad]
         if not call.out_index:
             return output
-        gated = _Gate.apply(lambda grads: self.output_backward(call, grads), *(leaves[tensors[k]] for k in call.out_index))
+        gated = _Gate.apply(
+            lambda grads: self.output_backward(call, grads), *(leaves[tensors[k]] for k in call.out_index)
+        )
         for k, g in zip(call.out_index, gated):
             leaves[tensors[k]] = g
         return tree_unflatten(leaves, spec)
@@ -235,7 +238,7 @@ def attach(model: nn.Module, rules: RuleSpec) -> Handle:
     matches no module raises :class:`SelectorError`; nothing is attached then.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
+        raise ModelError(f"attach needs an nn.Module, got {type(model).__name__}")
     named = list(model.named_modules())
     names = {id(module): name for name, module in named}
     per_module: dict = {}
@@ -244,7 +247,9 @@ def attach(model: nn.Module, rules: RuleSpec) -> Handle:
         chosen = _as_rules(selector, value)
         hits = [(name, module) for name, module in named if _matches(selector, name, module)]
         if not hits:
-            raise SelectorError(f"selector {selector!r} matches no module of {type(model).__name__}; {_describe(model)}")
+            raise SelectorError(
+                f"selector {selector!r} matches no module of {type(model).__name__}; {_describe(model)}"
+            )
         for name, module in hits:
             for rule in chosen:
                 rule.check(module)

@@ -1,9 +1,11 @@
 """The command line: ``backprop-hooks SUBCOMMAND ...`` (same as ``python -m backprop_hooks``).
 
 Each subcommand lives in the module that owns its work and exposes ``add_parser(subparsers)``, which adds
-its parser and sets ``func`` (a function ``run(args) -> int``) as a default. Errors a user can fix (bad file, unknown name, class out of range, weights that do
-not fit, no network) become one line on stderr and exit code 2.
+its parser and sets ``func`` (a function ``run(args) -> int``) as a default. Errors a user can fix (bad file,
+unknown name, class out of range, weights that do not fit, no network) become one line on stderr and exit
+code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,29 +13,18 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .errors import BackpropHooksError
+
 SUBCOMMANDS = {
-    "explain": "eval.explain",
-    "finetune": "models.finetune",
-    "perturb": "eval.perturb",
-    "mask": "eval.mask",
+    "explain": "backprop_hooks.eval.explain",
+    "finetune": "backprop_hooks.models.finetune",
+    "perturb": "backprop_hooks.eval.perturb",
+    "mask": "backprop_hooks.eval.mask",
 }
 
 
-class UsageError(Exception):
-    """A command-line mistake detected by a subcommand (exit code 2)."""
-
-
-def _user_errors() -> tuple:
-    from .errors import BackpropHooksError
-
-    errors = [BackpropHooksError, UsageError, ValueError, OSError]
-    try:
-        import models
-
-        errors += [models.WeightsUnavailableError, models.WeightsMismatchError]
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+# What a user can fix: every backprop_hooks error (weights, data, usage included), bad values, files.
+USER_ERRORS = (BackpropHooksError, ValueError, OSError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("backprop-hooks: interrupted", file=sys.stderr)
         return 130
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"backprop-hooks {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
-"""Typed errors. Each message says what was wrong and what would be right.
+"""Every error and warning of backprop_hooks, in one place. Each message says what was wrong and what would be right.
 
 All errors derive from :class:`BackpropHooksError`, and each also derives from the built-in exception a
-user would expect (``ValueError``, ``TypeError``, ``KeyError``-like lookups are ``ValueError``), so
-``except ValueError`` keeps working.
+user would expect (``ValueError``, ``TypeError``, ``RuntimeError``; lookups of unknown names are
+``ValueError``), so ``except ValueError`` keeps working. All warnings derive from
+:class:`BackpropHooksWarning`, so one filter silences them.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -13,8 +15,13 @@ class BackpropHooksError(Exception):
     """Base class of every error raised by backprop_hooks."""
 
 
+# ---------------------------------------------------------------------------------- the framework
 class InputError(BackpropHooksError, ValueError):
     """The input tensor is unusable: wrong type, dtype, rank, or non-finite values."""
+
+
+class ModelError(BackpropHooksError, TypeError):
+    """The model is not something a method can explain (not an ``nn.Module``)."""
 
 
 class ClassIndexError(BackpropHooksError, ValueError):
@@ -26,7 +33,15 @@ class ModelOutputError(BackpropHooksError, ValueError):
 
 
 class UnknownNameError(BackpropHooksError, ValueError):
-    """A method, target, layer or rule name that does not exist."""
+    """A method, target, layer, rule, composite or architecture name that does not exist."""
+
+
+class OptionError(BackpropHooksError, ValueError):
+    """A method or rule option outside its accepted values (``n_steps=0``, ``post="max"``, ...)."""
+
+
+class LayerError(BackpropHooksError, ValueError):
+    """A layer that exists but cannot serve: it did not run in the forward pass, or its output has no grid."""
 
 
 class SelectorError(BackpropHooksError, ValueError):
@@ -37,8 +52,70 @@ class RuleError(BackpropHooksError, RuntimeError):
     """A rule misbehaved (wrong return value) or was put on a module it cannot handle."""
 
 
+class TokenLayoutError(BackpropHooksError, ValueError):
+    """The token layout (class/distillation/register tokens, patch grid) cannot be read from the model."""
+
+
+# ------------------------------------------------------------------------------ models and data
+class UnknownArchitectureError(UnknownNameError):
+    """An architecture name that ``backprop_hooks.models.available()`` does not list."""
+
+
+class WeightsUnavailableError(BackpropHooksError, RuntimeError):
+    """Pretrained weights could not be obtained (offline, missing package, failed download)."""
+
+
+class WeightsMismatchError(BackpropHooksError, ValueError):
+    """A checkpoint does not fit the architecture it is loaded into, or is no checkpoint at all."""
+
+
+class DataSpecError(BackpropHooksError, ValueError):
+    """A data-set spec (``digits``, ``folder:PATH``, ``cub:PATH``, ...) that cannot be read."""
+
+
+class ResumeError(BackpropHooksError, ValueError):
+    """An output folder holds a run written with other settings: it cannot be continued."""
+
+
+class UsageError(BackpropHooksError):
+    """A command-line mistake found by a subcommand (one line on stderr, exit code 2)."""
+
+
+class MissingExtraError(BackpropHooksError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+# ------------------------------------------------------------------------------------- warnings
+class BackpropHooksWarning(UserWarning):
+    """Base class of every warning emitted by backprop_hooks."""
+
+
+class NonLinearContrastWarning(BackpropHooksWarning):
+    """A contrast target on a method whose backward is not linear in the seed: no per-class identity holds."""
+
+
+class TrainingModeWarning(BackpropHooksWarning):
+    """The model is in training mode (dropout, batch statistics): explanations are not reproducible."""
+
+
+class FunctionalReLUWarning(BackpropHooksWarning):
+    """Some ReLUs are functional (``F.relu``): module rules cannot reach them, so they keep their gradient."""
+
+
 def choices(values: Iterable[object], limit: int = 12) -> str:
     """Format accepted values for an error message: ``'a', 'b', ... (N in all)``."""
     values = [repr(v) if isinstance(v, str) else str(v) for v in values]
     shown = ", ".join(values[:limit])
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+def require(module: str, extra: str):
+    """Import ``module`` or raise :class:`MissingExtraError` saying ``pip install "backprop_hooks[extra]"``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f'{module} is not installed; install it with: pip install "backprop_hooks[{extra}]"'
+        ) from exc

@@ -1,4 +1,5 @@
 """The result of an explanation."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -10,6 +10,7 @@ Per-call state: anything a rule stores on ``self.ctx`` in ``forward`` is given b
 matching ``backward``, also when one rule instance sits on many modules or a module runs several times in
 one forward pass.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace

@@ -19,6 +19,7 @@ Versus(s)      ``y_t - y_s``                        ``e_t - e_s``
 ``objective(logits, classes)`` returns the per-sample objective (``α`` and ``s*`` held constant); its
 gradient with respect to the logits is the seed, which the property tests check.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Type, Union
@@ -63,7 +64,9 @@ class Target:
 
     def check(self, num_classes: int) -> None:
         if num_classes < self.min_classes:
-            raise ClassIndexError(f"target {self.name!r} needs at least {self.min_classes} classes; the model has {num_classes}")
+            raise ClassIndexError(
+                f"target {self.name!r} needs at least {self.min_classes} classes; the model has {num_classes}"
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -143,7 +146,7 @@ class MaxContrast(Target):
 
 
 class Versus(Target):
-    """"Why t and not s": ``y_t − y_s`` for a fixed class ``s`` (int, or a (B,) tensor of classes)."""
+    """ "Why t and not s": ``y_t − y_s`` for a fixed class ``s`` (int, or a (B,) tensor of classes)."""
 
     name = "versus"
 

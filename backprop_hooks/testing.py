@@ -13,6 +13,7 @@ The oracle of :func:`assert_contrast_identities` is independent of :mod:`backpro
 explains every class's logit separately (C passes) and composes them with weights computed explicitly from
 the probabilities, e.g. ``φ_weighted = φ_t − Σ_{s≠t} p_s/(1−p_t) φ_s``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,12 +36,21 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backw
 class MLP(nn.Module):
     """Linear layers with an activation, optional BatchNorm1d and residual adds."""
 
-    def __init__(self, features: int, width: int, depth: int, classes: int, act: str = "relu", batchnorm: bool = False, residual: bool = False):
+    def __init__(
+        self,
+        features: int,
+        width: int,
+        depth: int,
+        classes: int,
+        act: str = "relu",
+        batchnorm: bool = False,
+        residual: bool = False,
+    ):
         super().__init__()
         self.input_shape, self.num_classes, self.residual = (features,), classes, residual
         self.stem = nn.Linear(features, width)
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(width, width), *( [nn.BatchNorm1d(width)] if batchnorm else []), _act(act))
+            nn.Sequential(nn.Linear(width, width), *([nn.BatchNorm1d(width)] if batchnorm else []), _act(act))
             for _ in range(depth)
         )
         self.act = _act(act)
@@ -56,12 +66,24 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """3x3 convolutions with an activation, optional BatchNorm2d and residual adds, average pooling, a head."""
 
-    def __init__(self, channels: int, size: int, width: int, depth: int, classes: int, act: str = "relu", batchnorm: bool = False, residual: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        size: int,
+        width: int,
+        depth: int,
+        classes: int,
+        act: str = "relu",
+        batchnorm: bool = False,
+        residual: bool = False,
+    ):
         super().__init__()
         self.input_shape, self.num_classes, self.residual = (channels, size, size), classes, residual
         self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), _act(act))
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), *([nn.BatchNorm2d(width)] if batchnorm else []), _act(act))
+            nn.Sequential(
+                nn.Conv2d(width, width, 3, padding=1), *([nn.BatchNorm2d(width)] if batchnorm else []), _act(act)
+            )
             for _ in range(depth)
         )
         self.pool = nn.AdaptiveAvgPool2d(2)
@@ -113,7 +135,13 @@ def _require_hypothesis():
         raise ImportError("backprop_hooks.testing strategies need hypothesis: pip install hypothesis")
 
 
-def networks(kinds: Iterable[str] = ("mlp", "cnn"), acts: Iterable[str] = ("relu", "relu_inplace", "gelu"), batchnorm: Optional[bool] = None, residual: Optional[bool] = None, dtype: torch.dtype = torch.float64):
+def networks(
+    kinds: Iterable[str] = ("mlp", "cnn"),
+    acts: Iterable[str] = ("relu", "relu_inplace", "gelu"),
+    batchnorm: Optional[bool] = None,
+    residual: Optional[bool] = None,
+    dtype: torch.dtype = torch.float64,
+):
     """Strategy: small random MLPs/CNNs (ReLU, in-place ReLU, GELU; BatchNorm and residual adds drawn)."""
     _require_hypothesis()
     kinds, acts = tuple(kinds), tuple(acts)
@@ -129,7 +157,16 @@ def networks(kinds: Iterable[str] = ("mlp", "cnn"), acts: Iterable[str] = ("relu
         if kind == "mlp":
             net = MLP(draw(st.integers(2, 8)), draw(st.integers(2, 8)), depth, classes, act, bn, res)
         else:
-            net = CNN(draw(st.integers(1, 3)), draw(st.sampled_from([4, 6, 8])), draw(st.integers(2, 5)), depth, classes, act, bn, res)
+            net = CNN(
+                draw(st.integers(1, 3)),
+                draw(st.sampled_from([4, 6, 8])),
+                draw(st.integers(2, 5)),
+                depth,
+                classes,
+                act,
+                bn,
+                res,
+            )
         return randomize(net, draw(st.integers(0, 2**31 - 1)), dtype)
 
     return build()
@@ -139,7 +176,9 @@ def inputs(model: nn.Module, batch: Tuple[int, int] = (1, 4), dtype: torch.dtype
     """Strategy: a random input batch for a model with an ``input_shape`` attribute."""
     _require_hypothesis()
     return st.builds(
-        lambda b, seed: torch.randn((b, *model.input_shape), generator=torch.Generator().manual_seed(seed), dtype=dtype),
+        lambda b, seed: torch.randn(
+            (b, *model.input_shape), generator=torch.Generator().manual_seed(seed), dtype=dtype
+        ),
         st.integers(*batch),
         st.integers(0, 2**31 - 1),
     )
@@ -151,11 +190,18 @@ def cases(batch: Tuple[int, int] = (1, 4), dtype: torch.dtype = torch.float64, *
     return networks(dtype=dtype, **network_options).flatmap(lambda m: inputs(m, batch, dtype).map(lambda x: Case(m, x)))
 
 
-def logits(batch: Tuple[int, int] = (1, 8), classes: Tuple[int, int] = (2, 12), scale: Tuple[float, float] = (1e-3, 50.0), dtype: torch.dtype = torch.float64):
+def logits(
+    batch: Tuple[int, int] = (1, 8),
+    classes: Tuple[int, int] = (2, 12),
+    scale: Tuple[float, float] = (1e-3, 50.0),
+    dtype: torch.dtype = torch.float64,
+):
     """Strategy: random logits (B, C) of spread ``scale`` (large spreads drive p_t to 1)."""
     _require_hypothesis()
     return st.builds(
-        lambda b, c, s, seed: torch.randn((b, c), generator=torch.Generator().manual_seed(seed), dtype=torch.float64).mul(s).to(dtype),
+        lambda b, c, s, seed: (
+            torch.randn((b, c), generator=torch.Generator().manual_seed(seed), dtype=torch.float64).mul(s).to(dtype)
+        ),
         st.integers(*batch),
         st.integers(*classes),
         st.floats(*scale),
@@ -171,7 +217,9 @@ def classes_for(logits_: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------------- assertions
-def contrast_weights(logits_: torch.Tensor, classes: torch.Tensor, target: str, other: Optional[torch.Tensor] = None) -> torch.Tensor:
+def contrast_weights(
+    logits_: torch.Tensor, classes: torch.Tensor, target: str, other: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Explicit composition weights ``w[b, s]`` with ``φ_target = Σ_s w[b,s] φ_s`` (the test oracle).
 
     Computed from the probabilities in float64, independently of :mod:`backprop_hooks.targets`.
@@ -250,7 +298,9 @@ def assert_contrast_identities(
             )
 
 
-def assert_batch_equals_single(method: Callable, x: torch.Tensor, target: Any = "weighted", rtol: float = 1e-6, atol: float = 1e-9) -> None:
+def assert_batch_equals_single(
+    method: Callable, x: torch.Tensor, target: Any = "weighted", rtol: float = 1e-6, atol: float = 1e-9
+) -> None:
     """The attributions of a batch equal those of each sample explained alone."""
     batch = method(x, target=target)
     for i in range(x.shape[0]):
@@ -278,7 +328,10 @@ def assert_no_hooks_left(model: nn.Module) -> None:
 def model_state(model: nn.Module) -> Dict[str, Any]:
     """A snapshot of everything an explanation must leave unchanged (compare with :func:`assert_same_state`)."""
     return {
-        "params": {n: (p.detach().clone(), p.requires_grad, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
+        "params": {
+            n: (p.detach().clone(), p.requires_grad, None if p.grad is None else p.grad.clone())
+            for n, p in model.named_parameters()
+        },
         "buffers": {n: b.clone() for n, b in model.named_buffers()},
         "training": {n: m.training for n, m in model.named_modules()},
         "hooks": {n: tuple(tuple(getattr(m, a, {}).keys()) for a in HOOK_DICTS) for n, m in model.named_modules()},

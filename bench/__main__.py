@@ -3,10 +3,12 @@
 For each model x batch size: the floors (one forward; one forward + backward of the logit to the input),
 every method x target as a ratio to those floors, the peers' time for the same explanation (Captum,
 pytorch-grad-cam, Zennit, and the earlier code's C per-class backward passes for contrast targets, and a
-batch-size-1 loop for ViT rollouts), and peak tensor memory (CUDA allocator; CPU allocator events). Everything within one model x batch is measured
-interleaved, so the ratios are side by side in one run. ``--scaling`` adds time vs batch size, input
-resolution and number of classes. Output: ``DIR/results.json`` and ``DIR/results.md``.
+batch-size-1 loop for ViT rollouts), and peak tensor memory (CUDA allocator; CPU allocator events).
+Everything within one model x batch is measured interleaved, so the ratios are side by side in one run.
+``--scaling`` adds time vs batch size, input resolution and number of classes. Output: ``DIR/results.json``
+and ``DIR/results.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +53,19 @@ def loop_fn(method: str, model, x, t, layer) -> Callable:
     return lambda: [f() for f in fns]
 
 
-def bench_case(model_name: str, batch: int, size: int, methods: List[str], targets: List[str], device: torch.device, repeats: int, with_peers: bool, with_memory: bool, with_per_class: bool, skip_peers: Sequence[str] = ()) -> List[Dict]:
+def bench_case(
+    model_name: str,
+    batch: int,
+    size: int,
+    methods: List[str],
+    targets: List[str],
+    device: torch.device,
+    repeats: int,
+    with_peers: bool,
+    with_memory: bool,
+    with_per_class: bool,
+    skip_peers: Sequence[str] = (),
+) -> List[Dict]:
     model, layer_name, num_classes, is_vit = build(model_name, device)
     x = torch.rand(batch, 3, size, size, device=device)
     t = torch.arange(batch, device=device) % num_classes
@@ -74,8 +88,17 @@ def bench_case(model_name: str, batch: int, size: int, methods: List[str], targe
     rows = []
     for key, seconds in times.items():
         method, target, peer = (key.split("|") + ["", ""])[:3] if "|" in key else (key, "", "")
-        row = dict(model=model_name, batch=batch, size=size, method=method, target=target, impl=peer or "backprop_hooks", seconds=seconds,
-                   x_fwd=seconds / times["fwd"], x_fwd_bwd=seconds / times["fwd+bwd"])
+        row = dict(
+            model=model_name,
+            batch=batch,
+            size=size,
+            method=method,
+            target=target,
+            impl=peer or "backprop_hooks",
+            seconds=seconds,
+            x_fwd=seconds / times["fwd"],
+            x_fwd_bwd=seconds / times["fwd+bwd"],
+        )
         if target and not peer and f"{method}|logit" in times:
             row["x_logit"] = seconds / times[f"{method}|logit"]
         if peer and f"{method}|{target}" in times:
@@ -96,14 +119,38 @@ def check_goals(rows: List[Dict]) -> List[Dict]:
         if r["method"] in GOALS and r["target"] == "logit":
             floor, limit = GOALS[r["method"]]
             ratio = r["x_fwd"] if floor == "fwd" else r["x_fwd_bwd"]
-            out.append(dict(model=r["model"], batch=r["batch"], goal=f"{r['method']} <= {limit}x {floor}", measured=ratio, met=ratio <= limit))
+            out.append(
+                dict(
+                    model=r["model"],
+                    batch=r["batch"],
+                    goal=f"{r['method']} <= {limit}x {floor}",
+                    measured=ratio,
+                    met=ratio <= limit,
+                )
+            )
         if r["target"] != "logit" and "x_logit" in r and r["method"] in ("gradient", "gradcam", "fullgrad", "lrp"):
-            out.append(dict(model=r["model"], batch=r["batch"], goal=f"{r['method']} {r['target']} <= 1.05x logit", measured=r["x_logit"], met=r["x_logit"] <= 1.05))
+            out.append(
+                dict(
+                    model=r["model"],
+                    batch=r["batch"],
+                    goal=f"{r['method']} {r['target']} <= 1.05x logit",
+                    measured=r["x_logit"],
+                    met=r["x_logit"] <= 1.05,
+                )
+            )
     fb = {(r["model"], r["batch"]): r for r in rows if r["method"] == "fwd+bwd"}
     for r in rows:
         if "peak_mib" in r and r["target"] == "logit" and r["impl"] == "backprop_hooks":  # every method: <= 1.2x
             base = fb[(r["model"], r["batch"])].get("peak_mib") or float("nan")
-            out.append(dict(model=r["model"], batch=r["batch"], goal=f"{r['method']} peak memory <= 1.2x fwd+bwd", measured=r["peak_mib"] / base if base else float("nan"), met=base and r["peak_mib"] / base <= 1.2))
+            out.append(
+                dict(
+                    model=r["model"],
+                    batch=r["batch"],
+                    goal=f"{r['method']} peak memory <= 1.2x fwd+bwd",
+                    measured=r["peak_mib"] / base if base else float("nan"),
+                    met=base and r["peak_mib"] / base <= 1.2,
+                )
+            )
     return out
 
 
@@ -115,21 +162,45 @@ def scaling(device: torch.device, quick: bool, repeats: int) -> List[Dict]:
     sizes = [112, 224] if quick else [112, 224, 448]
     for model_name, methods in (("resnet18", ["gradient", "gradcam", "fullgrad"]), ("vit_tiny", ["grad_rollout"])):
         for b in batches:
-            rows += [dict(r, sweep="batch") for r in bench_case(model_name, b, 224, methods, ["logit"], device, repeats, False, False, False)]
+            rows += [
+                dict(r, sweep="batch")
+                for r in bench_case(model_name, b, 224, methods, ["logit"], device, repeats, False, False, False)
+            ]
         for s in sizes:  # ViT-Tiny is built with dynamic_img_size: 49 to 784 patches
-            rows += [dict(r, sweep="size") for r in bench_case(model_name, 4, s, methods, ["logit"], device, repeats, False, False, False)]
+            rows += [
+                dict(r, sweep="size")
+                for r in bench_case(model_name, 4, s, methods, ["logit"], device, repeats, False, False, False)
+            ]
     for c in [10, 100, 1000]:
-        rows += [dict(r, sweep="classes", classes=c) for r in bench_case(f"resnet18@{c}", 4, 224 if not quick else 112, ["gradient"], ["logit", "weighted", "mean", "max"], device, repeats, False, False, False)]
+        rows += [
+            dict(r, sweep="classes", classes=c)
+            for r in bench_case(
+                f"resnet18@{c}",
+                4,
+                224 if not quick else 112,
+                ["gradient"],
+                ["logit", "weighted", "mean", "max"],
+                device,
+                repeats,
+                False,
+                False,
+                False,
+            )
+        ]
     return rows
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small models and inputs: a few minutes on 2 CPU cores")
     p.add_argument("--out", default="out/bench", help="folder for results.json and results.md")
     p.add_argument("--methods", nargs="+", default=None, help=f"default: all of {CNN_METHODS + VIT_METHODS}")
     p.add_argument("--targets", nargs="+", default=["logit", "weighted", "mean", "max"])
-    p.add_argument("--models", nargs="+", default=None, help="resnet50 vgg16_bn resnet18 vit_tiny (a suffix @C sets C classes)")
+    p.add_argument(
+        "--models", nargs="+", default=None, help="resnet50 vgg16_bn resnet18 vit_tiny (a suffix @C sets C classes)"
+    )
     p.add_argument("--batch", nargs="+", type=int, default=None)
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,7 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-peers", nargs="+", default=[], metavar="METHOD:PEER", help="e.g. fullgrad:pytorch-grad-cam")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--scaling", action="store_true", help="also time vs batch size, resolution and number of classes")
-    p.add_argument("--per-class", action="store_true", help="also time the earlier code's C per-class backward passes (batch 1)")
+    p.add_argument(
+        "--per-class", action="store_true", help="also time the earlier code's C per-class backward passes (batch 1)"
+    )
     a = p.parse_args(argv)
     device = torch.device(a.device)
     warnings.simplefilter("ignore")
@@ -151,23 +224,70 @@ def main(argv=None) -> int:
     for model_name in models:
         for b in batches + ([1] if a.per_class and 1 not in batches else []):
             ms = methods if b in batches else ["gradient"]  # batch 1: the per-class comparison only
-            rows += bench_case(model_name, b, size, ms, a.targets, device, repeats, not a.no_peers, not a.no_memory and b in batches, a.per_class, a.skip_peers)
+            rows += bench_case(
+                model_name,
+                b,
+                size,
+                ms,
+                a.targets,
+                device,
+                repeats,
+                not a.no_peers,
+                not a.no_memory and b in batches,
+                a.per_class,
+                a.skip_peers,
+            )
             print(f"done: {model_name} batch {b}", file=sys.stderr)
     if a.scaling:
         rows += scaling(device, a.quick, repeats)
     goals = check_goals([r for r in rows if "sweep" not in r])
-    meta = dict(machine=machine(device), device=str(device), command="python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-                date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__)
+    meta = dict(
+        machine=machine(device),
+        device=str(device),
+        command="python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        date=datetime.date.today().isoformat(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+    )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows, goals=goals), indent=1))
     main_rows = [r for r in rows if "sweep" not in r]
-    text = [f"machine: {meta['machine']}  \ncommand: `{meta['command']}`  \ndate: {meta['date']}", "",
-            markdown(main_rows, ["model", "batch", "method", "target", "impl", "seconds", "x_fwd", "x_fwd_bwd", "x_logit", "peer_x_ours", "peak_mib"]),
-            "", "Goals:", "", markdown(goals, ["model", "batch", "goal", "measured", "met"])]
+    text = [
+        f"machine: {meta['machine']}  \ncommand: `{meta['command']}`  \ndate: {meta['date']}",
+        "",
+        markdown(
+            main_rows,
+            [
+                "model",
+                "batch",
+                "method",
+                "target",
+                "impl",
+                "seconds",
+                "x_fwd",
+                "x_fwd_bwd",
+                "x_logit",
+                "peer_x_ours",
+                "peak_mib",
+            ],
+        ),
+        "",
+        "Goals:",
+        "",
+        markdown(goals, ["model", "batch", "goal", "measured", "met"]),
+    ]
     sweep = [r for r in rows if "sweep" in r]
     if sweep:
-        text += ["", "Scaling:", "", markdown(sweep, ["sweep", "model", "batch", "size", "classes", "method", "target", "seconds", "x_fwd_bwd", "x_logit"])]
+        text += [
+            "",
+            "Scaling:",
+            "",
+            markdown(
+                sweep,
+                ["sweep", "model", "batch", "size", "classes", "method", "target", "seconds", "x_fwd_bwd", "x_logit"],
+            ),
+        ]
     (out / "results.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
     return 0

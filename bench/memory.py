@@ -10,6 +10,7 @@ peaks at the call's peak tensor memory. This counts tensors only (not
 Python objects or library workspaces such as oneDNN scratch), which is what the forward+backward floor and
 an explanation are compared on. The profiled call is slower; only its memory is used.
 """
+
 from __future__ import annotations
 
 import gc

@@ -1,6 +1,7 @@
 """The same explanation computed by the libraries users would otherwise pick, and by the earlier code's
 approach to contrast (C per-class backward passes). Each builder returns a zero-argument callable, or
 None where the peer does not implement the method (or is not installed)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,7 +28,9 @@ def _captum(method: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, lay
     if method == "input_x_gradient":
         return lambda: attr.InputXGradient(model).attribute(x, target=t)
     if method == "integrated_gradients":
-        return lambda: attr.IntegratedGradients(model).attribute(x, target=t, n_steps=16, internal_batch_size=x.shape[0] * 16)
+        return lambda: attr.IntegratedGradients(model).attribute(
+            x, target=t, n_steps=16, internal_batch_size=x.shape[0] * 16
+        )
     if method == "gradcam":
         return lambda: attr.LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=False)
     if method == "guided_backprop":
@@ -35,7 +38,9 @@ def _captum(method: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, lay
     return None
 
 
-def _pytorch_grad_cam(method: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, layer: nn.Module) -> Optional[Callable]:
+def _pytorch_grad_cam(
+    method: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, layer: nn.Module
+) -> Optional[Callable]:
     if not _installed("pytorch_grad_cam"):
         return None
     import pytorch_grad_cam as pgc
@@ -98,8 +103,12 @@ def per_class(model: nn.Module, x: torch.Tensor, t: torch.Tensor, target: str, n
 BUILDERS = {"captum": _captum, "pytorch-grad-cam": _pytorch_grad_cam, "zennit": _zennit}
 
 
-def peers(method: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, layer: nn.Module, skip: Sequence[str] = ()) -> Dict[str, Callable]:
+def peers(
+    method: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, layer: nn.Module, skip: Sequence[str] = ()
+) -> Dict[str, Callable]:
     """Peer name -> callable computing ``method`` for the logit of classes ``t`` on the same model and input.
     ``skip``: ``"method:peer"`` pairs left out (e.g. ``"fullgrad:pytorch-grad-cam"``, minutes per call on a CPU)."""
-    found = {name: build(method, model, x, t, layer) for name, build in BUILDERS.items() if f"{method}:{name}" not in skip}
+    found = {
+        name: build(method, model, x, t, layer) for name, build in BUILDERS.items() if f"{method}:{name}" not in skip
+    }
     return {name: fn for name, fn in found.items() if fn is not None}

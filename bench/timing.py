@@ -1,4 +1,5 @@
 """Timing helpers shared by the benchmarks: interleaved repeats, medians, CUDA-aware clocks, peak memory."""
+
 from __future__ import annotations
 
 import platform
@@ -29,7 +30,9 @@ def clock(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def compare(candidates: Mapping[str, Callable[[], object]], device: torch.device, repeats: int = 5, warmup: int = 1) -> Dict[str, float]:
+def compare(
+    candidates: Mapping[str, Callable[[], object]], device: torch.device, repeats: int = 5, warmup: int = 1
+) -> Dict[str, float]:
     """Median seconds of each candidate, measured interleaved (A B C A B C ...) so drift hits all alike."""
     for fn in candidates.values():
         for _ in range(warmup):

@@ -25,6 +25,7 @@ Evaluation sets named on the command line (`from_spec`), each a :class:`SampleSe
                truth: the label is -1 and the experiments use the model's prediction as t.
 ============== ====================================================================================
 """
+
 from __future__ import annotations
 
 import csv
@@ -39,16 +40,28 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
-from models import digits, load_image, photos
-from models.data import DataSpecError, ImageListDataset
-from models.data import cub as _cub_splits
-from models.digits_data import CLASS_NAMES as DIGITS_CLASS_NAMES
-from models.images import PHOTOS
+from backprop_hooks.models import digits, load_image, photos
+from backprop_hooks.models.data import DataSpecError, ImageListDataset
+from backprop_hooks.models.data import cub as _cub_splits
+from backprop_hooks.models.digits_data import CLASS_NAMES as DIGITS_CLASS_NAMES
 
 __all__ = [
-    "DIGITS_CLASS_NAMES", "NO_LABEL", "SPEC_HELP", "SampleSet", "DataSpecError", "center_crop_transform",
-    "cub_test", "digits", "digits_test", "folder", "food101", "from_spec", "imagenet_val", "load_image",
-    "photo_set", "photos",
+    "DIGITS_CLASS_NAMES",
+    "NO_LABEL",
+    "SPEC_HELP",
+    "SampleSet",
+    "DataSpecError",
+    "center_crop_transform",
+    "cub_test",
+    "digits",
+    "digits_test",
+    "folder",
+    "food101",
+    "from_spec",
+    "imagenet_val",
+    "load_image",
+    "photo_set",
+    "photos",
 ]
 
 NO_LABEL = -1  # the label of samples without ground truth (photos): the experiments use the prediction
@@ -76,10 +89,13 @@ class SampleSet:
 def center_crop_transform(size: int, crop_pct: float = IMAGENET_CROP_PCT, interpolation: str = "bilinear") -> Callable:
     """Resize the shorter side to ⌊size / crop_pct⌋, centre-crop ``size`` × ``size``, to [0, 1] tensor."""
     mode = transforms.InterpolationMode(interpolation)
-    return transforms.Compose([
-        transforms.Resize(math.floor(size / crop_pct), interpolation=mode), transforms.CenterCrop(size),
-        transforms.ToTensor(),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(math.floor(size / crop_pct), interpolation=mode),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+        ]
+    )
 
 
 def _require(path: Path, what: str) -> Path:
@@ -147,11 +163,13 @@ def imagenet_val(root: str | Path, size: int = 224) -> SampleSet:
         raise DataSpecError(f"{root}: found {len(order)} synsets, not 1000; add LOC_synset_mapping.txt or meta.mat")
     index = {s: i for i, s in enumerate(order)}
     labels = [index[s] for s in synsets]
-    return SampleSet(ImageListDataset(paths, labels, center_crop_transform(size)), None, f"imagenet:{root}",
-                     sample_names=stems)
+    return SampleSet(
+        ImageListDataset(paths, labels, center_crop_transform(size)), None, f"imagenet:{root}", sample_names=stems
+    )
 
 
 # ---- CUB-200-2011, Food-101, ImageFolder ------------------------------------------------------------
+
 
 def cub_test(root: str | Path, size: int = 224) -> SampleSet:
     """CUB-200-2011's test split with the test transform Resize((size, size)) (reader: ``models.data.cub``)."""
@@ -163,16 +181,25 @@ def cub_test(root: str | Path, size: int = 224) -> SampleSet:
 def food101(root: str | Path, size: int = 224) -> SampleSet:
     """Food-101's test split (``meta/test.txt``), classes in ``meta/classes.txt`` order."""
     root = Path(root)
-    classes = [c.strip() for c in _require(root / "meta" / "classes.txt", "Food-101 meta/classes.txt").read_text().splitlines() if c.strip()]
+    classes = [
+        c.strip()
+        for c in _require(root / "meta" / "classes.txt", "Food-101 meta/classes.txt").read_text().splitlines()
+        if c.strip()
+    ]
     index = {c: i for i, c in enumerate(classes)}
-    entries = [e.strip() for e in _require(root / "meta" / "test.txt", "Food-101 meta/test.txt").read_text().splitlines() if e.strip()]
+    entries = [
+        e.strip()
+        for e in _require(root / "meta" / "test.txt", "Food-101 meta/test.txt").read_text().splitlines()
+        if e.strip()
+    ]
     bad = [e for e in entries if e.split("/")[0] not in index]
     if bad:
         raise DataSpecError(f"{root}/meta/test.txt: class of {bad[0]!r} is not in meta/classes.txt")
     paths = [root / "images" / f"{e}.jpg" for e in entries]
     labels = [index[e.split("/")[0]] for e in entries]
-    return SampleSet(ImageListDataset(paths, labels, center_crop_transform(size)), classes, f"food101:{root}",
-                     sample_names=entries)
+    return SampleSet(
+        ImageListDataset(paths, labels, center_crop_transform(size)), classes, f"food101:{root}", sample_names=entries
+    )
 
 
 def folder(root: str | Path, size: int = 224) -> SampleSet:
@@ -190,6 +217,7 @@ def folder(root: str | Path, size: int = 224) -> SampleSet:
 
 # ---- bundled data ------------------------------------------------------------------------------------
 
+
 def digits_test(size: int = 32) -> SampleSet:
     """The held-out digits test split (450 images)."""
     images, labels = digits("test", size)
@@ -204,7 +232,9 @@ def photo_set(size: int = 224, crop_pct: float = IMAGENET_CROP_PCT, interpolatio
     return SampleSet(TensorDataset(stacked, labels), None, "photos", labelled=False, sample_names=list(images))
 
 
-def from_spec(spec: str, size: int = 224, crop_pct: float = IMAGENET_CROP_PCT, interpolation: str = "bilinear") -> SampleSet:
+def from_spec(
+    spec: str, size: int = 224, crop_pct: float = IMAGENET_CROP_PCT, interpolation: str = "bilinear"
+) -> SampleSet:
     """The evaluation set named by ``spec`` (``imagenet:PATH`` ... ``photos``) at input size ``size``.
 
     ``crop_pct``/``interpolation`` only apply to the photos (the model's own preprocessing); the data
@@ -219,4 +249,3 @@ def from_spec(spec: str, size: int = 224, crop_pct: float = IMAGENET_CROP_PCT, i
     if kind == "photos" and not path:
         return photo_set(size, crop_pct, interpolation)
     raise DataSpecError(f"unknown data {spec!r}; expected {SPEC_HELP}")
-

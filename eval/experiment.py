@@ -4,6 +4,7 @@ An experiment supplies ``process(x, labels, positions) -> per-sample results`` f
 ``report(results)``; :func:`execute` runs it through :mod:`eval.runner` (batches, shards, resumable chunks)
 and lets rank 0 write the report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,8 @@ import torch
 from torch import nn
 
 import backprop_hooks as bh
-import models
-from backprop_hooks.cli import UsageError
+from backprop_hooks import models
+from backprop_hooks.errors import UsageError
 
 from . import datasets, report, runner
 from .explain import check_device
@@ -50,8 +51,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_model: str, de
     parser.add_argument("--model", default=default_model, help="architecture: " + ", ".join(models.available()))
     parser.add_argument("--weights", default=None, help="local checkpoint (state dict) instead of the default weights")
     parser.add_argument("--data", default=default_data, help=f"evaluation data: {datasets.SPEC_HELP}")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="use N samples drawn at random with --seed (kept in data order); default: all")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use N samples drawn at random with --seed (kept in data order); default: all",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of --limit and of random methods")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per batch (= per resumable chunk)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
@@ -94,8 +99,12 @@ def prepare(args: argparse.Namespace, experiment: str, params: Dict[str, Any]) -
     processes = runner.init_processes(device)
     model = models.create(args.model, weights=args.weights).to(device)
     size = int(tuple(model.input_size)[0])
-    samples = datasets.from_spec(args.data, size, getattr(model, "crop_pct", datasets.IMAGENET_CROP_PCT),
-                                 getattr(model, "interpolation", "bilinear"))
+    samples = datasets.from_spec(
+        args.data,
+        size,
+        getattr(model, "crop_pct", datasets.IMAGENET_CROP_PCT),
+        getattr(model, "interpolation", "bilinear"),
+    )
     if samples.class_names is not None and len(samples.class_names) != len(model.class_names):
         raise UsageError(
             f"data {args.data!r} has {len(samples.class_names)} classes but model {args.model!r} has "
@@ -105,21 +114,46 @@ def prepare(args: argparse.Namespace, experiment: str, params: Dict[str, Any]) -
         raise UsageError(f"data {args.data!r} holds no samples")
     positions = select(len(samples), args.limit, args.seed)
     config = {
-        "experiment": experiment, "model": args.model, "weights": str(args.weights) if args.weights else "default",
-        "weights_sha256": report.weights_sha256(model), "data": args.data, "labelled": samples.labelled,
-        "num_samples": len(positions), "limit": args.limit, "seed": args.seed, "batch_size": args.batch_size,
-        "device": device.type, "input_size": size, "versions": report.versions(), **params,
+        "experiment": experiment,
+        "model": args.model,
+        "weights": str(args.weights) if args.weights else "default",
+        "weights_sha256": report.weights_sha256(model),
+        "data": args.data,
+        "labelled": samples.labelled,
+        "num_samples": len(positions),
+        "limit": args.limit,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "device": device.type,
+        "input_size": size,
+        "versions": report.versions(),
+        **params,
     }
     return Setup(model, samples, positions, device, processes, config, examples=max(0, args.examples))
 
 
-def execute(setup: Setup, args: argparse.Namespace, process: runner.Process,
-            write_report: Callable[[Setup, runner.Results, Path], None], desc: str) -> int:
+def execute(
+    setup: Setup,
+    args: argparse.Namespace,
+    process: runner.Process,
+    write_report: Callable[[Setup, runner.Results, Path], None],
+    desc: str,
+) -> int:
     """Run ``process`` over the samples (resumable, sharded) and let rank 0 write the report into --out."""
     store = runner.ChunkStore(Path(args.out) / "chunks", setup.config)
     results = runner.run_chunks(
-        setup.samples.dataset, setup.positions, process, store, args.batch_size, setup.device, setup.processes,
-        seed=args.seed, fresh=args.fresh, progress=args.progress, workers=args.workers, desc=desc,
+        setup.samples.dataset,
+        setup.positions,
+        process,
+        store,
+        args.batch_size,
+        setup.device,
+        setup.processes,
+        seed=args.seed,
+        fresh=args.fresh,
+        progress=args.progress,
+        workers=args.workers,
+        desc=desc,
     )
     if setup.processes.main:
         results["index"] = torch.tensor(setup.positions, dtype=torch.long)[results["position"]]

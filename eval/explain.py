@@ -10,6 +10,7 @@ a temporary folder next to ``--out`` and moved there at the end: a failed run le
 With no IMAGE, the bundled EfficientNet-Lite0 explains the bundled photo of chelsea the cat, whose
 classes 282 tiger cat, 285 Egyptian cat and 281 tabby compete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,11 @@ from torch import nn
 from tqdm import tqdm
 
 import backprop_hooks as bh
-import models
-from backprop_hooks.cli import UsageError
+from backprop_hooks import models
+from backprop_hooks.errors import UsageError
 from backprop_hooks.errors import choices
 from backprop_hooks.explanation import Explanation
-from models.images import PHOTOS
+from backprop_hooks.models.images import PHOTOS
 
 from . import plots
 
@@ -63,6 +64,7 @@ OBJECTIVES = {  # matplotlib mathtext
 
 
 # ---- the job: explain the classes of one image ------------------------------------------------------
+
 
 @dataclass
 class ClassExplanations:
@@ -94,8 +96,13 @@ class ClassExplanations:
         """One dict per explained class: index, name, probability, logit, rank."""
         return [
             {"index": c, "name": n, "probability": p, "logit": y, "rank": r}
-            for c, n, p, y, r in zip(self.classes.tolist(), self.class_names, self.probabilities.tolist(),
-                                     self.logits[self.classes].tolist(), self.ranks.tolist())
+            for c, n, p, y, r in zip(
+                self.classes.tolist(),
+                self.class_names,
+                self.probabilities.tolist(),
+                self.logits[self.classes].tolist(),
+                self.ranks.tolist(),
+            )
         ]
 
     @property
@@ -122,8 +129,13 @@ def top_classes(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def explain_classes(
-    model: nn.Module, image: torch.Tensor, method: str = DEFAULT_METHOD, targets: Sequence[str] = DEFAULT_TARGETS,
-    classes: Optional[Sequence[int]] = None, topk: int = DEFAULT_TOPK, **options: Any,
+    model: nn.Module,
+    image: torch.Tensor,
+    method: str = DEFAULT_METHOD,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    classes: Optional[Sequence[int]] = None,
+    topk: int = DEFAULT_TOPK,
+    **options: Any,
 ) -> ClassExplanations:
     """Explain ``classes`` (default: the ``topk`` most probable) of ``image`` (3, H, W) for every target.
 
@@ -140,8 +152,12 @@ def explain_classes(
     first = next(iter(explanations.values()))
     names = getattr(model, "class_names", None) or [str(i) for i in range(first.logits.shape[1])]
     return ClassExplanations(
-        image=image.detach().cpu(), logits=first.logits[0], classes=first.classes, names=list(names),
-        method=first.method, explanations=explanations,
+        image=image.detach().cpu(),
+        logits=first.logits[0],
+        classes=first.classes,
+        names=list(names),
+        method=first.method,
+        explanations=explanations,
     )
 
 
@@ -160,6 +176,7 @@ def _to_cpu(e: Explanation) -> Explanation:
 
 
 # ---- what is written: figure, tensors, summary, table ------------------------------------------------
+
 
 def target_title(key: str, class_names: Sequence[str]) -> str:
     """A column header: ``"logit (original)"``, ``"weighted contrast"``, ``"versus tabby (281)"``."""
@@ -182,12 +199,14 @@ def row_name(row: Dict[str, Any]) -> str:
 def figure(result: ClassExplanations, title: str):
     """The figure: a row per class (name, index, probability), the image then one overlay per target."""
     keys = list(result.explanations)
-    rows = [
-        f"{row_name(row)}\np = {row['probability']:.3f}, rank {row['rank']}" for row in result.class_rows()
-    ]
+    rows = [f"{row_name(row)}\np = {row['probability']:.3f}, rank {row['rank']}" for row in result.class_rows()]
     return plots.explanation_grid(
-        result.image, [result.maps(k) for k in keys], [target_title(k, result.names) for k in keys], rows,
-        colorbar_labels=[f"{result.method} of {objective(k)}\nred: for t, blue: against t" for k in keys], title=title,
+        result.image,
+        [result.maps(k) for k in keys],
+        [target_title(k, result.names) for k in keys],
+        rows,
+        colorbar_labels=[f"{result.method} of {objective(k)}\nred: for t, blue: against t" for k in keys],
+        title=title,
     )
 
 
@@ -216,12 +235,22 @@ def summary(result: ClassExplanations, image: str, model: str, files: Dict[str, 
         values = bh.targets.get(key).objective(e.logits, e.classes).tolist()
         targets[key] = {
             "linear": e.linear,
-            "per_class": [dict(index=c, objective=values[i], **{s: v[i] for s, v in stats.items()})
-                          for i, c in enumerate(result.classes.tolist())],
+            "per_class": [
+                dict(index=c, objective=values[i], **{s: v[i] for s, v in stats.items()})
+                for i, c in enumerate(result.classes.tolist())
+            ],
             "class_similarity": class_similarity(e.maps),
         }
-    return {"image": image, "model": model, "method": result.method, "layer": result.layer,
-            "input_size": list(result.image.shape[-2:]), "classes": result.class_rows(), "targets": targets, "files": files}
+    return {
+        "image": image,
+        "model": model,
+        "method": result.method,
+        "layer": result.layer,
+        "input_size": list(result.image.shape[-2:]),
+        "classes": result.class_rows(),
+        "targets": targets,
+        "files": files,
+    }
 
 
 def tensors(result: ClassExplanations) -> Dict[str, Any]:
@@ -243,11 +272,15 @@ def tensors(result: ClassExplanations) -> Dict[str, Any]:
 def table(result: ClassExplanations, name: str) -> str:
     """The classes of one image as a text table: rank, class index, name, probability, logit."""
     width = max(len("class name"), *(len(n) for n in result.class_names))
-    lines = [f"{name}: {result.method}" + (f" at {result.layer}" if result.layer else ""),
-             f"  {'rank':>4}  {'class':>5}  {'class name':<{width}}  {'prob':>6}  {'logit':>8}"]
+    lines = [
+        f"{name}: {result.method}" + (f" at {result.layer}" if result.layer else ""),
+        f"  {'rank':>4}  {'class':>5}  {'class name':<{width}}  {'prob':>6}  {'logit':>8}",
+    ]
     for row in result.class_rows():
-        lines.append(f"  {row['rank']:>4}  {row['index']:>5}  {row['name']:<{width}}  {row['probability']:>6.3f}  "
-                     f"{row['logit']:>8.3f}")
+        lines.append(
+            f"  {row['rank']:>4}  {row['index']:>5}  {row['name']:<{width}}  {row['probability']:>6.3f}  "
+            f"{row['logit']:>8.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -263,6 +296,7 @@ def write_result(result: ClassExplanations, folder: Path, name: str, image: str,
 
 
 # ---- inputs: image files or bundled photos -----------------------------------------------------------
+
 
 def check_sources(sources: Sequence[str]) -> List[str]:
     """The images to explain (default: the bundled cat photo); each an existing file or a bundled photo name."""
@@ -301,6 +335,7 @@ def output_names(sources: Sequence[str]) -> List[str]:
 
 # ---- all-or-nothing output folder --------------------------------------------------------------------
 
+
 @contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success its files move into ``out``, on failure it is
@@ -329,9 +364,17 @@ def staged_folder(out: Path) -> Iterator[Path]:
 
 
 def explain_images(
-    model: nn.Module, sources: Sequence[str], out: Path, model_name: str, method: str = DEFAULT_METHOD,
-    targets: Sequence[str] = DEFAULT_TARGETS, classes: Optional[Sequence[int]] = None, topk: int = DEFAULT_TOPK,
-    progress: bool = True, echo: bool = True, **options: Any,
+    model: nn.Module,
+    sources: Sequence[str],
+    out: Path,
+    model_name: str,
+    method: str = DEFAULT_METHOD,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    classes: Optional[Sequence[int]] = None,
+    topk: int = DEFAULT_TOPK,
+    progress: bool = True,
+    echo: bool = True,
+    **options: Any,
 ) -> List[Dict[str, Any]]:
     """Explain every image (file or bundled photo) and write its figure, tensors and summary into ``out``.
 
@@ -340,8 +383,13 @@ def explain_images(
     """
     sources = check_sources(sources)
     summaries = []
-    bar = tqdm(list(zip(sources, output_names(sources))), desc="explain", unit="image",
-               disable=not progress or len(sources) < 2, file=sys.stderr)
+    bar = tqdm(
+        list(zip(sources, output_names(sources))),
+        desc="explain",
+        unit="image",
+        disable=not progress or len(sources) < 2,
+        file=sys.stderr,
+    )
     with staged_folder(out) as stage, bar:
         try:
             for source, name in bar:
@@ -356,6 +404,7 @@ def explain_images(
 
 
 # ---- validation of the command line, before anything runs or is written -----------------------------
+
 
 def check_method(method: str, layer: Optional[str]) -> Dict[str, Any]:
     """The method's options (``layer``); raises for an unknown method or a layer it does not take."""
@@ -380,7 +429,9 @@ def check_targets(targets: Sequence[str], num_classes: int) -> List[str]:
 def check_class_range(classes: Sequence[int], num_classes: int, what: str = "--classes") -> None:
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise UsageError(f"{what}: class {bad[0]} is out of range; the model has {num_classes} classes: 0 to {num_classes - 1}")
+        raise UsageError(
+            f"{what}: class {bad[0]} is out of range; the model has {num_classes} classes: 0 to {num_classes - 1}"
+        )
 
 
 def check_device(name: str) -> torch.device:
@@ -407,27 +458,50 @@ def prepare_model(args: argparse.Namespace) -> nn.Module:
 
 # ---- command line ------------------------------------------------------------------------------------
 
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``explain`` subcommand; its ``func`` default is :func:`run`."""
     parser = subparsers.add_parser(
-        "explain", help="explain the top-k classes of images (figure, maps, summary)",
+        "explain",
+        help="explain the top-k classes of images (figure, maps, summary)",
         description="Why class t and not the others: explain the top-k classes of images with any method and "
-                    "target; write a figure, the raw maps (.pt) and a summary (.json) per image.",
+        "target; write a figure, the raw maps (.pt) and a summary (.json) per image.",
     )
-    parser.add_argument("images", nargs="*", metavar="IMAGE",
-                        help=f"image files, or bundled photos: {', '.join(PHOTOS)} (default: {DEFAULT_PHOTO})")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"architecture (default: {DEFAULT_MODEL}): {', '.join(models.available())}")
-    parser.add_argument("--weights", default=None, help="a local checkpoint (state dict) instead of the default weights")
-    parser.add_argument("--method", default=DEFAULT_METHOD,
-                        help=f"method (default: {DEFAULT_METHOD}): {', '.join(bh.methods.available())}")
-    parser.add_argument("--target", nargs="+", default=list(DEFAULT_TARGETS), dest="targets", metavar="TARGET",
-                        help=f"targets, one column each (default: {' '.join(DEFAULT_TARGETS)}): "
-                             f"{', '.join(bh.targets.names())}, versus:S")
+    parser.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help=f"image files, or bundled photos: {', '.join(PHOTOS)} (default: {DEFAULT_PHOTO})",
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"architecture (default: {DEFAULT_MODEL}): {', '.join(models.available())}",
+    )
+    parser.add_argument(
+        "--weights", default=None, help="a local checkpoint (state dict) instead of the default weights"
+    )
+    parser.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        help=f"method (default: {DEFAULT_METHOD}): {', '.join(bh.methods.available())}",
+    )
+    parser.add_argument(
+        "--target",
+        nargs="+",
+        default=list(DEFAULT_TARGETS),
+        dest="targets",
+        metavar="TARGET",
+        help=f"targets, one column each (default: {' '.join(DEFAULT_TARGETS)}): "
+        f"{', '.join(bh.targets.names())}, versus:S",
+    )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--classes", nargs="+", type=int, default=None, metavar="C", help="the classes to explain (rows)")
-    which.add_argument("--topk", type=int, default=DEFAULT_TOPK,
-                       help=f"explain the k most probable classes (default: {DEFAULT_TOPK})")
+    which.add_argument(
+        "--classes", nargs="+", type=int, default=None, metavar="C", help="the classes to explain (rows)"
+    )
+    which.add_argument(
+        "--topk", type=int, default=DEFAULT_TOPK, help=f"explain the k most probable classes (default: {DEFAULT_TOPK})"
+    )
     parser.add_argument("--layer", default=None, help="layer of the CAM methods (default: the model's default layer)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -443,13 +517,27 @@ def run(args: argparse.Namespace) -> int:
     model = prepare_model(args)
     targets = check_targets(args.targets, len(model.class_names))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bh.methods.NonLinearContrastWarning)  # one note below instead
-        summaries = explain_images(model, sources, args.out, args.model, args.method, targets, args.classes,
-                                   args.topk, progress=args.progress, **options)
-    nonlinear = sorted({k for s in summaries for k, t in s["targets"].items()
-                        if not t["linear"] and bh.targets.get(k).contrastive})
+        warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)  # one note below instead
+        summaries = explain_images(
+            model,
+            sources,
+            args.out,
+            args.model,
+            args.method,
+            targets,
+            args.classes,
+            args.topk,
+            progress=args.progress,
+            **options,
+        )
+    nonlinear = sorted(
+        {k for s in summaries for k, t in s["targets"].items() if not t["linear"] and bh.targets.get(k).contrastive}
+    )
     if nonlinear:
-        print(f"note: {args.method!r} is not linear in the seed: the {', '.join(nonlinear)} maps are back-propagated "
-              "contrast seeds, not per-class compositions", file=sys.stderr)
+        print(
+            f"note: {args.method!r} is not linear in the seed: the {', '.join(nonlinear)} maps are back-propagated "
+            "contrast seeds, not per-class compositions",
+            file=sys.stderr,
+        )
     print(f"wrote {len(sources)} figure(s), maps and summaries to {args.out}/")
     return 0

@@ -18,6 +18,7 @@ model's ``default_layer``) gives the original map φ^O (target ``logit``) and th
 Batching: per chunk, t1 and t2 are explained together (a 2B batch) in one call per method and target;
 the masked images of both maps go through the model in one forward per baseline and feature kind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ from torch import nn
 from torchvision.transforms import functional as TF
 
 import backprop_hooks as bh
-from backprop_hooks.cli import UsageError
+from backprop_hooks.errors import UsageError
 
 from . import report
 from .experiment import Setup, add_common_arguments, execute, method_options, prepare
@@ -48,14 +49,19 @@ CLASSES = ("t1", "t2")
 
 # ---- the masks ---------------------------------------------------------------------------------------
 
+
 def keep_top(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Boolean (B, N): the ``k[b]`` largest entries of each row of ``values`` (B, N) (ties: lower index first)."""
     order = values.argsort(dim=1, descending=True, stable=True)
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(values.shape[1], device=values.device).expand_as(order))
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(values.shape[1], device=values.device).expand_as(order)
+    )
     return ranks < k[:, None]
 
 
-def equal_count_keep(original: torch.Tensor, weighted: torch.Tensor, features: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def equal_count_keep(
+    original: torch.Tensor, weighted: torch.Tensor, features: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pixels each map keeps (boolean, like the (B, H, W) maps) and the common count k (B,).
 
     ``positive``: k = min(#positive of the two maps), each keeps its k highest pixels;
@@ -95,21 +101,31 @@ def relative_probability(logits: torch.Tensor, t: torch.Tensor, other: torch.Ten
     return torch.sigmoid(logits.gather(1, t[:, None]) - logits.gather(1, other[:, None]))[:, 0]
 
 
-def explain_maps(model: nn.Module, x: torch.Tensor, method: str, target: str, classes: torch.Tensor, **options: Any) -> torch.Tensor:
+def explain_maps(
+    model: nn.Module, x: torch.Tensor, method: str, target: str, classes: torch.Tensor, **options: Any
+) -> torch.Tensor:
     """(B, H, W) signed maps at input resolution, one call for the whole batch."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bh.methods.NonLinearContrastWarning)
+        warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
         maps = bh.explain(model, x, method=method, target=target, classes=classes, **options).maps
     if maps.shape != (x.shape[0], *x.shape[-2:]):
-        raise UsageError(f"method {method!r} gives maps of shape {tuple(maps.shape[1:])}, not the image's "
-                         f"{tuple(x.shape[-2:])}; choose a method with spatial maps (or a spatial --layer)")
+        raise UsageError(
+            f"method {method!r} gives maps of shape {tuple(maps.shape[1:])}, not the image's "
+            f"{tuple(x.shape[-2:])}; choose a method with spatial maps (or a spatial --layer)"
+        )
     return maps
 
 
 # ---- the per-batch job -------------------------------------------------------------------------------
 
-def masking_process(model: nn.Module, methods: Dict[str, Dict[str, Any]], baselines: Sequence[str],
-                    features: Sequence[str], threshold: float) -> Process:
+
+def masking_process(
+    model: nn.Module,
+    methods: Dict[str, Dict[str, Any]],
+    baselines: Sequence[str],
+    features: Sequence[str],
+    threshold: float,
+) -> Process:
     """Per sample: t1, t2, p2, kept (p2 > threshold), ``before`` (2: t1, t2), ``value`` (M, baselines,
     features, 2 maps (original, weighted), 2 classes, B) and ``k`` (M, features, 2 classes, B); NaN / −1
     for samples that are not kept."""
@@ -142,16 +158,26 @@ def masking_process(model: nn.Module, methods: Dict[str, Dict[str, Any]], baseli
                             out = model(masked)
                         rel = relative_probability(out, torch.cat([t, t]), torch.cat([other, other]))
                         value[m, j, f][..., idx] = rel.view(2, 2, n)
-        return {"label": labels, "t1": t1, "t2": t2, "p2": p2, "kept": kept.to(torch.long), "before": before,
-                "value": value, "k": count}
+        return {
+            "label": labels,
+            "t1": t1,
+            "t2": t2,
+            "p2": p2,
+            "kept": kept.to(torch.long),
+            "before": before,
+            "value": value,
+            "k": count,
+        }
 
     return process
 
 
 # ---- summary and report ------------------------------------------------------------------------------
 
-def summarize(results: Results, methods: Sequence[str], baselines: Sequence[str], features: Sequence[str],
-              pixels: int) -> List[Dict[str, Any]]:
+
+def summarize(
+    results: Results, methods: Sequence[str], baselines: Sequence[str], features: Sequence[str], pixels: int
+) -> List[Dict[str, Any]]:
     """One row per (method, baseline, features, class): means over the kept samples, CIs, who wins."""
     kept = results["kept"].bool()
     n = int(kept.sum())
@@ -168,7 +194,9 @@ def summarize(results: Results, methods: Sequence[str], baselines: Sequence[str]
                     row["weighted"], row["weighted_ci95"] = report.mean_ci(w)
                     row["weighted_minus_original"], row["weighted_minus_original_ci95"] = report.mean_ci(w - o)
                     row["weighted_better_fraction"] = float(better.double().mean()) if n else float("nan")
-                    row["kept_pixel_fraction"] = float(results["k"][m, f, c][kept].double().mean() / pixels) if n else float("nan")
+                    row["kept_pixel_fraction"] = (
+                        float(results["k"][m, f, c][kept].double().mean() / pixels) if n else float("nan")
+                    )
                     rows.append(row)
     return rows
 
@@ -189,7 +217,9 @@ def review_table(rows: Sequence[Dict[str, Any]], baselines: Sequence[str]) -> st
                 o, w = (o, f"**{w}**") if weighted_wins else (f"**{o}**", w)
             cells.append(f"{o} / {w}")
         lines.append([method, feature, cls, first["n"], report.fmt(first["before"]), *cells])
-    return report.markdown_table(["method", "features", "class", "n", "before"] + [f"{b}: O / W" for b in baselines], lines)
+    return report.markdown_table(
+        ["method", "features", "class", "n", "before"] + [f"{b}: O / W" for b in baselines], lines
+    )
 
 
 def sample_rows(setup: Setup, results: Results, methods, baselines, features) -> List[Dict[str, Any]]:
@@ -197,10 +227,18 @@ def sample_rows(setup: Setup, results: Results, methods, baselines, features) ->
     rows = []
     for s in range(results["position"].numel()):
         pos = int(results["position"][s])
-        row: Dict[str, Any] = {"position": pos, "index": int(results["index"][s]), "name": setup.sample_name(pos),
-                               "label": int(results["label"][s]), "t1": int(results["t1"][s]), "t2": int(results["t2"][s]),
-                               "p2": float(results["p2"][s]), "kept": int(results["kept"][s]),
-                               "before_t1": float(results["before"][0, s]), "before_t2": float(results["before"][1, s])}
+        row: Dict[str, Any] = {
+            "position": pos,
+            "index": int(results["index"][s]),
+            "name": setup.sample_name(pos),
+            "label": int(results["label"][s]),
+            "t1": int(results["t1"][s]),
+            "t2": int(results["t2"][s]),
+            "p2": float(results["p2"][s]),
+            "kept": int(results["kept"][s]),
+            "before_t1": float(results["before"][0, s]),
+            "before_t2": float(results["before"][1, s]),
+        }
         if row["kept"]:
             for m, method in enumerate(methods):
                 for f, feature in enumerate(features):
@@ -208,7 +246,9 @@ def sample_rows(setup: Setup, results: Results, methods, baselines, features) ->
                         row[f"{method}_{feature}_{cls}_k"] = int(results["k"][m, f, c, s])
                         for j, kind in enumerate(baselines):
                             for a, name in enumerate(("original", "weighted")):
-                                row[f"{method}_{kind}_{feature}_{cls}_{name}"] = float(results["value"][m, j, f, a, c, s])
+                                row[f"{method}_{kind}_{feature}_{cls}_{name}"] = float(
+                                    results["value"][m, j, f, a, c, s]
+                                )
         rows.append(row)
     return rows
 
@@ -218,16 +258,30 @@ def figure(rows: Sequence[Dict[str, Any]], methods, baselines, features, title: 
     from matplotlib import pyplot as plt
 
     by_key = {(r["method"], r["baseline"], r["features"], r["class"]): r for r in rows}
-    fig, axes = plt.subplots(len(features), len(methods), figsize=(4.2 * len(methods), 3.2 * len(features)),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        len(features),
+        len(methods),
+        figsize=(4.2 * len(methods), 3.2 * len(features)),
+        squeeze=False,
+        layout="constrained",
+    )
     groups = [(kind, cls) for kind in baselines for cls in CLASSES]
     for f, feature in enumerate(features):
         for m, method in enumerate(methods):
-            series = {name: ([by_key[(method, kind, feature, cls)][key] for kind, cls in groups],
-                             [by_key[(method, kind, feature, cls)][f"{key}_ci95"] for kind, cls in groups])
-                      for name, key in (("before", "before"), ("original", "original"), ("weighted", "weighted"))}
-            report.grouped_bars(axes[f, m], [f"{kind}\n{cls}" for kind, cls in groups], series,
-                                r"$e^{y_t}/(e^{y_{t1}}+e^{y_{t2}})$", f"{method}, {feature} features")
+            series = {
+                name: (
+                    [by_key[(method, kind, feature, cls)][key] for kind, cls in groups],
+                    [by_key[(method, kind, feature, cls)][f"{key}_ci95"] for kind, cls in groups],
+                )
+                for name, key in (("before", "before"), ("original", "original"), ("weighted", "weighted"))
+            }
+            report.grouped_bars(
+                axes[f, m],
+                [f"{kind}\n{cls}" for kind, cls in groups],
+                series,
+                r"$e^{y_t}/(e^{y_{t1}}+e^{y_{t2}})$",
+                f"{method}, {feature} features",
+            )
             axes[f, m].set_ylim(0, 1)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
@@ -254,8 +308,14 @@ def example_maps(setup: Setup, results: Results, method: str, options: Dict[str,
             kinds.append("image")
     names = setup.class_names
     labels = [f"{setup.sample_name(p)}\nt1 = {names[c]}"[:50] for p, c in zip(kept, t1.tolist())]
-    return report.example_grid(x.cpu(), [c.cpu() for c in columns], titles, labels, kinds,
-                               title="maps of t1 and the images keeping their features (blur elsewhere)")
+    return report.example_grid(
+        x.cpu(),
+        [c.cpu() for c in columns],
+        titles,
+        labels,
+        kinds,
+        title="maps of t1 and the images keeping their features (blur elsewhere)",
+    )
 
 
 def write_report(setup: Setup, results: Results, out: Path) -> None:
@@ -267,22 +327,31 @@ def write_report(setup: Setup, results: Results, out: Path) -> None:
     n_all, n = int(results["kept"].numel()), int(results["kept"].sum())
     kernel, sigma = blur_parameters(cfg["input_size"])
     layers = ", ".join(f"{m}: {o.get('layer', '-')}" for m, o in cfg["methods"].items())
-    md = [f"# Masking: {cfg['model']} on {cfg['data']}", "",
-          f"{n} of {n_all} samples have p_2 > {cfg['threshold']} (t1, t2 = the two top predicted classes). "
-          f"Value: mean over samples of e^{{y_t}}/(e^{{y_t1}}+e^{{y_t2}}) after keeping only the positive (negative) "
-          f"features of each map (equal pixel counts for the original O and weighted W maps); **bold**: the better "
-          f"map (higher for positive, lower for negative). Blur: kernel {kernel}, σ = {sigma:.2f} at {cfg['input_size']} px. "
-          f"Layers: {layers}. "
-          f"Weights sha256 `{cfg['weights_sha256'][:16]}…`; config hash `{config_hash(cfg)[:16]}…`.", "",
-          review_table(rows, baselines) if n else "_No sample passed the threshold._", "",
-          "Per-row CIs, the per-sample fraction where W beats O, and the kept pixel fraction: results.csv.", ""]
+    md = [
+        f"# Masking: {cfg['model']} on {cfg['data']}",
+        "",
+        f"{n} of {n_all} samples have p_2 > {cfg['threshold']} (t1, t2 = the two top predicted classes). "
+        f"Value: mean over samples of e^{{y_t}}/(e^{{y_t1}}+e^{{y_t2}}) after keeping only the positive (negative) "
+        f"features of each map (equal pixel counts for the original O and weighted W maps); **bold**: the better "
+        f"map (higher for positive, lower for negative). Blur: kernel {kernel}, σ = {sigma:.2f} "
+        f"at {cfg['input_size']} px. "
+        f"Layers: {layers}. "
+        f"Weights sha256 `{cfg['weights_sha256'][:16]}…`; config hash `{config_hash(cfg)[:16]}…`.",
+        "",
+        review_table(rows, baselines) if n else "_No sample passed the threshold._",
+        "",
+        "Per-row CIs, the per-sample fraction where W beats O, and the kept pixel fraction: results.csv.",
+        "",
+    ]
     report.write_text(out / "results.md", "\n".join(md))
     report.write_csv(out / "results.csv", rows)
     report.write_json(out / "results.json", {"config": cfg, "rows": rows, "samples_file": "samples.csv"})
     report.write_csv(out / "samples.csv", sample_rows(setup, results, methods, baselines, features))
     if n:
-        report.save_figure(figure(rows, methods, baselines, features, f"{cfg['model']} on {cfg['data']}, n = {n}"),
-                           out / "figure_masking.png")
+        report.save_figure(
+            figure(rows, methods, baselines, features, f"{cfg['model']} on {cfg['data']}, n = {n}"),
+            out / "figure_masking.png",
+        )
         first = methods[0]
         grid = example_maps(setup, results, first, cfg["methods"][first], setup.examples) if setup.examples else None
         if grid is not None:
@@ -291,14 +360,19 @@ def write_report(setup: Setup, results: Results, out: Path) -> None:
 
 # ---- command line ------------------------------------------------------------------------------------
 
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``mask`` subcommand; its ``func`` default is :func:`run`."""
     parser = subparsers.add_parser(
-        "mask", help="masking experiment: keep positive/negative features of original vs weighted maps (paper §5.2)",
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "mask",
+        help="masking experiment: keep positive/negative features of original vs weighted maps (paper §5.2)",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_common_arguments(parser, DEFAULT_MODEL, DEFAULT_DATA)
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="map methods: " + ", ".join(bh.methods.available()))
+    parser.add_argument(
+        "--methods", nargs="+", default=list(DEFAULT_METHODS), help="map methods: " + ", ".join(bh.methods.available())
+    )
     parser.add_argument("--layer", default=None, help="layer of the CAM methods (default: the model's default_layer)")
     parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=BASELINES)
     parser.add_argument("--features", nargs="+", default=list(FEATURES), choices=FEATURES)
@@ -313,14 +387,24 @@ def run(args: argparse.Namespace) -> int:
         bh.methods.get(method)
     if not 0 <= args.threshold < 0.5:
         raise UsageError(f"--threshold must lie in [0, 0.5) (p_2 cannot exceed 0.5), got {args.threshold}")
-    params = {"threshold": args.threshold, "baselines": list(dict.fromkeys(args.baselines)),
-              "features": list(dict.fromkeys(args.features)), "methods": {}}
+    params = {
+        "threshold": args.threshold,
+        "baselines": list(dict.fromkeys(args.baselines)),
+        "features": list(dict.fromkeys(args.features)),
+        "methods": {},
+    }
     setup = prepare(args, "mask", params)
     methods = {m: method_options(m, setup.model, args.layer) for m in dict.fromkeys(args.methods)}
     setup.config["methods"] = methods
     first, _ = setup.samples.dataset[setup.positions[0]]
     for method, options in methods.items():  # spatial-map check, before the run
-        explain_maps(setup.model, first[None].to(setup.device), method, "logit",
-                     torch.zeros(1, dtype=torch.long, device=setup.device), **options)
+        explain_maps(
+            setup.model,
+            first[None].to(setup.device),
+            method,
+            "logit",
+            torch.zeros(1, dtype=torch.long, device=setup.device),
+            **options,
+        )
     process = masking_process(setup.model, methods, params["baselines"], params["features"], args.threshold)
     return execute(setup, args, process, write_report, desc="mask")

@@ -12,6 +12,7 @@ mode, with 95 % confidence intervals: Δacc (top-1 correct), Δp_t (softmax prob
 Batching: all ε values are stacked into one batch, so each step of a mode is one explanation call
 (one forward + one backward) for every sample and every ε of the chunk.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 import backprop_hooks as bh
-from backprop_hooks.cli import UsageError
+from backprop_hooks.errors import UsageError
 
 from . import report
 from .experiment import Setup, add_common_arguments, execute, prepare, target_of
@@ -41,6 +42,7 @@ METRICS = (("acc", "Δacc"), ("p", "Δp_t"), ("y", "Δy_t"))
 
 # ---- the update --------------------------------------------------------------------------------------
 
+
 def perturb_step(x: torch.Tensor, x0: torch.Tensor, phi: torch.Tensor, step: Any, eps: Any) -> torch.Tensor:
     """``clamp(clamp(x + step·sign(φ), x0 − ε, x0 + ε), 0, 1)``; ``step``/``eps`` floats or broadcastable tensors."""
     x = x + step * phi.sign()
@@ -48,20 +50,31 @@ def perturb_step(x: torch.Tensor, x0: torch.Tensor, phi: torch.Tensor, step: Any
     return x.clamp(0.0, 1.0)
 
 
-def explain_input(model: nn.Module, x: torch.Tensor, method: str, target: str, classes: torch.Tensor,
-                  **options: Any) -> torch.Tensor:
+def explain_input(
+    model: nn.Module, x: torch.Tensor, method: str, target: str, classes: torch.Tensor, **options: Any
+) -> torch.Tensor:
     """φ: the input-space explanation (same shape as ``x``) of ``target`` for ``classes``, in one call."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bh.methods.NonLinearContrastWarning)
+        warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
         phi = bh.explain(model, x, method=method, target=target, classes=classes, **options).attributions
     if phi.shape != x.shape:
-        raise UsageError(f"method {method!r} explains in a space of shape {tuple(phi.shape[1:])}, not the input's "
-                         f"{tuple(x.shape[1:])}; perturb needs an input-space method (gradient, input_x_gradient, ...)")
+        raise UsageError(
+            f"method {method!r} explains in a space of shape {tuple(phi.shape[1:])}, not the input's "
+            f"{tuple(x.shape[1:])}; perturb needs an input-space method (gradient, input_x_gradient, ...)"
+        )
     return phi
 
 
-def perturb(model: nn.Module, x0: torch.Tensor, classes: torch.Tensor, method: str, target: str,
-            eps: Sequence[float], steps: int, **options: Any) -> torch.Tensor:
+def perturb(
+    model: nn.Module,
+    x0: torch.Tensor,
+    classes: torch.Tensor,
+    method: str,
+    target: str,
+    eps: Sequence[float],
+    steps: int,
+    **options: Any,
+) -> torch.Tensor:
     """Perturbed inputs (E, B, ...) for every ε: ``steps`` updates of size ε/steps along sign(φ)."""
     e, b = len(eps), x0.shape[0]
     origin = x0.repeat(e, *([1] * (x0.dim() - 1)))  # ε-major: rows i·B .. (i+1)·B − 1 have ε_i
@@ -84,8 +97,9 @@ def outcome(logits: torch.Tensor, classes: torch.Tensor) -> Dict[str, torch.Tens
     }
 
 
-def perturbation_process(model: nn.Module, method: str, targets: Sequence[str], eps: Sequence[float],
-                         steps: Sequence[int], **options: Any) -> Process:
+def perturbation_process(
+    model: nn.Module, method: str, targets: Sequence[str], eps: Sequence[float], steps: Sequence[int], **options: Any
+) -> Process:
     """The per-batch job: base outcome (B,) and outcomes after perturbation (T, E, S, B)."""
 
     def process(x: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> Results:
@@ -106,7 +120,10 @@ def perturbation_process(model: nn.Module, method: str, targets: Sequence[str], 
 
 # ---- summary and report ------------------------------------------------------------------------------
 
-def summarize(results: Results, targets: Sequence[str], eps: Sequence[float], steps: Sequence[int]) -> List[Dict[str, Any]]:
+
+def summarize(
+    results: Results, targets: Sequence[str], eps: Sequence[float], steps: Sequence[int]
+) -> List[Dict[str, Any]]:
     """One row per (mode, ε, n_tot): per-sample means and 95 % CIs of the base values and the deltas."""
     n = int(results["base_acc"].numel())
     base = {k: report.mean_ci(results[f"base_{k}"]) for k, _ in METRICS}
@@ -124,8 +141,9 @@ def summarize(results: Results, targets: Sequence[str], eps: Sequence[float], st
     return rows
 
 
-def paired(results: Results, targets: Sequence[str], eps: Sequence[float], steps: Sequence[int],
-           reference: str = "logit") -> List[Dict[str, Any]]:
+def paired(
+    results: Results, targets: Sequence[str], eps: Sequence[float], steps: Sequence[int], reference: str = "logit"
+) -> List[Dict[str, Any]]:
     """Per-sample paired differences of each mode against ``reference`` (the original): the mean of
     ``value_mode − value_reference`` over samples and its 95 % CI (tighter than comparing two CIs)."""
     if reference not in targets:
@@ -152,8 +170,17 @@ def paired_table(rows: Sequence[Dict[str, Any]]) -> str:
 
     return report.markdown_table(
         ["mode − original", "ε", "n_tot", "Δacc diff ± CI95", "Δp_t diff ± CI95", "Δy_t diff ± CI95"],
-        [[MODE_TITLES.get(r["mode"], r["mode"]), f"{r['eps']:g}", r["steps"], cell(r, "acc"), cell(r, "p"), cell(r, "y")]
-         for r in rows],
+        [
+            [
+                MODE_TITLES.get(r["mode"], r["mode"]),
+                f"{r['eps']:g}",
+                r["steps"],
+                cell(r, "acc"),
+                cell(r, "p"),
+                cell(r, "y"),
+            ]
+            for r in rows
+        ],
     )
 
 
@@ -166,22 +193,35 @@ def review_table(rows: Sequence[Dict[str, Any]], targets: Sequence[str]) -> str:
     for e, s in dict.fromkeys((r["eps"], r["steps"]) for r in rows):
         first = by_key[(targets[0], e, s)]
         base = f"{first['base_acc']:.3f}/{first['base_p']:.3f}/{first['base_y']:.2f}"
-        cells = ["/".join(report.fmt(by_key[(t, e, s)][f"delta_{key}"], 2 if key == "y" else 3) for t in targets)
-                 for key, _ in METRICS]
+        cells = [
+            "/".join(report.fmt(by_key[(t, e, s)][f"delta_{key}"], 2 if key == "y" else 3) for t in targets)
+            for key, _ in METRICS
+        ]
         lines.append([f"{e:g}", s, first["n"], base, *cells])
     return report.markdown_table(headers, lines)
 
 
 def ci_table(rows: Sequence[Dict[str, Any]]) -> str:
     """Every row with its 95 % confidence intervals."""
+
     def cell(r, key):
         digits = 2 if key == "y" else 3
         return f"{report.fmt(r[f'delta_{key}'], digits)} ± {report.fmt(r[f'delta_{key}_ci95'], digits)}"
 
     return report.markdown_table(
         ["mode", "ε", "n_tot", "n", "Δacc ± CI95", "Δp_t ± CI95", "Δy_t ± CI95"],
-        [[MODE_TITLES.get(r["mode"], r["mode"]), f"{r['eps']:g}", r["steps"], r["n"], cell(r, "acc"), cell(r, "p"),
-          cell(r, "y")] for r in rows],
+        [
+            [
+                MODE_TITLES.get(r["mode"], r["mode"]),
+                f"{r['eps']:g}",
+                r["steps"],
+                r["n"],
+                cell(r, "acc"),
+                cell(r, "p"),
+                cell(r, "y"),
+            ]
+            for r in rows
+        ],
     )
 
 
@@ -190,8 +230,13 @@ def sample_rows(setup: Setup, results: Results, targets, eps, steps) -> List[Dic
     rows = []
     for s in range(results["position"].numel()):
         pos = int(results["position"][s])
-        row: Dict[str, Any] = {"position": pos, "index": int(results["index"][s]), "name": setup.sample_name(pos),
-                               "label": int(results["label"][s]), "t": int(results["t"][s])}
+        row: Dict[str, Any] = {
+            "position": pos,
+            "index": int(results["index"][s]),
+            "name": setup.sample_name(pos),
+            "label": int(results["label"][s]),
+            "t": int(results["t"][s]),
+        }
         row.update({f"base_{k}": float(results[f"base_{k}"][s]) for k, _ in METRICS})
         for i, target in enumerate(targets):
             for j, e in enumerate(eps):
@@ -202,7 +247,9 @@ def sample_rows(setup: Setup, results: Results, targets, eps, steps) -> List[Dic
     return rows
 
 
-def figure(rows: Sequence[Dict[str, Any]], targets: Sequence[str], eps: Sequence[float], steps: Sequence[int], title: str):
+def figure(
+    rows: Sequence[Dict[str, Any]], targets: Sequence[str], eps: Sequence[float], steps: Sequence[int], title: str
+):
     """The paper's Figure 3: per ε a row of bar charts (Δy_t, Δp_t, Δacc) with bars per mode across n_tot."""
     from matplotlib import pyplot as plt
 
@@ -210,9 +257,13 @@ def figure(rows: Sequence[Dict[str, Any]], targets: Sequence[str], eps: Sequence
     fig, axes = plt.subplots(len(eps), 3, figsize=(12, 3.2 * len(eps)), squeeze=False, layout="constrained")
     for j, e in enumerate(eps):
         for col, (key, label) in enumerate([("y", "Δy_t"), ("p", "Δp_t"), ("acc", "Δacc")]):
-            series = {MODE_TITLES.get(t, t): ([by_key[(t, float(e), int(s))][f"delta_{key}"] for s in steps],
-                                              [by_key[(t, float(e), int(s))][f"delta_{key}_ci95"] for s in steps])
-                      for t in targets}
+            series = {
+                MODE_TITLES.get(t, t): (
+                    [by_key[(t, float(e), int(s))][f"delta_{key}"] for s in steps],
+                    [by_key[(t, float(e), int(s))][f"delta_{key}_ci95"] for s in steps],
+                )
+                for t in targets
+            }
             report.grouped_bars(axes[j, col], [f"n={s}" for s in steps], series, label, f"{label}, ε = {e:g}")
     axes[0, -1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -228,10 +279,17 @@ def example_maps(setup: Setup, method: str, targets: Sequence[str], count: int, 
     logits, t = target_of(setup.model, x, labels)
     columns = [explain_input(setup.model, x, method, target, t, **options).sum(dim=1) for target in targets]
     names = setup.class_names
-    row_labels = [f"{setup.sample_name(p)}\nt = {names[c]} ({c}), p = {q:.2f}"[:60]
-                  for p, c, q in zip(range(count), t.tolist(), logits.softmax(1).gather(1, t[:, None])[:, 0].tolist())]
-    return report.example_grid(x.cpu(), [c.cpu() for c in columns], [f"{MODE_TITLES.get(m, m)}" for m in targets],
-                               row_labels, title=f"{method} maps of class t (red for, blue against)")
+    row_labels = [
+        f"{setup.sample_name(p)}\nt = {names[c]} ({c}), p = {q:.2f}"[:60]
+        for p, c, q in zip(range(count), t.tolist(), logits.softmax(1).gather(1, t[:, None])[:, 0].tolist())
+    ]
+    return report.example_grid(
+        x.cpu(),
+        [c.cpu() for c in columns],
+        [f"{MODE_TITLES.get(m, m)}" for m in targets],
+        row_labels,
+        title=f"{method} maps of class t (red for, blue against)",
+    )
 
 
 def write_report(setup: Setup, results: Results, out: Path) -> None:
@@ -239,29 +297,49 @@ def write_report(setup: Setup, results: Results, out: Path) -> None:
     cfg = setup.config
     targets, eps, steps = cfg["targets"], cfg["eps"], cfg["steps"]
     rows = summarize(results, targets, eps, steps)
-    truth = ("ground-truth label" if cfg["labelled"] else
-             "the model's prediction on the unperturbed image (photos have no ground truth: base accuracy is 1 by construction)")
-    md = [f"# Perturbation: {cfg['model']} on {cfg['data']}", "",
-          f"Method `{cfg['method']}`; modes {', '.join(targets)}; t = {truth}; n = {rows[0]['n']} samples "
-          f"(per-sample means, 95 % CIs by Student t). Weights sha256 `{cfg['weights_sha256'][:16]}…`; "
-          f"config hash `{config_hash(cfg)[:16]}…`.", "",
-          review_table(rows, targets), "", "## With 95 % confidence intervals", "", ci_table(rows), ""]
+    truth = (
+        "ground-truth label"
+        if cfg["labelled"]
+        else "the model's prediction on the unperturbed image "
+        "(photos have no ground truth: base accuracy is 1 by construction)"
+    )
+    md = [
+        f"# Perturbation: {cfg['model']} on {cfg['data']}",
+        "",
+        f"Method `{cfg['method']}`; modes {', '.join(targets)}; t = {truth}; n = {rows[0]['n']} samples "
+        f"(per-sample means, 95 % CIs by Student t). Weights sha256 `{cfg['weights_sha256'][:16]}…`; "
+        f"config hash `{config_hash(cfg)[:16]}…`.",
+        "",
+        review_table(rows, targets),
+        "",
+        "## With 95 % confidence intervals",
+        "",
+        ci_table(rows),
+        "",
+    ]
     pairs = paired(results, targets, eps, steps)
     if pairs:
         md += ["## Paired per-sample differences against the original (logit) mode", "", paired_table(pairs), ""]
     report.write_text(out / "results.md", "\n".join(md))
     report.write_csv(out / "results.csv", rows)
-    report.write_json(out / "results.json", {"config": cfg, "rows": rows, "paired": pairs,
-                                            "samples_file": "samples.csv"})
+    report.write_json(
+        out / "results.json", {"config": cfg, "rows": rows, "paired": pairs, "samples_file": "samples.csv"}
+    )
     report.write_csv(out / "samples.csv", sample_rows(setup, results, targets, eps, steps))
-    report.save_figure(figure(rows, targets, eps, steps, f"{cfg['model']} on {cfg['data']}, {cfg['method']}, n = {rows[0]['n']}"),
-                       out / "figure_deltas.png")
+    report.save_figure(
+        figure(rows, targets, eps, steps, f"{cfg['model']} on {cfg['data']}, {cfg['method']}, n = {rows[0]['n']}"),
+        out / "figure_deltas.png",
+    )
     if setup.examples > 0:
-        report.save_figure(example_maps(setup, cfg["method"], targets, setup.examples, cfg["options"]),
-                           out / "example_maps.png", dpi=report.EXAMPLE_DPI)
+        report.save_figure(
+            example_maps(setup, cfg["method"], targets, setup.examples, cfg["options"]),
+            out / "example_maps.png",
+            dpi=report.EXAMPLE_DPI,
+        )
 
 
 # ---- command line ------------------------------------------------------------------------------------
+
 
 def canonical_targets(targets: Sequence[str]) -> List[str]:
     """Target names as given (``versus:S`` allowed), validated, without repeats."""
@@ -277,15 +355,23 @@ def canonical_targets(targets: Sequence[str]) -> List[str]:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``perturb`` subcommand; its ``func`` default is :func:`run`."""
     parser = subparsers.add_parser(
-        "perturb", help="perturbation experiment: Δacc, Δp_t, Δy_t along explanations (paper §5.1)",
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "perturb",
+        help="perturbation experiment: Δacc, Δp_t, Δy_t along explanations (paper §5.1)",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_common_arguments(parser, DEFAULT_MODEL, DEFAULT_DATA)
-    parser.add_argument("--method", default=DEFAULT_METHOD, help="input-space method: gradient, input_x_gradient, smoothgrad, ...")
+    parser.add_argument(
+        "--method", default=DEFAULT_METHOD, help="input-space method: gradient, input_x_gradient, smoothgrad, ..."
+    )
     parser.add_argument("--eps", nargs="+", type=float, default=list(DEFAULT_EPS), help="L∞ radii ε")
     parser.add_argument("--steps", nargs="+", type=int, default=list(DEFAULT_STEPS), help="numbers of steps n_tot")
-    parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS),
-                        help="modes: " + ", ".join(bh.targets.names()) + ", versus:S")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=list(DEFAULT_TARGETS),
+        help="modes: " + ", ".join(bh.targets.names()) + ", versus:S",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -302,7 +388,12 @@ def run(args: argparse.Namespace) -> int:
     params = {"method": args.method, "targets": targets, "eps": eps, "steps": steps, "options": {}}
     setup = prepare(args, "perturb", params)
     first, _ = setup.samples.dataset[setup.positions[0]]
-    explain_input(setup.model, first[None].to(setup.device), args.method, "logit",
-                  torch.zeros(1, dtype=torch.long, device=setup.device))  # input-space check, before the run
+    explain_input(
+        setup.model,
+        first[None].to(setup.device),
+        args.method,
+        "logit",
+        torch.zeros(1, dtype=torch.long, device=setup.device),
+    )  # input-space check, before the run
     process = perturbation_process(setup.model, args.method, targets, eps, steps)
     return execute(setup, args, process, write_report, desc="perturb")

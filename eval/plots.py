@@ -4,6 +4,7 @@ Conventions (paper and review): maps are bilinearly upsampled to the input (``Ex
 over the image at alpha 0.5 with a diverging colour scale centred on zero: red positive, blue negative,
 white zero, symmetric by the largest absolute value (``bwr`` with ``vmin = -m``, ``vmax = m``).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -45,8 +46,9 @@ def symmetric_limit(maps: ArrayLike) -> float:
     return m if np.isfinite(m) and m > 0 else 1.0
 
 
-def overlay(ax: Axes, image: ArrayLike, heatmap: ArrayLike, alpha: float = 0.5, vmax: Optional[float] = None,
-            cmap: str = CMAP) -> AxesImage:
+def overlay(
+    ax: Axes, image: ArrayLike, heatmap: ArrayLike, alpha: float = 0.5, vmax: Optional[float] = None, cmap: str = CMAP
+) -> AxesImage:
     """Draw ``heatmap`` (H, W) over ``image`` on ``ax``, zero-centred (``vmax``: default max |heatmap|).
 
     Returns the heat-map's ``AxesImage`` (for a colour bar). Ticks are removed, the frame is kept.
@@ -87,9 +89,15 @@ def explanation_grid(
     rows = len(row_labels)
     if len(column_titles) != len(columns) or any(c.shape[0] != rows for c in columns):
         raise ValueError("need one title per column and one map per row in every column")
-    fig, grid = plt.subplots(rows + 1, len(columns) + 1, squeeze=False, layout="constrained", dpi=DPI,
-                             figsize=(panel_size * (len(columns) + 1), panel_size * (rows + 0.25) + 0.6),
-                             gridspec_kw={"height_ratios": [1.0] * rows + [0.06]})
+    fig, grid = plt.subplots(
+        rows + 1,
+        len(columns) + 1,
+        squeeze=False,
+        layout="constrained",
+        dpi=DPI,
+        figsize=(panel_size * (len(columns) + 1), panel_size * (rows + 0.25) + 0.6),
+        gridspec_kw={"height_ratios": [1.0] * rows + [0.06]},
+    )
     axes, bars = grid[:-1], grid[-1]  # the last row holds the colour bars
     bars[0].axis("off")
     for r, label in enumerate(row_labels):

@@ -3,6 +3,7 @@
 Statistics are per sample: the mean of ``n`` per-sample values and its 95 % confidence interval
 ``mean ± t_{0.975, n-1} · sd / √n`` (Student t; the normal quantile 1.96 for large n).
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,6 +24,7 @@ Row = Dict[str, Any]
 
 
 # ---- statistics --------------------------------------------------------------------------------------
+
 
 def t_quantile(n: int, level: float = 0.95) -> float:
     """Two-sided Student-t quantile for ``n`` samples (nan for n < 2)."""
@@ -48,6 +50,7 @@ def mean_ci(values: torch.Tensor, level: float = 0.95) -> Tuple[float, float]:
 
 # ---- configuration -----------------------------------------------------------------------------------
 
+
 def weights_sha256(model: nn.Module) -> str:
     """sha256 over the state dict: every entry's name, dtype, shape and raw bytes, in key order."""
     digest = hashlib.sha256()
@@ -64,8 +67,12 @@ def versions() -> Dict[str, str]:
 
     import backprop_hooks
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "backprop_hooks": backprop_hooks.__version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "backprop_hooks": backprop_hooks.__version__,
+    }
     try:
         import timm
 
@@ -76,6 +83,7 @@ def versions() -> Dict[str, str]:
 
 
 # ---- tables ------------------------------------------------------------------------------------------
+
 
 def fmt(value: Any, digits: int = 3) -> str:
     """A number for a table: ``.716``-style for floats, ``-`` for nan/None."""
@@ -117,8 +125,10 @@ def write_csv(path: Path, rows: Sequence[Row]) -> None:
 
 # ---- figures -----------------------------------------------------------------------------------------
 
-def grouped_bars(ax, groups: Sequence[str], series: Dict[str, Tuple[Sequence[float], Sequence[float]]],
-                 ylabel: str, title: str) -> None:
+
+def grouped_bars(
+    ax, groups: Sequence[str], series: Dict[str, Tuple[Sequence[float], Sequence[float]]], ylabel: str, title: str
+) -> None:
     """Bars of several series (label -> (means, CI half-widths)) side by side in each group."""
     import numpy as np
 
@@ -133,16 +143,28 @@ def grouped_bars(ax, groups: Sequence[str], series: Dict[str, Tuple[Sequence[flo
     ax.axhline(0, color="black", linewidth=0.5)
 
 
-def example_grid(images: torch.Tensor, columns: Sequence[torch.Tensor], titles: Sequence[str],
-                 row_labels: Sequence[str], kinds: Optional[Sequence[str]] = None, title: str = ""):
+def example_grid(
+    images: torch.Tensor,
+    columns: Sequence[torch.Tensor],
+    titles: Sequence[str],
+    row_labels: Sequence[str],
+    kinds: Optional[Sequence[str]] = None,
+    title: str = "",
+):
     """Rows of samples: the image, then one panel per column (``kind`` "map": a zero-centred overlay,
     symmetric by the row's max |value| over the map columns; "image": an image as is)."""
     from matplotlib import pyplot as plt
 
     kinds = list(kinds or ["map"] * len(columns))
     rows = images.shape[0]
-    fig, axes = plt.subplots(rows, len(columns) + 1, figsize=(1.9 * (len(columns) + 1), 1.9 * rows + 0.6),
-                             squeeze=False, layout="constrained", dpi=plots.DPI)
+    fig, axes = plt.subplots(
+        rows,
+        len(columns) + 1,
+        figsize=(1.9 * (len(columns) + 1), 1.9 * rows + 0.6),
+        squeeze=False,
+        layout="constrained",
+        dpi=plots.DPI,
+    )
     for r in range(rows):
         axes[r, 0].imshow(plots.image_hwc(images[r]), cmap="gray", vmin=0, vmax=1)
         plots.clean(axes[r, 0])

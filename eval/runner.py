@@ -16,6 +16,7 @@ processes, so every chunk is computed on exactly the same batch whatever the wor
 ``torch.distributed`` is initialised only when the ``WORLD_SIZE`` environment variable is > 1 (torchrun);
 the backend is ``nccl`` for CUDA devices and ``gloo`` otherwise.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,13 +33,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from backprop_hooks.errors import ResumeError
+
 Results = Dict[str, torch.Tensor]  # per-sample results of a chunk: the sample axis is the last one
 Process = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Results]
 Range = Tuple[int, int]
-
-
-class ResumeError(ValueError):
-    """The output folder holds chunks of a run with another configuration."""
 
 
 def config_hash(config: Dict[str, Any]) -> str:
@@ -54,6 +53,7 @@ def chunk_ranges(n: int, size: int) -> List[Range]:
 
 
 # ---- processes ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class Processes:
@@ -114,6 +114,7 @@ def local_device(device: torch.device) -> torch.device:
 
 # ---- the chunk store ---------------------------------------------------------------------------------
 
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,8 +147,11 @@ class ChunkStore:
         if self.manifest.is_file():
             stored = json.loads(self.manifest.read_text())
             if stored.get("config_hash") != self.hash:
-                changed = sorted(k for k in set(stored.get("config", {})) | set(self.config)
-                                 if stored.get("config", {}).get(k) != self.config.get(k))
+                changed = sorted(
+                    k
+                    for k in set(stored.get("config", {})) | set(self.config)
+                    if stored.get("config", {}).get(k) != self.config.get(k)
+                )
                 raise ResumeError(
                     f"{self.folder} holds chunks of a run with another configuration (differs in: "
                     f"{', '.join(changed) or 'unknown'}); rerun with the same arguments to resume, "
@@ -180,10 +184,20 @@ def concatenate(chunks: Sequence[Results]) -> Results:
 
 # ---- the run -----------------------------------------------------------------------------------------
 
+
 def run_chunks(
-    dataset: Dataset, positions: Sequence[int], process: Process, store: ChunkStore, batch_size: int,
-    device: torch.device, processes: Optional[Processes] = None, seed: int = 0, fresh: bool = False,
-    progress: bool = True, workers: int = 0, desc: str = "run",
+    dataset: Dataset,
+    positions: Sequence[int],
+    process: Process,
+    store: ChunkStore,
+    batch_size: int,
+    device: torch.device,
+    processes: Optional[Processes] = None,
+    seed: int = 0,
+    fresh: bool = False,
+    progress: bool = True,
+    workers: int = 0,
+    desc: str = "run",
 ) -> Optional[Results]:
     """Run ``process`` on every chunk of ``dataset[positions]`` and return all per-sample results.
 
@@ -199,12 +213,19 @@ def run_chunks(
     if not processes.main:
         store.open(False)  # verifies the manifest rank 0 wrote
     ranges = chunk_ranges(len(positions), batch_size)
-    mine = ranges[processes.rank::processes.world]
+    mine = ranges[processes.rank :: processes.world]
     todo = [c for c in mine if not store.has(c)]
     subset = Subset(dataset, list(positions))
     loader = DataLoader(subset, batch_sampler=[list(range(a, b)) for a, b in todo], num_workers=workers)
-    bar = tqdm(total=sum(b - a for a, b in todo), desc=desc, unit="sample", dynamic_ncols=True, file=sys.stderr,
-               disable=not (progress and processes.main), smoothing=0.1)
+    bar = tqdm(
+        total=sum(b - a for a, b in todo),
+        desc=desc,
+        unit="sample",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=not (progress and processes.main),
+        smoothing=0.1,
+    )
     with bar:
         for chunk, (x, labels) in zip(todo, loader):
             torch.manual_seed(seed + chunk[0])

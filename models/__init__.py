@@ -4,8 +4,9 @@
 shape (B, 3, H, W) and carries `class_names`, `input_size`, `default_layer`, `arch`, `crop_pct` and
 `interpolation`. Data flows downwards only: this package never imports `eval`.
 """
+
 from .digits_data import digits
-from .errors import UnknownArchitectureError, WeightsMismatchError, WeightsUnavailableError
+from backprop_hooks.errors import UnknownArchitectureError, WeightsMismatchError, WeightsUnavailableError
 from .images import load_image, photos
 from .normalized import Normalized
 from .zoo import available, create, imagenet_classes

@@ -3,6 +3,7 @@
 Image transforms follow the paper: training RandomResizedCrop(size) + RandomHorizontalFlip, test
 Resize((size, size)); both end in pixel-space tensors in [0, 1] (normalisation lives in the model).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,13 +15,11 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import datasets, transforms
 
+from backprop_hooks.errors import DataSpecError
+
 from . import digits_data
 
 DATA_SPEC_HELP = "cub:PATH (CUB_200_2011 folder), folder:PATH (ImageFolder with train/ and val/ or test/), or digits"
-
-
-class DataSpecError(ValueError):
-    """A `--data` value or a data folder that cannot be read."""
 
 
 @dataclass
@@ -33,9 +32,13 @@ class DataSplits:
 
 
 def train_transform(size: int) -> transforms.Compose:
-    return transforms.Compose([
-        transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+        ]
+    )
 
 
 def test_transform(size: int) -> transforms.Compose:

@@ -4,6 +4,7 @@ Split: `sklearn.model_selection.train_test_split(test_size=0.25, stratify=labels
 gives 1347 training and 450 test images. Each 8x8 image (values 0..16) is divided by 16, upsampled
 bilinearly (align_corners=False) to `size` x `size` and repeated over 3 channels.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

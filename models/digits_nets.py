@@ -1,4 +1,5 @@
 """Two small networks for the 32x32 digits: a CNN and a Vision Transformer (timm's `VisionTransformer`)."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -25,11 +26,15 @@ class DigitsCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, width: int = 32) -> None:
         super().__init__()
-        self.features = nn.Sequential(OrderedDict(
-            _conv_block(1, 3, width) + [("pool1", nn.MaxPool2d(2))]
-            + _conv_block(2, width, 2 * width) + [("pool2", nn.MaxPool2d(2))]
-            + _conv_block(3, 2 * width, 4 * width)
-        ))
+        self.features = nn.Sequential(
+            OrderedDict(
+                _conv_block(1, 3, width)
+                + [("pool1", nn.MaxPool2d(2))]
+                + _conv_block(2, width, 2 * width)
+                + [("pool2", nn.MaxPool2d(2))]
+                + _conv_block(3, 2 * width, 4 * width)
+            )
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(4 * width, num_classes)
@@ -45,6 +50,14 @@ def digits_cnn(num_classes: int = 10) -> DigitsCNN:
 def digits_vit(num_classes: int = 10) -> VisionTransformer:
     """ViT for 32 px: 4x4 patches (an 8x8 token grid plus a class token), width 64, 4 blocks of 4 heads."""
     return VisionTransformer(
-        img_size=INPUT_SIZE, patch_size=4, in_chans=3, num_classes=num_classes, embed_dim=64, depth=4,
-        num_heads=4, mlp_ratio=2.0, class_token=True, global_pool="token",
+        img_size=INPUT_SIZE,
+        patch_size=4,
+        in_chans=3,
+        num_classes=num_classes,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        mlp_ratio=2.0,
+        class_token=True,
+        global_pool="token",
     )

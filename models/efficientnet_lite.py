@@ -7,13 +7,14 @@ padding, ReLU6, no squeeze-excitation) lists the same 296 tensors in the same or
 them by position and checks every shape. Preprocessing is timm's pretrained config for this model:
 mean = std = 0.5, 224 px, bicubic resize to 256 then centre crop (crop_pct 0.875).
 """
+
 from __future__ import annotations
 
 import timm
 import torch
 from torch import nn
 
-from .errors import WeightsUnavailableError
+from backprop_hooks.errors import WeightsUnavailableError
 from .weights import map_in_order
 
 TIMM_NAME = "tf_efficientnet_lite0"

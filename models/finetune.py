@@ -18,13 +18,13 @@ augmentation draw only from the saved generators). `epochs` may be raised when r
 uninterrupted runs differ unless `torch.use_deterministic_algorithms(True)` is set (with
 CUBLAS_WORKSPACE_CONFIG=:4096:8); only then can resumed and uninterrupted runs agree bit for bit.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +36,12 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from . import data as data_sources
-from .errors import UnknownArchitectureError, WeightsMismatchError, WeightsUnavailableError
+from backprop_hooks.errors import ResumeError
 from .normalized import Normalized
 from .zoo import available, create, network_from_checkpoint, num_outputs, replace_head, spec, wrap
 
 TensorPair = tuple[torch.Tensor, torch.Tensor]
 DataSource = Union[Dataset, TensorPair]
-
-
-class ResumeMismatchError(ValueError):
-    """`out_dir/last.pt` was written by a run with different settings."""
 
 
 @dataclass
@@ -92,7 +88,7 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     b, _, h, w = images.shape
     padded = F.pad(images, (max_shift,) * 4)
     offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -156,8 +152,14 @@ def _set_rng_state(
 
 
 def _train_epoch(
-    model: torch.nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, lr_at: Callable[[int], float],
-    augment_shift: int, generator: torch.Generator, device: torch.device, bar: tqdm,
+    model: torch.nn.Module,
+    loader: DataLoader,
+    opt: torch.optim.Optimizer,
+    lr_at: Callable[[int], float],
+    augment_shift: int,
+    generator: torch.Generator,
+    device: torch.device,
+    bar: tqdm,
 ) -> float:
     """One pass over `loader` (learning rate `lr_at(batch index)`); returns the mean training loss."""
     model.train()
@@ -177,13 +179,13 @@ def _train_epoch(
 
 
 def _resume_checkpoint(last_path: Path, config: dict) -> dict | None:
-    """The checkpoint in `last_path`, if any; ResumeMismatchError if it was written with other settings."""
+    """The checkpoint in `last_path`, if any; ResumeError if it was written with other settings."""
     if not last_path.is_file():
         return None
     checkpoint = torch.load(last_path, map_location="cpu", weights_only=True)
     if checkpoint["config"] != config:
         changed = sorted(k for k in config if checkpoint["config"].get(k) != config[k])
-        raise ResumeMismatchError(
+        raise ResumeError(
             f"{last_path} was written with different settings ({', '.join(changed)}); use another --out or --no-resume"
         )
     return checkpoint
@@ -221,7 +223,7 @@ def finetune(
     ("constant" or "cosine", after `warmup_epochs` of linear warm-up) and `optimizer` ("sgd" or "adamw")
     default to the paper's recipe. `weights=PATH` starts from a local checkpoint instead of the
     architecture's pretrained weights (its classifier is replaced if its size differs). With `resume`, an
-    existing `out_dir/last.pt` is continued (ResumeMismatchError if its settings differ). Seeds the global
+    existing `out_dir/last.pt` is continued (ResumeError if its settings differ). Seeds the global
     torch RNG with `seed`.
     """
     if epochs < 0 or batch_size < 1:
@@ -238,10 +240,21 @@ def finetune(
     out_dir.mkdir(parents=True, exist_ok=True)
     from_pretrained = pretrained and not arch_spec.finetune_from_scratch
     config = {
-        "arch": arch, "num_classes": num_classes, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-        "batch_size": batch_size, "seed": seed, "pretrained": from_pretrained, "augment_shift": augment_shift,
-        "train_size": len(train_set), "val_size": len(val_set), "lr_schedule": lr_schedule,
-        "warmup_epochs": warmup_epochs, "optimizer": optimizer, "weights": None if weights is None else str(weights),
+        "arch": arch,
+        "num_classes": num_classes,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "seed": seed,
+        "pretrained": from_pretrained,
+        "augment_shift": augment_shift,
+        "train_size": len(train_set),
+        "val_size": len(val_set),
+        "lr_schedule": lr_schedule,
+        "warmup_epochs": warmup_epochs,
+        "optimizer": optimizer,
+        "weights": None if weights is None else str(weights),
     }
     if lr_schedule != "constant":  # the schedule depends on the total length
         config["epochs"] = epochs
@@ -256,8 +269,9 @@ def finetune(
             network = replace_head(network, num_classes)
         model = wrap(network, arch_spec, class_names).to(device)
     else:
-        model = create(arch, pretrained=from_pretrained and checkpoint is None, num_classes=num_classes,
-                       class_names=class_names).to(device)
+        model = create(
+            arch, pretrained=from_pretrained and checkpoint is None, num_classes=num_classes, class_names=class_names
+        ).to(device)
     opt = make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     start_epoch, best_acc, history = 0, -1.0, []
     if checkpoint is not None:
@@ -267,18 +281,25 @@ def finetune(
         start_epoch, best_acc, history = checkpoint["epoch"], checkpoint["best_acc"], list(checkpoint["history"])
     (out_dir / "class_names.json").write_text(json.dumps(model.class_names))
 
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generators["loader"],
-                              num_workers=num_workers)
+    train_loader = DataLoader(
+        train_set, batch_size=batch_size, shuffle=True, generator=generators["loader"], num_workers=num_workers
+    )
     val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     steps = len(train_loader)
-    bar = tqdm(total=epochs * steps, initial=start_epoch * steps, disable=not progress, desc=f"finetune {arch}",
-               unit="batch")
+    bar = tqdm(
+        total=epochs * steps, initial=start_epoch * steps, disable=not progress, desc=f"finetune {arch}", unit="batch"
+    )
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
         loss = _train_epoch(
-            model, train_loader, opt,
+            model,
+            train_loader,
+            opt,
             lambda batch: lr * lr_factor(lr_schedule, epoch * steps + batch, epochs * steps, warmup_epochs * steps),
-            augment_shift, generators["augment"], device, bar,
+            augment_shift,
+            generators["augment"],
+            device,
+            bar,
         )
         val_acc = accuracy(model, val_loader, device)
         history.append({"epoch": epoch + 1, "loss": loss, "val_acc": val_acc, "seconds": time.perf_counter() - started})
@@ -286,15 +307,25 @@ def finetune(
         if val_acc > best_acc:
             best_acc = val_acc
             _save(model.model.state_dict(), out_dir / "best.pt")
-        _save({"model": model.model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-               "best_acc": best_acc, "rng": _rng_state(generators, device), "config": config,
-               "history": history}, last_path)
+        _save(
+            {
+                "model": model.model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch + 1,
+                "best_acc": best_acc,
+                "rng": _rng_state(generators, device),
+                "config": config,
+                "history": history,
+            },
+            last_path,
+        )
     bar.close()
     final_acc = history[-1]["val_acc"] if history else accuracy(model, val_loader, device)
     return FinetuneResult(model.eval(), best_acc, final_acc, out_dir, history)
 
 
-# ---- command line: `backprop-hooks finetune ...` (or `python -m models.finetune ...`) ----
+# ---- command line: `backprop-hooks finetune ...` ----
+
 
 def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--arch", required=True, choices=available(), help="architecture to train")
@@ -322,10 +353,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `finetune` subcommand to a parser's subparsers; its `func` default is `run`."""
-    return _add_arguments(subparsers.add_parser(
-        "finetune", help="fine-tune a model on CUB-200-2011, an image folder or the digits",
-        description=__doc__.splitlines()[0],
-    ))
+    return _add_arguments(
+        subparsers.add_parser(
+            "finetune",
+            help="fine-tune a model on CUB-200-2011, an image folder or the digits",
+            description=__doc__.splitlines()[0],
+        )
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -333,29 +367,30 @@ def run(args: argparse.Namespace) -> int:
     size = spec(args.arch).preprocessing().input_size[0]
     splits = data_sources.from_spec(args.data, size)
     result = finetune(
-        args.arch, splits.train, splits.val, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed, out_dir=args.out,
-        resume=args.resume, device=args.device, pretrained=args.pretrained, progress=args.progress,
-        class_names=splits.class_names, augment_shift=args.augment_shift, lr_schedule=args.lr_schedule,
-        warmup_epochs=args.warmup_epochs, optimizer=args.optimizer, weights=args.weights, num_workers=args.num_workers,
+        args.arch,
+        splits.train,
+        splits.val,
+        epochs=args.epochs,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        out_dir=args.out,
+        resume=args.resume,
+        device=args.device,
+        pretrained=args.pretrained,
+        progress=args.progress,
+        class_names=splits.class_names,
+        augment_shift=args.augment_shift,
+        lr_schedule=args.lr_schedule,
+        warmup_epochs=args.warmup_epochs,
+        optimizer=args.optimizer,
+        weights=args.weights,
+        num_workers=args.num_workers,
     )
-    print(f"{args.arch}: final val acc {result.final_acc:.4f}, best {result.best_acc:.4f}; "
-          f"weights in {result.out_dir / 'best.pt'} and {result.out_dir / 'last.pt'}")
+    print(
+        f"{args.arch}: final val acc {result.final_acc:.4f}, best {result.best_acc:.4f}; "
+        f"weights in {result.out_dir / 'best.pt'} and {result.out_dir / 'last.pt'}"
+    )
     return 0
-
-
-TYPED_ERRORS = (ValueError, TypeError, FileNotFoundError, WeightsUnavailableError, WeightsMismatchError,
-                UnknownArchitectureError)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _add_arguments(argparse.ArgumentParser(prog="python -m models.finetune")).parse_args(argv)
-    try:
-        return run(args)
-    except TYPED_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

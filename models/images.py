@@ -1,4 +1,5 @@
 """Loading real photos as pixel-space tensors with a model's resize-and-centre-crop preprocessing."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """`Normalized`: a wrapper that puts the input normalisation inside the model's forward."""
+
 from __future__ import annotations
 
 from typing import Sequence

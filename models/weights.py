@@ -4,6 +4,7 @@ Downloads go through torchvision's and timm's own code. Before a download starts
 checked and, on a cache miss, the download host (or the HTTPS proxy) is probed with a short timeout, so an
 offline machine gets a `WeightsUnavailableError` within seconds instead of minutes of retries.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ from typing import Callable, Mapping, TypeVar
 import torch
 from torch import nn
 
-from .errors import WeightsMismatchError, WeightsUnavailableError
+from backprop_hooks.errors import WeightsMismatchError, WeightsUnavailableError
 
 PROBE_TIMEOUT_S = 3.0
 LOCAL_HINT = "pass weights=PATH (command line: --weights PATH) to load a local checkpoint"
@@ -99,7 +100,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise WeightsMismatchError(f"{path} does not hold a state dict (a mapping from names to tensors)")
     if checkpoint and all(k.startswith("model.") for k in checkpoint):
-        checkpoint = {k[len("model."):]: v for k, v in checkpoint.items()}
+        checkpoint = {k[len("model.") :]: v for k, v in checkpoint.items()}
     return dict(checkpoint)
 
 
@@ -124,9 +125,7 @@ def check_fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source:
         if items
     ]
     if problems:
-        raise WeightsMismatchError(
-            f"{source} does not fit {type(model).__name__}: " + "; ".join(problems)
-        )
+        raise WeightsMismatchError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
 
 
 def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:

@@ -1,4 +1,5 @@
 """The architectures `models.create` knows: how to build each one, load its default weights, and preprocess."""
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ from torch import nn
 
 from . import digits_data
 from . import digits_nets, efficientnet_lite
-from .errors import UnknownArchitectureError, WeightsUnavailableError
+from backprop_hooks.errors import UnknownArchitectureError, WeightsUnavailableError
 from .normalized import Normalized
 from .weights import download, hf_hub_cached_file, load_into, read_state_dict, torch_hub_cached
 
@@ -58,7 +59,9 @@ def _torchvision(name: str, default_layer: str) -> ArchSpec:
     def build_pretrained() -> nn.Module:
         weights = default_weights()
         return download(
-            f"torchvision {weights}", weights.url, torch_hub_cached(weights.url),
+            f"torchvision {weights}",
+            weights.url,
+            torch_hub_cached(weights.url),
             lambda: torchvision.models.get_model(name, weights=weights),
         )
 
@@ -68,8 +71,12 @@ def _torchvision(name: str, default_layer: str) -> ArchSpec:
         return Preprocessing(tuple(t.mean), tuple(t.std), (crop, crop), crop / resize, t.interpolation.value)
 
     return ArchSpec(
-        name, lambda n: torchvision.models.get_model(name, weights=None, num_classes=n), build_pretrained,
-        preprocessing, imagenet_classes, default_layer,
+        name,
+        lambda n: torchvision.models.get_model(name, weights=None, num_classes=n),
+        build_pretrained,
+        preprocessing,
+        imagenet_classes,
+        default_layer,
     )
 
 
@@ -80,18 +87,25 @@ def _timm(name: str, default_layer: str) -> ArchSpec:
         cached = hf_hub_cached_file(cfg.hf_hub_id) if cfg.hf_hub_id else None
         overlay = {"pretrained_cfg_overlay": {"file": cached}} if cached else {}
         return download(
-            f"timm {name} weights", url, cached is not None,
+            f"timm {name} weights",
+            url,
+            cached is not None,
             lambda: timm.create_model(name, pretrained=True, **overlay),
         )
 
     def preprocessing() -> Preprocessing:
         cfg = timm.models.get_pretrained_cfg(name)
-        return Preprocessing(tuple(cfg.mean), tuple(cfg.std), tuple(cfg.input_size[1:]), cfg.crop_pct,
-                             cfg.interpolation)
+        return Preprocessing(
+            tuple(cfg.mean), tuple(cfg.std), tuple(cfg.input_size[1:]), cfg.crop_pct, cfg.interpolation
+        )
 
     return ArchSpec(
-        name, lambda n: timm.create_model(name, pretrained=False, num_classes=n), build_pretrained,
-        preprocessing, imagenet_classes, default_layer,
+        name,
+        lambda n: timm.create_model(name, pretrained=False, num_classes=n),
+        build_pretrained,
+        preprocessing,
+        imagenet_classes,
+        default_layer,
     )
 
 
@@ -99,8 +113,12 @@ def _efficientnet_lite0() -> ArchSpec:
     cfg = timm.models.get_pretrained_cfg(efficientnet_lite.TIMM_NAME)
     prep = Preprocessing(tuple(cfg.mean), tuple(cfg.std), tuple(cfg.input_size[1:]), cfg.crop_pct, cfg.interpolation)
     return ArchSpec(
-        "efficientnet_lite0", efficientnet_lite.build, efficientnet_lite.build_pretrained, lambda: prep,
-        imagenet_classes, "bn2",
+        "efficientnet_lite0",
+        efficientnet_lite.build,
+        efficientnet_lite.build_pretrained,
+        lambda: prep,
+        imagenet_classes,
+        "bn2",
     )
 
 
@@ -110,15 +128,24 @@ def _digits(name: str, build: Callable[[int], nn.Module], default_layer: str) ->
     def build_pretrained() -> nn.Module:
         if not path.is_file():
             raise WeightsUnavailableError(
-                f"shipped weights {path} are missing (reproduce them with: python -m models.train_digits "
+                f"shipped weights {path} are missing (reproduce them with: "
+                f"python -m backprop_hooks.models.train_digits "
                 f"--arch {name}); or pass weights=PATH (--weights PATH) to load a local checkpoint"
             )
         return load_into(build(10), read_state_dict(path), str(path))
 
     size = digits_nets.INPUT_SIZE
     prep = Preprocessing((0.5,) * 3, (0.5,) * 3, (size, size), 1.0, "bilinear")
-    return ArchSpec(name, build, build_pretrained, lambda: prep, lambda: list(digits_data.CLASS_NAMES),
-                    default_layer, num_classes=10, finetune_from_scratch=True)
+    return ArchSpec(
+        name,
+        build,
+        build_pretrained,
+        lambda: prep,
+        lambda: list(digits_data.CLASS_NAMES),
+        default_layer,
+        num_classes=10,
+        finetune_from_scratch=True,
+    )
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -228,8 +255,10 @@ def wrap(network: nn.Module, arch: ArchSpec, class_names: Sequence[str] | None =
         raise ValueError(f"{len(class_names)} class names given for a {n}-class model")
     prep = arch.preprocessing()
     model = Normalized(network, prep.mean, prep.std)
-    model.class_names = list(class_names) if class_names is not None else (
-        arch.class_names() if n == arch.num_classes else [str(i) for i in range(n)]
+    model.class_names = (
+        list(class_names)
+        if class_names is not None
+        else (arch.class_names() if n == arch.num_classes else [str(i) for i in range(n)])
     )
     model.input_size = prep.input_size
     model.default_layer = f"model.{arch.default_layer}"

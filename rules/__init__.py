@@ -1,4 +1,5 @@
 """The library of backward rules and forward captures that methods are built from."""
+
 from backprop_hooks.rule import Function, Identity, Rule
 
 from .capture import Capture

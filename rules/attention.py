@@ -21,6 +21,7 @@ and ``gate`` included) and ``nn.MultiheadAttention`` (no masks, no ``bias_k``/``
 Masks passed as keyword arguments are invisible to forward hooks: explain models that run their
 attention unmasked (the classification path of every ViT).
 """
+
 from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backprop_hooks import Rule
+from backprop_hooks.rule import Rule
 from backprop_hooks.errors import RuleError
 
 try:  # timm is a dependency, but keep the rule importable without it
@@ -40,7 +41,11 @@ except ImportError:  # pragma: no cover
 
 def is_timm_attention(module: nn.Module) -> bool:
     """timm's ``Attention`` with its own ``forward`` (subclasses that override it, e.g. RoPE, are not)."""
-    return _TimmAttention is not None and isinstance(module, _TimmAttention) and type(module).forward is _TimmAttention.forward
+    return (
+        _TimmAttention is not None
+        and isinstance(module, _TimmAttention)
+        and type(module).forward is _TimmAttention.forward
+    )
 
 
 def is_attention(name: str, module: nn.Module) -> bool:
@@ -67,7 +72,9 @@ def _timm_explicit(m: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.T
     return m.proj(out), attn
 
 
-def _mha_explicit(m: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _mha_explicit(
+    m: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``nn.MultiheadAttention``'s math without masks: ``(output, A)``; ``A`` is (B, heads, Lq, Lk)."""
     if not m.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
@@ -155,14 +162,21 @@ class AttentionCapture(Rule):
         """timm Attention: taps on ``qkv``, ``q_norm``, ``k_norm`` and the path on ``norm`` (see _TimmPath)."""
         if not is_timm_attention(module) or not isinstance(getattr(module, "norm", None), nn.Module):
             return ()
-        return [(module.qkv, self._tap), (module.q_norm, self._tap), (module.k_norm, self._tap), (module.norm, _TimmPath(module, self._tap, self))]
+        return [
+            (module.qkv, self._tap),
+            (module.q_norm, self._tap),
+            (module.k_norm, self._tap),
+            (module.norm, _TimmPath(module, self._tap, self)),
+        ]
 
     def check(self, module: nn.Module) -> None:
         if is_timm_attention(module):
             return
         if isinstance(module, nn.MultiheadAttention):
             if module.bias_k is not None or module.add_zero_attn:
-                raise RuleError("AttentionCapture supports nn.MultiheadAttention without bias_k/bias_v and add_zero_attn")
+                raise RuleError(
+                    "AttentionCapture supports nn.MultiheadAttention without bias_k/bias_v and add_zero_attn"
+                )
             return
         raise RuleError(
             f"AttentionCapture handles timm's Attention and nn.MultiheadAttention, not {type(module).__name__}; "
@@ -172,10 +186,15 @@ class AttentionCapture(Rule):
     def forward(self, module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> Any:
         drops = [c for c in module.modules() if isinstance(c, nn.Dropout) and c.p > 0]
         if module.training and (drops or getattr(module, "dropout", 0.0)):
-            raise RuleError(f"{type(module).__name__} has active dropout: put the model in eval mode (model.eval()) to capture attention")
+            raise RuleError(
+                f"{type(module).__name__} has active dropout: "
+                "put the model in eval mode (model.eval()) to capture attention"
+            )
         if isinstance(module, nn.MultiheadAttention):
             if any(isinstance(a, torch.Tensor) for a in inputs[3:]):
-                raise RuleError("AttentionCapture does not handle masked nn.MultiheadAttention calls (key_padding_mask/attn_mask)")
+                raise RuleError(
+                    "AttentionCapture does not handle masked nn.MultiheadAttention calls (key_padding_mask/attn_mask)"
+                )
             path, attn = _mha_explicit(module, *inputs[:3])
             replaced: Optional[Any] = (_straight_through(output[0], path), output[1])
         else:

@@ -15,6 +15,7 @@ The pairing follows the actual data flow, not module order or names, so it works
 Conv→BN pairs, ``nn.Sequential`` stacks and functional forwards alike. A BatchNorm in training mode (batch
 statistics) or fed by anything else keeps its ordinary gradient: LRP-0 with its shift absorbing relevance.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -81,7 +82,9 @@ class MergeBatchNorm(Rule):
 
     def check(self, module: nn.Module) -> None:
         if not isinstance(module, BN_TYPES):
-            raise RuleError(f"MergeBatchNorm goes on nn.BatchNorm1d/2d/3d modules; it was put on a {type(module).__name__}")
+            raise RuleError(
+                f"MergeBatchNorm goes on nn.BatchNorm1d/2d/3d modules; it was put on a {type(module).__name__}"
+            )
 
     def offer(self, output: Tensor) -> Link:
         """Called by a layer rule in forward: ``output`` may be consumed by a BatchNorm."""

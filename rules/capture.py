@@ -1,11 +1,12 @@
 """Forward captures: keep a module's output so that a method can differentiate with respect to it."""
+
 from __future__ import annotations
 
 from typing import List
 
 import torch
 
-from backprop_hooks import Rule
+from backprop_hooks.rule import Rule
 
 
 class Capture(Rule):
@@ -26,7 +27,9 @@ class Capture(Rule):
         if not isinstance(output, torch.Tensor):
             from backprop_hooks.errors import RuleError
 
-            raise RuleError(f"Capture needs a module with a tensor output; {type(module).__name__} returned {type(output).__name__}")
+            raise RuleError(
+                f"Capture needs a module with a tensor output; {type(module).__name__} returned {type(output).__name__}"
+            )
         self.outputs.append(output)
         return output.clone() if self.clone else None
 

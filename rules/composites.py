@@ -14,6 +14,7 @@ r"""LRP composites: which rule goes on which layer, as a rule spec for :func:`ba
 Activations, pooling and additions keep their gradient (see :mod:`rules.lrp` for what that means).
 Each ``spec`` call makes fresh rule instances, so concurrent explanations never share state.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Tuple, Type, Union
@@ -21,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Type, Union
 import torch
 from torch import nn
 
-from backprop_hooks.errors import RuleError, UnknownNameError, choices
+from backprop_hooks.errors import OptionError, RuleError, UnknownNameError, choices
 from backprop_hooks.rule import Rule
 
 from .canonizers import BN_TYPES, MergeBatchNorm
@@ -156,14 +157,25 @@ def get_composite(composite: Union[str, Composite], **options) -> Composite:
     """A composite from its name (``"epsilon_plus_flat"``) and options, or a :class:`Composite` as is."""
     if isinstance(composite, Composite):
         if options:
-            raise TypeError(f"options {sorted(options)} given together with a Composite instance; set them on the instance")
+            raise OptionError(
+                f"options {sorted(options)} given together with a Composite instance; set them on the instance"
+            )
         return composite
     if isinstance(composite, str) and composite in COMPOSITES:
         return COMPOSITES[composite](**options)
-    raise UnknownNameError(f"unknown LRP composite {composite!r}; accepted: {choices(list(COMPOSITES))} or a Composite instance")
+    raise UnknownNameError(
+        f"unknown LRP composite {composite!r}; accepted: {choices(list(COMPOSITES))} or a Composite instance"
+    )
 
 
 __all__ = [
-    "Composite", "EpsilonComposite", "EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1", "EpsilonGammaBox",
-    "COMPOSITES", "get_composite", "first_layer",
+    "Composite",
+    "EpsilonComposite",
+    "EpsilonPlus",
+    "EpsilonPlusFlat",
+    "EpsilonAlpha2Beta1",
+    "EpsilonGammaBox",
+    "COMPOSITES",
+    "get_composite",
+    "first_layer",
 ]

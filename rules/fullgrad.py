@@ -12,6 +12,7 @@ The rule only reads ``grad_output``; it never changes a gradient. Each call yiel
 ``b ⊙ g`` with channels on dim 1 (a ``Linear`` on a channel-last ``(B, h, w, C)`` map is moved to
 ``(B, C, h, w)``), which the rule reduces at once with ``reduce`` so that nothing layer-sized is kept.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Tuple
@@ -87,7 +88,9 @@ class BiasGradient(Rule):
 
     def forward(self, module, inputs, output):
         if not isinstance(output, torch.Tensor):
-            raise RuleError(f"BiasGradient needs a tensor output; {type(module).__name__} returned {type(output).__name__}")
+            raise RuleError(
+                f"BiasGradient needs a tensor output; {type(module).__name__} returned {type(output).__name__}"
+            )
         self.ctx.bias = effective_bias(module, inputs)
         self.ctx.spatial = is_spatial(module, output)
         return None

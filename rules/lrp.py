@@ -30,6 +30,7 @@ logit target.)
 BatchNorm: a rule built with ``bn=MergeBatchNorm()`` (see :mod:`rules.canonizers`) uses the merged
 weights ``W·s, (b − μ)·s + β`` when its output feeds an eval-mode BatchNorm directly.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,7 +40,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from backprop_hooks.errors import RuleError
+from backprop_hooks.errors import OptionError, RuleError
 from backprop_hooks.rule import Rule
 
 from .canonizers import bn_affine, merged_params
@@ -148,9 +149,14 @@ def check_layer(rule: Rule, module: nn.Module) -> None:
         raise RuleError(f"{name} cannot handle {type(module).__name__}: it overrides {base.__name__}.forward")
     if isinstance(module, CONV_TYPES):
         if module.padding_mode != "zeros":
-            raise RuleError(f"{name} supports zero-padded convolutions only; {type(module).__name__} has padding_mode={module.padding_mode!r}")
+            raise RuleError(
+                f"{name} supports zero-padded convolutions only; "
+                f"{type(module).__name__} has padding_mode={module.padding_mode!r}"
+            )
         if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
-            raise RuleError(f"{name} cannot handle padding='same' with an even effective kernel size (asymmetric padding)")
+            raise RuleError(
+                f"{name} cannot handle padding='same' with an even effective kernel size (asymmetric padding)"
+            )
 
 
 class _Detour(torch.autograd.Function):
@@ -180,7 +186,9 @@ class LRPRule(Rule):
 
     def __init__(self, stabilizer: Stabiliser = 1e-6, input_layer: Optional[bool] = None, bn: Optional[Rule] = None):
         self.stabilizer = stabilizer
-        self.input_layer = self.constant_inputs if input_layer is None else input_layer  # default: rules with constant inputs sit on the input layer
+        self.input_layer = (
+            self.constant_inputs if input_layer is None else input_layer
+        )  # default: rules with constant inputs sit on the input layer
         self.bn = bn
 
     def groups(self) -> Sequence[Group]:
@@ -241,7 +249,17 @@ class LRPRule(Rule):
             constants[term.input] = self.constant(term.input, x)
         return constants[term.input]
 
-    def share(self, group: Group, module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor], z: Tensor, g_out: Tensor, constants: dict) -> Tensor:
+    def share(
+        self,
+        group: Group,
+        module: nn.Module,
+        x: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        z: Tensor,
+        g_out: Tensor,
+        constants: dict,
+    ) -> Tensor:
         """``s_G = scale · mask(z) ⊙ z ⊙ g_out / stab(Σ sign_m z_m)`` (``z ⊙ g_out`` is the output relevance):
         what each output unit hands down per unit of contribution. The ``z_m`` are summed as they are made and
         the fresh tensors are updated in place, so a layer adds few output-sized tensors at a time."""
@@ -277,14 +295,19 @@ class LRPRule(Rule):
         x = self.ctx.x
         if x is None:
             raise RuleError(
-                f"{type(self).__name__} on {type(module).__name__} ran backward a second time over the same forward: LRP rules "
+                f"{type(self).__name__} on {type(module).__name__} ran backward a second time over the same forward: "
+                "LRP rules "
                 "release the tensors they keep from forward once their backward has run (as autograd does without "
                 "retain_graph); run the forward again"
             )
         if x._version != self.ctx.x_version:
-            raise RuleError(f"{type(self).__name__}: the input of {type(module).__name__} was modified in place after the layer ran")
+            raise RuleError(
+                f"{type(self).__name__}: the input of {type(module).__name__} was modified in place after the layer ran"
+            )
         weight, bias, z = self.params(module)
-        self.ctx.x = self.ctx.z = None  # freed as we go, like autograd's saved tensors: peak memory stays near a plain backward
+        self.ctx.x = self.ctx.z = (
+            None  # freed as we go, like autograd's saved tensors: peak memory stays near a plain backward
+        )
         constants: dict = {}
         groups = self.groups()
         # every group's s first, so that z is freed before the vector-Jacobian products
@@ -342,9 +365,16 @@ class AlphaBeta(LRPRule):
     ``z^+ = W⁺x⁺ + b⁺ + W⁻x⁻``, ``z^- = W⁻x⁺ + b⁻ + W⁺x⁻``; requires ``α − β = 1``, ``α, β ≥ 0``.
     Conserves only where both ``z^+`` and ``z^-`` are non-zero (a unit with ``z^- = 0`` passes ``α R``)."""
 
-    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stabiliser = 1e-6, input_layer: bool = False, bn: Optional[Rule] = None):
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 1.0,
+        stabilizer: Stabiliser = 1e-6,
+        input_layer: bool = False,
+        bn: Optional[Rule] = None,
+    ):
         if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
-            raise ValueError(f"AlphaBeta needs alpha, beta >= 0 and alpha - beta = 1; got alpha={alpha}, beta={beta}")
+            raise OptionError(f"AlphaBeta needs alpha, beta >= 0 and alpha - beta = 1; got alpha={alpha}, beta={beta}")
         super().__init__(stabilizer=stabilizer, input_layer=input_layer, bn=bn)
         self.alpha, self.beta = alpha, beta
 
@@ -360,7 +390,9 @@ class Gamma(LRPRule):
     for ``z_j > 0``: ``R_i = Σ_j (x⁺ W^{+γ} + x⁻ W^{-γ})_ij R_j / stab(W^{+γ}x⁺ + b + γb⁺ + W^{-γ}x⁻)_j``;
     for ``z_j < 0`` the same with ``+`` and ``−`` swapped. ``γ = 0`` is LRP-0."""
 
-    def __init__(self, gamma: float = 0.25, stabilizer: Stabiliser = 1e-6, input_layer: bool = False, bn: Optional[Rule] = None):
+    def __init__(
+        self, gamma: float = 0.25, stabilizer: Stabiliser = 1e-6, input_layer: bool = False, bn: Optional[Rule] = None
+    ):
         super().__init__(stabilizer=stabilizer, input_layer=input_layer, bn=bn)
         self.gamma = gamma
 
@@ -399,7 +431,14 @@ class ZBox(LRPRule):
 
     constant_inputs = True
 
-    def __init__(self, low: Union[float, Tensor], high: Union[float, Tensor], stabilizer: Stabiliser = 1e-6, input_layer: Optional[bool] = None, bn: Optional[Rule] = None):
+    def __init__(
+        self,
+        low: Union[float, Tensor],
+        high: Union[float, Tensor],
+        stabilizer: Stabiliser = 1e-6,
+        input_layer: Optional[bool] = None,
+        bn: Optional[Rule] = None,
+    ):
         super().__init__(stabilizer=stabilizer, input_layer=input_layer, bn=bn)
         self.low, self.high = low, high
 
@@ -410,13 +449,32 @@ class ZBox(LRPRule):
         try:
             return torch.broadcast_to(value, x.shape).contiguous()
         except RuntimeError:
-            raise RuleError(f"ZBox {name} of shape {tuple(value.shape)} does not broadcast to the layer input's shape {tuple(x.shape)}") from None
+            raise RuleError(
+                f"ZBox {name} of shape {tuple(value.shape)} does not broadcast "
+                f"to the layer input's shape {tuple(x.shape)}"
+            ) from None
 
     def groups(self):
-        return (Group((Term("x"), Term("low", positive, positive, sign=-1.0), Term("high", negative, negative, sign=-1.0))),)
+        return (
+            Group((Term("x"), Term("low", positive, positive, sign=-1.0), Term("high", negative, negative, sign=-1.0))),
+        )
 
 
 __all__ = [
-    "LRPRule", "Term", "Group", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "Flat", "WSquare", "ZBox",
-    "stabilise", "layer_forward", "layer_vjp", "check_layer", "LAYER_TYPES", "CONV_TYPES",
+    "LRPRule",
+    "Term",
+    "Group",
+    "Epsilon",
+    "ZPlus",
+    "AlphaBeta",
+    "Gamma",
+    "Flat",
+    "WSquare",
+    "ZBox",
+    "stabilise",
+    "layer_forward",
+    "layer_vjp",
+    "check_layer",
+    "LAYER_TYPES",
+    "CONV_TYPES",
 ]

@@ -20,6 +20,7 @@ Module hooks cannot see functional ``F.relu`` / ``torch.relu`` calls; the method
 ``enabled = False`` turns a rule into plain autograd for the backward passes run meanwhile (Guided
 Grad-CAM reads an unmodified gradient at a layer from the same forward pass).
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -13,6 +13,7 @@ conservative (``Σ R_in = Σ R_out`` up to biases) and keeps it linear in the se
 Every rule has an ``enabled`` attribute, so a method can run a plain and a relevance backward pass over
 one graph.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from backprop_hooks import Rule
+from backprop_hooks.rule import Rule
 from backprop_hooks.errors import RuleError
 
 

@@ -1,4 +1,5 @@
 """The benchmark harness runs end to end on a tiny case (no timing is asserted: only that it measures)."""
+
 import pytest
 import torch
 
@@ -7,9 +8,15 @@ from bench import memory
 
 
 def test_bench_case_and_goals_on_a_tiny_model():
-    rows = harness.bench_case("resnet18@10", 1, 32, ["gradient", "gradcam"], ["logit", "weighted"], torch.device("cpu"), 1, False, True, True)
+    rows = harness.bench_case(
+        "resnet18@10", 1, 32, ["gradient", "gradcam"], ["logit", "weighted"], torch.device("cpu"), 1, False, True, True
+    )
     keys = {(r["method"], r["target"], r["impl"]) for r in rows}
-    assert {("fwd", "", "backprop_hooks"), ("gradient", "weighted", "backprop_hooks"), ("gradient", "weighted", "per-class passes")} <= keys
+    assert {
+        ("fwd", "", "backprop_hooks"),
+        ("gradient", "weighted", "backprop_hooks"),
+        ("gradient", "weighted", "per-class passes"),
+    } <= keys
     assert all(r["seconds"] > 0 and r["x_fwd_bwd"] > 0 for r in rows)
     assert all(r["peak_mib"] > 0 for r in rows)  # CPU: from the allocator's events (bench/memory.py)
     goals = harness.check_goals(rows)
@@ -39,8 +46,37 @@ def test_cpu_peak_memory_of_known_allocations():
 
 @pytest.mark.slow
 def test_peers_run_side_by_side():
-    rows = harness.bench_case("resnet18@10", 1, 32, ["gradient", "gradcam", "fullgrad", "lrp"], ["logit"], torch.device("cpu"), 1, True, False, False)
+    rows = harness.bench_case(
+        "resnet18@10",
+        1,
+        32,
+        ["gradient", "gradcam", "fullgrad", "lrp"],
+        ["logit"],
+        torch.device("cpu"),
+        1,
+        True,
+        False,
+        False,
+    )
     impls = {(r["method"], r["impl"]) for r in rows}
-    assert {("gradient", "captum"), ("gradcam", "captum"), ("gradcam", "pytorch-grad-cam"), ("fullgrad", "pytorch-grad-cam"), ("lrp", "zennit")} <= impls
-    skipped = harness.bench_case("resnet18@10", 1, 32, ["fullgrad"], ["logit"], torch.device("cpu"), 1, True, False, False, ["fullgrad:pytorch-grad-cam"])
+    assert {
+        ("gradient", "captum"),
+        ("gradcam", "captum"),
+        ("gradcam", "pytorch-grad-cam"),
+        ("fullgrad", "pytorch-grad-cam"),
+        ("lrp", "zennit"),
+    } <= impls
+    skipped = harness.bench_case(
+        "resnet18@10",
+        1,
+        32,
+        ["fullgrad"],
+        ["logit"],
+        torch.device("cpu"),
+        1,
+        True,
+        False,
+        False,
+        ["fullgrad:pytorch-grad-cam"],
+    )
     assert not any(r["impl"] == "pytorch-grad-cam" for r in skipped)

@@ -1,5 +1,6 @@
 """The CAM family (gradcam, xgradcam, linear_approx): contrast identities, partial backward, layer choice,
 Captum and pytorch-grad-cam oracles, batching and a clean model afterwards."""
+
 import warnings
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch import nn
 import backprop_hooks as bh
 from backprop_hooks import methods, testing
 from backprop_hooks.errors import InputError, UnknownNameError
-from backprop_hooks.methods import NonLinearContrastWarning
+from backprop_hooks.errors import NonLinearContrastWarning
 
 CAMS = ["gradcam", "xgradcam", "linear_approx"]
 
@@ -24,9 +25,17 @@ def mini_vgg(seed: int = 0) -> nn.Module:
         def __init__(self):
             super().__init__()
             self.features = nn.Sequential(
-                nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-                nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-                nn.Conv2d(12, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.BatchNorm2d(8),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+                nn.Conv2d(8, 12, 3, padding=1),
+                nn.BatchNorm2d(12),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+                nn.Conv2d(12, 16, 3, padding=1),
+                nn.BatchNorm2d(16),
+                nn.ReLU(inplace=True),
             )
             self.avgpool = nn.AdaptiveAvgPool2d(1)
             self.classifier = nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=True), nn.Linear(32, 7))
@@ -79,9 +88,11 @@ def test_contrast_identities_signed_cams(case, name, layer):
 
 
 @given(testing.cases(kinds=("cnn",), batch=(2, 4)), st.sampled_from(CAMS), st.booleans())
-@pytest.mark.filterwarnings("ignore::backprop_hooks.methods.NonLinearContrastWarning")
+@pytest.mark.filterwarnings("ignore::backprop_hooks.errors.NonLinearContrastWarning")
 def test_batch_equals_single(case, name, relu):
-    testing.assert_batch_equals_single(methods.get(name)(case.model, relu=relu), case.x, target="weighted", rtol=1e-9, atol=1e-12)
+    testing.assert_batch_equals_single(
+        methods.get(name)(case.model, relu=relu), case.x, target="weighted", rtol=1e-9, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("name", CAMS)
@@ -115,7 +126,9 @@ def test_maps_are_bilinear_upsampled_layer_grid():
     model, x = mini_vgg(), images(size=40)
     e = bh.explain(model, x, "linear_approx", "mean")
     assert e.attributions.shape == (2, 10, 10)
-    torch.testing.assert_close(e.maps, F.interpolate(e.attributions[:, None], size=(40, 40), mode="bilinear", align_corners=False)[:, 0])
+    torch.testing.assert_close(
+        e.maps, F.interpolate(e.attributions[:, None], size=(40, 40), mode="bilinear", align_corners=False)[:, 0]
+    )
 
 
 def test_default_layer_is_last_spatial_module():
@@ -206,8 +219,8 @@ def _minmax(m: torch.Tensor) -> torch.Tensor:
 def test_classic_maps_equal_pytorch_grad_cam(resnet18, name):
     """relu=True, min-max normalised on the layer grid, upsampled, min-max normalised again (pytorch-grad-cam
     normalises before its cv2.resize, bilinear with half-pixel centres as torch's align_corners=False,
-    and again when it aggregates layers): equal to 1e-5 (its output is float32). pytorch-grad-cam's XGradCAM divides by Σ A, ours by Σ |A|: equal on layer4,
-    whose output follows a ReLU."""
+    and again when it aggregates layers): equal to 1e-5 (its output is float32). pytorch-grad-cam's XGradCAM
+    divides by Σ A, ours by Σ |A|: equal on layer4, whose output follows a ReLU."""
     pgc = pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -232,10 +245,14 @@ def test_vgg11_bn_oracles_on_named_feature_layer():
     model = testing.randomize(torchvision.models.vgg11_bn(weights=None, num_classes=10), seed=1, dtype=torch.float32)
     x = images(2, 64).float()
     ours = bh.explain(model, x, "gradcam", "logit", classes=[3, 5], layer="features.25")
-    theirs = captum_attr.LayerGradCam(model, model.features[25]).attribute(x, target=[3, 5], relu_attributions=False)[:, 0]
+    theirs = captum_attr.LayerGradCam(model, model.features[25]).attribute(x, target=[3, 5], relu_attributions=False)[
+        :, 0
+    ]
     torch.testing.assert_close(ours.attributions, theirs, rtol=1e-4, atol=1e-6)
     classic = bh.explain(model, x, "gradcam", "logit", classes=[3, 5], layer="features.27", relu=True).attributions
-    classic = _minmax(F.interpolate(_minmax(classic)[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0])
+    classic = _minmax(
+        F.interpolate(_minmax(classic)[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    )
     with pgc.GradCAM(model=model, target_layers=[model.features[27]]) as cam:
         want = cam(input_tensor=x, targets=[ClassifierOutputTarget(3), ClassifierOutputTarget(5)])
     np.testing.assert_allclose(classic.numpy(), want, atol=1e-4)

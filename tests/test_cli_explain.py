@@ -3,6 +3,7 @@
 Most tests use a small `digits_cnn` (32 px, 10 classes; a seeded random checkpoint, so they need no
 shipped weights) on the bundled photos; the real EfficientNet-Lite0 run on the cat photo is marked slow.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,10 @@ from matplotlib import pyplot as plt
 from PIL import Image
 
 import backprop_hooks as bh
-import models
+from backprop_hooks import models
 from backprop_hooks.cli import main
-from eval import explain as ex
-from eval import plots
-
+from backprop_hooks.eval import explain as ex
+from backprop_hooks.eval import plots
 
 
 def _checkpoint(folder: Path, arch: str) -> Path:
@@ -95,8 +95,12 @@ def test_default_outputs(tmp_path, capsys, small, small_model):
     np.testing.assert_allclose(probs, logits.softmax(0)[top].numpy(), rtol=1e-5)
     for key, target in info["targets"].items():
         maps = saved["maps"][key].double()
-        np.testing.assert_allclose([c["positive_sum"] for c in target["per_class"]], maps.clamp(min=0).sum((1, 2)), rtol=1e-6)
-        np.testing.assert_allclose([c["negative_sum"] for c in target["per_class"]], maps.clamp(max=0).sum((1, 2)), rtol=1e-6)
+        np.testing.assert_allclose(
+            [c["positive_sum"] for c in target["per_class"]], maps.clamp(min=0).sum((1, 2)), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            [c["negative_sum"] for c in target["per_class"]], maps.clamp(max=0).sum((1, 2)), rtol=1e-6
+        )
         assert np.allclose(np.diag(target["class_similarity"]), 1.0)
     weighted = info["targets"]["weighted"]["per_class"][0]["objective"]
     alpha = logits.scatter(0, top[:1], float("-inf")).softmax(0)
@@ -137,8 +141,9 @@ def test_one_batched_call_per_target(tmp_path, capsys, monkeypatch, small, small
 
 def test_multiple_images_with_progress(tmp_path, capsys, small, photo_files):
     out = tmp_path / "many"
-    code, stdout, stderr = run_cli(capsys, *small, *map(str, photo_files), "coffee", "--topk", "2",
-                                   "--method", "linear_approx", "--out", str(out))
+    code, stdout, stderr = run_cli(
+        capsys, *small, *map(str, photo_files), "coffee", "--topk", "2", "--method", "linear_approx", "--out", str(out)
+    )
     assert code == 0, stderr
     names = {p.name for p in out.iterdir()}
     assert names == {f"{n}.{s}" for n in ("photo", "photo_2", "coffee") for s in ("png", "pt", "json")}
@@ -162,7 +167,9 @@ def test_existing_out_folder_keeps_other_files(tmp_path, capsys, small):
 
 
 def test_non_linear_method_gets_a_note(tmp_path, capsys, small):
-    code, stdout, stderr = run_cli(capsys, *small, "--method", "guided_backprop", "--topk", "2", "--out", str(tmp_path / "o"))
+    code, stdout, stderr = run_cli(
+        capsys, *small, "--method", "guided_backprop", "--topk", "2", "--out", str(tmp_path / "o")
+    )
     assert code == 0
     assert stderr.strip().splitlines() == [line for line in stderr.strip().splitlines() if line.startswith("note:")]
     assert "not linear" in stderr and "weighted" in stderr and "Warning" not in stderr

@@ -1,4 +1,5 @@
 """The hook registry: selectors, stacking, in-place ops, repeated modules, several inputs, cleanup."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -7,7 +8,7 @@ from torch import nn
 import backprop_hooks as bh
 from backprop_hooks import testing
 from backprop_hooks.errors import RuleError, SelectorError
-from rules import Function, Identity
+from backprop_hooks.rules import Function, Identity
 
 
 def plain_grad(model, x, seed):
@@ -217,7 +218,9 @@ def test_forward_only_rules_add_no_gates_and_parts_see_the_final_output():
         y = net(x)
         assert [type(r) for r in handle.modules["0"]] == [Identity, Record]
         assert type(owner.helper.seen[0].grad_fn).__name__ == "_GateBackward"  # Identity's gate came first
-        torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], plain_grad(net, x, torch.ones(4, 1, dtype=torch.float64)))
+        torch.testing.assert_close(
+            torch.autograd.grad(y.sum(), x)[0], plain_grad(net, x, torch.ones(4, 1, dtype=torch.float64))
+        )
     testing.assert_no_hooks_left(net)
 
 
@@ -261,7 +264,7 @@ def test_removal_breaks_the_graph_rule_cycle_so_captures_are_freed():
     import gc
     import weakref
 
-    from rules import Capture
+    from backprop_hooks.rules import Capture
 
     model = mlp()
     capture = Capture()

@@ -1,4 +1,5 @@
 """The command line's own plumbing: usage errors are one line with exit code 2; --help exits 0."""
+
 import subprocess
 import sys
 
@@ -19,5 +20,7 @@ def test_help_lists_subcommands(capsys):
 
 
 def test_module_entry_point():
-    done = subprocess.run([sys.executable, "-m", "backprop_hooks", "explain", "--topk", "0x"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "backprop_hooks", "explain", "--topk", "0x"], capture_output=True, text=True
+    )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1

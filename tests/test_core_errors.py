@@ -1,4 +1,5 @@
 """Bad input gets a clear, typed error that says what was wrong and what would be right."""
+
 import pytest
 import torch
 from torch import nn
@@ -35,7 +36,13 @@ def test_bad_inputs(model, bad, match):
 
 @pytest.mark.parametrize(
     "classes, match",
-    [(4, "index 4 is out of range; the model has 4 classes"), (-1, "-1 is out of range"), (torch.tensor([0, 1, 2]), "shape \\(2,\\)"), (torch.tensor([0.5, 1.0]), "integers"), ("cat", "must be an int")],
+    [
+        (4, "index 4 is out of range; the model has 4 classes"),
+        (-1, "-1 is out of range"),
+        (torch.tensor([0, 1, 2]), "shape \\(2,\\)"),
+        (torch.tensor([0.5, 1.0]), "integers"),
+        ("cat", "must be an int"),
+    ],
 )
 def test_bad_classes(model, x, classes, match):
     with pytest.raises(errors.ClassIndexError, match=match):
@@ -71,7 +78,10 @@ class First(nn.Module):
 
 
 def test_baseline_batch_mismatch(model, x):
-    with pytest.raises(errors.InputError, match="baseline of shape \\(3, 3, 6, 6\\) does not broadcast to the input's shape \\(2, 3, 6, 6\\)"):
+    with pytest.raises(
+        errors.InputError,
+        match="baseline of shape \\(3, 3, 6, 6\\) does not broadcast to the input's shape \\(2, 3, 6, 6\\)",
+    ):
         bh.explain(model, x, "integrated_gradients", baseline=torch.zeros(3, 3, 6, 6))
 
 
@@ -90,6 +100,6 @@ def test_bad_options(model, x):
 
 def test_training_mode_is_warned_not_changed(model, x):
     model.train()
-    with pytest.warns(bh.methods.TrainingModeWarning, match="call model.eval\\(\\)"):
+    with pytest.warns(bh.errors.TrainingModeWarning, match="call model.eval\\(\\)"):
         bh.explain(model, x)
     assert model.training

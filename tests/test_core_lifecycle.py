@@ -1,5 +1,6 @@
 """Lifecycle: rule sets attached and removed, explanations run and exceptions raised at random points;
 afterwards no hook is left and the model is bit-identical (values, grads, requires_grad, training, hooks)."""
+
 import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -7,7 +8,7 @@ from torch import nn
 
 import backprop_hooks as bh
 from backprop_hooks import testing
-from rules import Capture, Function, Identity
+from backprop_hooks.rules import Capture, Function, Identity
 
 
 class Boom(Exception):
@@ -33,7 +34,9 @@ SELECTORS = [nn.Linear, nn.Conv2d, nn.ReLU, "blocks.*", "head", lambda n, m: n.e
 class Lifecycle(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        net = testing.randomize(testing.CNN(2, 6, 3, 2, 4, act="relu_inplace", batchnorm=True, residual=True), seed=5, dtype=torch.float32)
+        net = testing.randomize(
+            testing.CNN(2, 6, 3, 2, 4, act="relu_inplace", batchnorm=True, residual=True), seed=5, dtype=torch.float32
+        )
         net.head.weight.grad = torch.ones_like(net.head.weight)  # a user's existing grad must survive
         net.blocks[0][0].weight.requires_grad_(False)  # a user's frozen parameter must stay frozen
         net.stem.register_forward_hook(lambda m, i, o: None)  # a user's hook must stay
@@ -44,7 +47,11 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule(selector=st.sampled_from(SELECTORS), kind=st.sampled_from(["identity", "capture", "scale"]))
     def attach(self, selector, kind):
-        chosen = {"identity": Identity(), "capture": Capture(), "scale": Function(lambda m, gi, go: tuple(None if g is None else 2 * g for g in gi))}[kind]
+        chosen = {
+            "identity": Identity(),
+            "capture": Capture(),
+            "scale": Function(lambda m, gi, go: tuple(None if g is None else 2 * g for g in gi)),
+        }[kind]
         self.handles.append(bh.attach(self.model, {selector: chosen}))
 
     @precondition(lambda self: self.handles)
@@ -52,7 +59,10 @@ class Lifecycle(RuleBasedStateMachine):
     def remove(self, index):
         self.handles.pop(index % len(self.handles)).remove()
 
-    @rule(method=st.sampled_from(["gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"]), objective=st.sampled_from(["logit", "weighted", "max"]))
+    @rule(
+        method=st.sampled_from(["gradient", "input_x_gradient", "smoothgrad", "integrated_gradients"]),
+        objective=st.sampled_from(["logit", "weighted", "max"]),
+    )
     def explain(self, method, objective):
         options = {"smoothgrad": {"n_samples": 2}, "integrated_gradients": {"n_steps": 2}}.get(method, {})
         e = bh.explain(self.model, self.x, method, objective, **options)

@@ -1,4 +1,5 @@
 """Gradient-family methods: contrast identities on random networks, batching, Captum oracles, IG completeness."""
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -22,17 +23,23 @@ def test_contrast_identities(case, name):
     testing.assert_contrast_identities(method, case.x, rtol=1e-9, atol=1e-12)
 
 
-@given(testing.cases(batch=(2, 4)), st.sampled_from(sorted(GRADIENT_METHODS)), st.sampled_from(["weighted", "softmax", "max"]))
+@given(
+    testing.cases(batch=(2, 4)),
+    st.sampled_from(sorted(GRADIENT_METHODS)),
+    st.sampled_from(["weighted", "softmax", "max"]),
+)
 def test_batch_equals_single(case, name, target):
     options = dict(GRADIENT_METHODS[name])
     if name == "smoothgrad":  # noise is drawn per batch: compare with zero noise
         options["noise_level"] = 0.0
-    testing.assert_batch_equals_single(methods.get(name)(case.model, **options), case.x, target=target, rtol=1e-9, atol=1e-12)
+    testing.assert_batch_equals_single(
+        methods.get(name)(case.model, **options), case.x, target=target, rtol=1e-9, atol=1e-12
+    )
 
 
 @settings(max_examples=10)
 @given(testing.cases(acts=("gelu",)), st.sampled_from(["logit", "softmax", "log_softmax", "weighted"]))
-@pytest.mark.filterwarnings("ignore::backprop_hooks.methods.NonLinearContrastWarning")
+@pytest.mark.filterwarnings("ignore::backprop_hooks.errors.NonLinearContrastWarning")
 def test_integrated_gradients_completeness(case, target):
     """Σ IG = f(x) − f(x0): with fixed seeds f = v·y (v the seed at x); pointwise, f is the objective itself.
 
@@ -69,7 +76,9 @@ def test_smoothgrad_is_reproducible_and_averages_noisy_gradients():
     assert torch.equal(a.attributions, b.attributions)
     noise = torch.randn((6, *x.shape), generator=torch.Generator().manual_seed(7), dtype=x.dtype)
     sigma = 0.15 * (x.amax(1) - x.amin(1))
-    want = torch.stack([bh.explain(model, x + sigma[:, None] * n, "gradient", "mean", classes=a.classes).attributions for n in noise]).mean(0)
+    want = torch.stack(
+        [bh.explain(model, x + sigma[:, None] * n, "gradient", "mean", classes=a.classes).attributions for n in noise]
+    ).mean(0)
     torch.testing.assert_close(a.attributions, want, rtol=1e-10, atol=1e-12)
 
 
@@ -93,10 +102,14 @@ def test_gradient_equals_captum_saliency(cnn_case):
 def test_input_x_gradient_equals_captum(cnn_case):
     model, x, t = cnn_case
     want = captum_attr.InputXGradient(model).attribute(x, target=t)
-    torch.testing.assert_close(bh.explain(model, x, "input_x_gradient", classes=t).attributions, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        bh.explain(model, x, "input_x_gradient", classes=t).attributions, want, rtol=1e-10, atol=1e-12
+    )
 
 
-@pytest.mark.parametrize("rule", ["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"])
+@pytest.mark.parametrize(
+    "rule", ["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"]
+)
 def test_integrated_gradients_equals_captum(cnn_case, rule):
     model, x, t = cnn_case
     baseline = torch.full_like(x, 0.25)
@@ -124,7 +137,7 @@ def test_pointwise_softmax_ig_equals_captum_on_softmax_output(cnn_case):
     model, x, t = cnn_case
     probs = nn.Sequential(model, nn.Softmax(dim=1))
     want = captum_attr.IntegratedGradients(probs).attribute(x, target=t, n_steps=16)
-    with pytest.warns(methods.NonLinearContrastWarning):
+    with pytest.warns(bh.errors.NonLinearContrastWarning):
         got = bh.explain(model, x, "integrated_gradients", "softmax", classes=t, n_steps=16, pointwise=True)
     torch.testing.assert_close(got.attributions, want, rtol=1e-6, atol=1e-10)  # Captum's float32 weights
     assert not got.linear
@@ -140,7 +153,9 @@ def test_gradient_contrast_equals_captum_on_a_contrast_head(cnn_case):
             return y * (c / (c - 1)) - y.sum(1, keepdim=True) / (c - 1)  # y_t − mean_{s≠t} y_s for every t
 
     want = captum_attr.Saliency(nn.Sequential(model, MeanContrastHead())).attribute(x, target=t, abs=False)
-    torch.testing.assert_close(bh.explain(model, x, "gradient", "mean", classes=t).attributions, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        bh.explain(model, x, "gradient", "mean", classes=t).attributions, want, rtol=1e-9, atol=1e-12
+    )
 
 
 def test_methods_leave_no_trace(cnn_case):

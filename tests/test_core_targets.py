@@ -1,4 +1,5 @@
 """Targets: every seed is the gradient of its objective; explicit formulas; stability; validation."""
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -10,7 +11,10 @@ from backprop_hooks.errors import ClassIndexError, UnknownNameError
 NAMES = ["logit", "softmax", "log_softmax", "weighted", "mean", "max"]
 
 
-@given(testing.logits(dtype=torch.float64).flatmap(lambda y: st.tuples(st.just(y), testing.classes_for(y))), st.sampled_from(NAMES))
+@given(
+    testing.logits(dtype=torch.float64).flatmap(lambda y: st.tuples(st.just(y), testing.classes_for(y))),
+    st.sampled_from(NAMES),
+)
 def test_seed_is_gradient_of_objective(case, name):
     y, t = case
     target = targets.get(name)
@@ -19,11 +23,18 @@ def test_seed_is_gradient_of_objective(case, name):
     torch.testing.assert_close(target.seed(y.detach(), t), g, rtol=1e-10, atol=1e-12)
 
 
-@given(testing.logits(dtype=torch.float64, scale=(1e-3, 8.0)).flatmap(lambda y: st.tuples(st.just(y), testing.classes_for(y))), st.sampled_from(NAMES))
+@given(
+    testing.logits(dtype=torch.float64, scale=(1e-3, 8.0)).flatmap(
+        lambda y: st.tuples(st.just(y), testing.classes_for(y))
+    ),
+    st.sampled_from(NAMES),
+)
 def test_seed_equals_explicit_weights(case, name):
     """The seed equals the composition weights written out from the probabilities (DESIGN.md table)."""
     y, t = case
-    torch.testing.assert_close(targets.get(name).seed(y, t), testing.contrast_weights(y, t, name), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        targets.get(name).seed(y, t), testing.contrast_weights(y, t, name), rtol=1e-9, atol=1e-12
+    )
 
 
 @given(testing.logits(dtype=torch.float64).flatmap(lambda y: st.tuples(st.just(y), testing.classes_for(y))))
@@ -87,7 +98,7 @@ def test_class_validation():
 
 
 def test_contrast_needs_two_classes():
-    y = torch.zeros(1, 1)
+    torch.zeros(1, 1)
     with pytest.raises(ClassIndexError, match="at least 2 classes"):
         targets.Weighted().check(1)
     targets.Logit().check(1)

@@ -1,10 +1,11 @@
 """Every evaluation-set layout on a tiny generated folder of 8x8 images, plus the bundled sets."""
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from eval import datasets
+from backprop_hooks.eval import datasets
 
 
 def _image(path, value: int, size=(8, 8), mode="RGB") -> None:
@@ -26,11 +27,14 @@ SYNSETS = [f"n{i:08d}" for i in range(1000)]
 def test_imagenet_kaggle_layout(tmp_path):
     for i in (1, 2, 3):
         _image(tmp_path / "ILSVRC" / "Data" / "CLS-LOC" / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", 40 * i, (10, 12))
-    (tmp_path / "LOC_synset_mapping.txt").write_text("".join(f"{s} name {i}\n" for i, s in enumerate(reversed(SYNSETS))))
+    (tmp_path / "LOC_synset_mapping.txt").write_text(
+        "".join(f"{s} name {i}\n" for i, s in enumerate(reversed(SYNSETS)))
+    )
     truth = {1: 5, 2: 999, 3: 0}
     (tmp_path / "LOC_val_solution.csv").write_text(
-        "ImageId,PredictionString\n" + "".join(f"ILSVRC2012_val_{i:08d},{SYNSETS[c]} 1 2 3 4 {SYNSETS[c]} 5 6 7 8\n"
-                                               for i, c in truth.items()))
+        "ImageId,PredictionString\n"
+        + "".join(f"ILSVRC2012_val_{i:08d},{SYNSETS[c]} 1 2 3 4 {SYNSETS[c]} 5 6 7 8\n" for i, c in truth.items())
+    )
     data = datasets.from_spec(f"imagenet:{tmp_path}", 8)
     _check(data, 3)
     assert [int(data.dataset[i][1]) for i in range(3)] == [5, 999, 0]  # sorted synset order, not file order

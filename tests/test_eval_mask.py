@@ -1,9 +1,10 @@
 """Masking experiment: the equal-count rule, baselines, the relative probability, the batched job."""
+
 import pytest
 import torch
 from torch import nn
 
-from eval import mask
+from backprop_hooks.eval import mask
 
 
 def test_equal_count_rule_by_hand():
@@ -60,7 +61,7 @@ def test_baselines():
 def test_relative_probability():
     logits = torch.tensor([[1.0, 0.0, 3.0]])
     value = mask.relative_probability(logits, torch.tensor([2]), torch.tensor([0]))
-    assert float(value) == pytest.approx(torch.e ** 3 / (torch.e ** 3 + torch.e))
+    assert float(value) == pytest.approx(torch.e**3 / (torch.e**3 + torch.e))
 
 
 class Tiny(nn.Module):
@@ -83,7 +84,8 @@ def test_masking_process_keeps_only_samples_above_threshold():
     threshold = float(p2.median())
     methods = {"gradcam": {"layer": "conv"}, "gradient": {}}
     out = mask.masking_process(model, methods, ["zeros", "blur"], ["positive", "negative"], threshold)(
-        x, torch.zeros(5, dtype=torch.long), torch.arange(5))
+        x, torch.zeros(5, dtype=torch.long), torch.arange(5)
+    )
     kept = out["kept"].bool()
     assert torch.equal(kept, p2 > threshold)
     assert out["value"].shape == (2, 2, 2, 2, 2, 5) and out["k"].shape == (2, 2, 2, 5)

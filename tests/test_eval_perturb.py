@@ -1,11 +1,13 @@
-"""Perturbation experiment: the update rule and clamping on hand-computed cases, batching over ε, per-sample statistics."""
+"""Perturbation experiment: the update rule and clamping on hand-computed cases, batching over ε,
+per-sample statistics."""
+
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from eval import perturb, report
+from backprop_hooks.eval import perturb, report
 
 
 def test_step_moves_by_sign_and_clamps_to_the_box_and_the_pixel_range():
@@ -72,8 +74,14 @@ def test_outcome_reads_correct_probability_and_logit():
 def test_summary_is_a_per_sample_mean_with_student_t_interval():
     base = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
     after = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
-    results = {"base_acc": base, "base_p": base * 0.5, "base_y": base * 2,
-               "acc": after.view(1, 1, 1, 5), "p": after.view(1, 1, 1, 5) * 0.5, "y": after.view(1, 1, 1, 5) * 2}
+    results = {
+        "base_acc": base,
+        "base_p": base * 0.5,
+        "base_y": base * 2,
+        "acc": after.view(1, 1, 1, 5),
+        "p": after.view(1, 1, 1, 5) * 0.5,
+        "y": after.view(1, 1, 1, 5) * 2,
+    }
     (row,) = perturb.summarize(results, ["weighted"], [3e-3], [1])
     delta = after - base
     assert row["n"] == 5 and row["mode"] == "weighted" and row["eps"] == 3e-3 and row["steps"] == 1

@@ -1,5 +1,6 @@
 """The shared runner: chunks, per-sample averaging over an unequal last batch, interruption and resume,
 refusal to resume another configuration, and a 2-process gloo run equal to a 1-process run."""
+
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from backprop_hooks import cli
-from eval import perturb, runner
+from backprop_hooks.eval import perturb, runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +30,14 @@ def test_unequal_last_batch_gives_the_per_sample_mean(tmp_path):
 
     def process(x, labels, positions):
         after = values[positions]
-        return {"base_acc": torch.zeros_like(after), "base_p": torch.zeros_like(after), "base_y": torch.zeros_like(after),
-                "acc": after.view(1, 1, 1, -1), "p": after.view(1, 1, 1, -1), "y": after.view(1, 1, 1, -1)}
+        return {
+            "base_acc": torch.zeros_like(after),
+            "base_p": torch.zeros_like(after),
+            "base_y": torch.zeros_like(after),
+            "acc": after.view(1, 1, 1, -1),
+            "p": after.view(1, 1, 1, -1),
+            "y": after.view(1, 1, 1, -1),
+        }
 
     store = runner.ChunkStore(tmp_path / "chunks", {"test": 1})
     results = runner.run_chunks(data, list(range(7)), process, store, 3, torch.device("cpu"), progress=False)
@@ -38,7 +45,10 @@ def test_unequal_last_batch_gives_the_per_sample_mean(tmp_path):
     (row,) = perturb.summarize(results, ["logit"], [1e-3], [1])
     assert row["n"] == 7 and row["delta_y"] == pytest.approx(16 / 7)  # not (1 + 1 + 10) / 3 = 4
     assert sorted(p.name for p in (tmp_path / "chunks").glob("*.pt")) == [
-        "00000000-00000003.pt", "00000003-00000006.pt", "00000006-00000007.pt"]
+        "00000000-00000003.pt",
+        "00000003-00000006.pt",
+        "00000006-00000007.pt",
+    ]
 
 
 def test_shards_are_disjoint_and_cover_everything(tmp_path):
@@ -59,8 +69,26 @@ def test_shards_are_disjoint_and_cover_everything(tmp_path):
     assert seen[0] == [0, 1, 6, 7] and seen[1] == [2, 3, 8, 9] and seen[2] == [4, 5]
 
 
-ARGS = ["--model", "digits_cnn", "--data", "digits", "--limit", "3", "--batch-size", "2", "--eps", "3e-3",
-        "--steps", "2", "--targets", "weighted", "logit", "--examples", "0", "--quiet"]
+ARGS = [
+    "--model",
+    "digits_cnn",
+    "--data",
+    "digits",
+    "--limit",
+    "3",
+    "--batch-size",
+    "2",
+    "--eps",
+    "3e-3",
+    "--steps",
+    "2",
+    "--targets",
+    "weighted",
+    "logit",
+    "--examples",
+    "0",
+    "--quiet",
+]
 
 
 def _run(out: Path, *extra: str) -> int:
@@ -115,8 +143,20 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "backprop_hooks", "perturb", *ARGS, "--out", str(tmp_path / "two")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "backprop_hooks",
+        "perturb",
+        *ARGS,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _report(tmp_path / "two") == _report(tmp_path / "single")

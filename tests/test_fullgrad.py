@@ -1,4 +1,5 @@
 """FullGrad: completeness of the raw parts, linearity of the raw sum, post-processing, pytorch-grad-cam oracle."""
+
 import warnings
 
 import numpy as np
@@ -10,12 +11,13 @@ from torch import nn
 import backprop_hooks as bh
 from backprop_hooks import testing
 from backprop_hooks.errors import InputError, RuleError
-from backprop_hooks.methods import FullGrad, NonLinearContrastWarning
+from backprop_hooks.errors import NonLinearContrastWarning
+from backprop_hooks.methods import FullGrad
 from backprop_hooks.methods.cam import upsample
 from backprop_hooks.methods.fullgrad import abs_minmax, signed_maxabs
-from rules import BiasGradient
+from backprop_hooks.rules import BiasGradient
 
-pytestmark = pytest.mark.filterwarnings("ignore::backprop_hooks.methods.NonLinearContrastWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::backprop_hooks.errors.NonLinearContrastWarning")
 
 RELU_CNNS = testing.cases(kinds=("cnn",), acts=("relu", "relu_inplace"))
 
@@ -27,12 +29,18 @@ def explained_output(e):
 
 
 @settings(max_examples=15)
-@given(RELU_CNNS, st.sampled_from(["logit", "weighted", "softmax", "mean", "max"]), st.sampled_from(["abs", "signed", None]))
+@given(
+    RELU_CNNS,
+    st.sampled_from(["logit", "weighted", "softmax", "mean", "max"]),
+    st.sampled_from(["abs", "signed", None]),
+)
 def test_completeness_on_relu_networks(case, target, post):
     """Σ x⊙∇x + Σ_l Σ b_l⊙∂f/∂y_l = f(x) for piecewise-linear nets (BatchNorm in eval mode is affine and
     counted with its effective bias; the classifier head's bias is a non-spatial part)."""
     e = FullGrad(case.model, post=post)(case.x, target=target)
-    parts = e.extras["input"].flatten(1).sum(1) + sum(p.reshape(p.shape[0], -1).sum(1) for p in e.extras["bias"].values())
+    parts = e.extras["input"].flatten(1).sum(1) + sum(
+        p.reshape(p.shape[0], -1).sum(1) for p in e.extras["bias"].values()
+    )
     torch.testing.assert_close(parts, e.extras["total"], rtol=1e-12, atol=1e-12)
     want = explained_output(e)
     torch.testing.assert_close(e.extras["total"], want, rtol=1e-9, atol=1e-9 * (1 + float(want.abs().max())))
@@ -49,7 +57,9 @@ def test_raw_signed_sum_is_linear_in_the_seed(case):
 @settings(max_examples=6)
 @given(testing.cases(kinds=("cnn",), batch=(2, 4)), st.sampled_from(["abs", "signed", None]))
 def test_batch_equals_single(case, post):
-    testing.assert_batch_equals_single(FullGrad(case.model, post=post), case.x, target="weighted", rtol=1e-9, atol=1e-12)
+    testing.assert_batch_equals_single(
+        FullGrad(case.model, post=post), case.x, target="weighted", rtol=1e-9, atol=1e-12
+    )
 
 
 class ChannelsLast(nn.Module):
@@ -71,19 +81,28 @@ def test_channel_last_linear_is_a_spatial_part_and_completeness_holds():
     model = testing.randomize(ChannelsLast(), seed=0)
     x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
     e = bh.explain(model, x, "fullgrad", "weighted", post=None)
-    assert {k: tuple(v.shape) for k, v in e.extras["bias"].items()} == {"conv": (2, 6, 6), "mix": (2, 6, 6), "head": (2,)}
+    assert {k: tuple(v.shape) for k, v in e.extras["bias"].items()} == {
+        "conv": (2, 6, 6),
+        "mix": (2, 6, 6),
+        "head": (2,),
+    }
     torch.testing.assert_close(e.extras["total"], explained_output(e), rtol=1e-10, atol=1e-10)
     assert e.attributions.shape == (2, 6, 6)
 
 
 def test_post_processing_is_computed_from_the_raw_parts():
-    """"signed": each part's channel sum over its max |·|; None: the raw channel sums; both upsampled."""
+    """ "signed": each part's channel sum over its max |·|; None: the raw channel sums; both upsampled."""
     model = testing.randomize(testing.CNN(3, 8, 4, 2, 5, batchnorm=True), seed=1)
     model.pool = nn.Sequential(nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(2))  # a part at half resolution
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    for post, reduce in [("signed", lambda s: s / (s.flatten(1).abs().amax(1).view(-1, 1, 1) + 1e-6)), (None, lambda s: s)]:
+    for post, reduce in [
+        ("signed", lambda s: s / (s.flatten(1).abs().amax(1).view(-1, 1, 1) + 1e-6)),
+        (None, lambda s: s),
+    ]:
         e = bh.explain(model, x, "fullgrad", "max", post=post)
-        want = reduce(e.extras["input"].sum(1)) + sum(upsample(reduce(p), (8, 8)) for p in e.extras["bias"].values() if p.dim() == 3)
+        want = reduce(e.extras["input"].sum(1)) + sum(
+            upsample(reduce(p), (8, 8)) for p in e.extras["bias"].values() if p.dim() == 3
+        )
         torch.testing.assert_close(e.attributions, want, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(e.maps, e.attributions)
     signed = bh.explain(model, x, "fullgrad", "max", post="signed")
@@ -123,7 +142,9 @@ def test_errors():
     with pytest.raises(RuleError, match="without a bias"):
         bh.attach(no_bias, {nn.Conv2d: BiasGradient()})
     with pytest.raises(InputError, match="spatial input"):
-        bh.explain(testing.randomize(testing.MLP(4, 4, 1, 3), seed=0), torch.randn(2, 4, dtype=torch.float64), "fullgrad")
+        bh.explain(
+            testing.randomize(testing.MLP(4, 4, 1, 3), seed=0), torch.randn(2, 4, dtype=torch.float64), "fullgrad"
+        )
 
 
 def test_leaves_model_untouched_also_after_an_exception():
@@ -193,8 +214,13 @@ def test_abs_maps_equal_pytorch_grad_cam_where_normalisations_coincide():
     no resizing, so ``post="abs"`` with pytorch-grad-cam's eps (1e-7), min-max normalised, equals its
     FullGrad to 1e-5 (float32 output)."""
     model = nn.Sequential(
-        nn.Conv2d(1, 1, 3, padding=1), nn.BatchNorm2d(1), nn.ReLU(inplace=True),
-        nn.Conv2d(1, 1, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 4),
+        nn.Conv2d(1, 1, 3, padding=1),
+        nn.BatchNorm2d(1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(1, 1, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 4),
     )
     model = testing.randomize(model, seed=5)
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -207,7 +233,7 @@ def test_abs_maps_equal_pytorch_grad_cam_where_normalisations_coincide():
 def test_batchnorm_effective_bias_is_the_offset_of_its_affine_map(affine, batch_stats):
     """BatchNorm computes y = a·x + c per channel; the effective bias is c (running statistics in eval
     mode, the batch's statistics when it normalises with them)."""
-    from rules.fullgrad import effective_bias
+    from backprop_hooks.rules.fullgrad import effective_bias
 
     bn = testing.randomize(nn.BatchNorm2d(3, affine=affine, track_running_stats=not batch_stats), seed=6)
     bn.train(batch_stats)

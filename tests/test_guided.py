@@ -1,4 +1,5 @@
 """Modified-ReLU rules and methods: guided_backprop, deconvnet, guided_gradcam; in-place and functional ReLUs."""
+
 import warnings
 
 import pytest
@@ -10,19 +11,27 @@ from torch import nn
 import backprop_hooks as bh
 from backprop_hooks import methods, testing
 from backprop_hooks.errors import RuleError
-from backprop_hooks.methods import FunctionalReLUWarning, NonLinearContrastWarning
-from rules import DeconvReLU, GuidedReLU, ReLUPassThrough
+from backprop_hooks.errors import FunctionalReLUWarning, NonLinearContrastWarning
+from backprop_hooks.rules import DeconvReLU, GuidedReLU, ReLUPassThrough
 
-pytestmark = pytest.mark.filterwarnings("ignore::backprop_hooks.methods.NonLinearContrastWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::backprop_hooks.errors.NonLinearContrastWarning")
 
 MODIFIED = ["guided_backprop", "deconvnet"]
 
 
 def mini_vgg(seed: int = 0) -> nn.Module:
     model = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
     )
     return testing.randomize(model, seed)
 
@@ -130,7 +139,9 @@ def test_functional_relu_is_refused_or_flagged(name):
     with pytest.raises(RuleError, match="F.relu"):
         bh.explain(FunctionalNet(mixed=False), x, name)
     with pytest.warns(FunctionalReLUWarning, match="1 of 2 ReLU calls"):
-        bh.explain(FunctionalNet(mixed=True), x, name, layer="conv") if name == "guided_gradcam" else bh.explain(FunctionalNet(mixed=True), x, name)
+        bh.explain(FunctionalNet(mixed=True), x, name, layer="conv") if name == "guided_gradcam" else bh.explain(
+            FunctionalNet(mixed=True), x, name
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error", FunctionalReLUWarning)
         bh.explain(mini_vgg(), images(), name)

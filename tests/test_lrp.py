@@ -1,4 +1,5 @@
 """LRP: oracles against Zennit, conservation, contrast identities, BatchNorm merging, state hygiene."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,10 +12,10 @@ import backprop_hooks as bh
 from backprop_hooks import testing
 from backprop_hooks.errors import RuleError, UnknownNameError
 from backprop_hooks.methods import LRP
-from rules import AlphaBeta, Epsilon, Flat, Gamma, MergeBatchNorm, ZBox, ZPlus
-from rules.canonizers import merged_params
-from rules.composites import COMPOSITES, first_layer
-from rules.lrp import layer_forward
+from backprop_hooks.rules import AlphaBeta, Epsilon, Flat, Gamma, MergeBatchNorm, ZBox, ZPlus
+from backprop_hooks.rules.canonizers import merged_params
+from backprop_hooks.rules.composites import COMPOSITES, first_layer
+from backprop_hooks.rules.lrp import layer_forward
 
 zennit = pytest.importorskip("zennit")
 from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
@@ -22,7 +23,11 @@ from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlus, 
 from zennit.rules import Epsilon as ZEpsilon, Pass  # noqa: E402
 from zennit.types import Activation  # noqa: E402
 
-SETTINGS = dict(max_examples=max(4, settings.default.max_examples // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = dict(
+    max_examples=max(4, settings.default.max_examples // 2),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 FEWER = dict(SETTINGS, max_examples=max(3, settings.default.max_examples // 4))  # tests running C + 7 explanations
 OPTIONS = {"epsilon_gamma_box": dict(low=-3.0, high=3.0)}
 
@@ -31,11 +36,24 @@ def vgg(batchnorm: bool = False, seed: int = 0) -> nn.Sequential:
     """A small VGG: conv(+BN)+in-place ReLU+max-pool blocks, then Linear+ReLU+Dropout+Linear."""
 
     def block(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1), *([nn.BatchNorm2d(cout)] if batchnorm else []), nn.ReLU(inplace=True)]
+        return [
+            nn.Conv2d(cin, cout, 3, padding=1),
+            *([nn.BatchNorm2d(cout)] if batchnorm else []),
+            nn.ReLU(inplace=True),
+        ]
 
     net = nn.Sequential(
-        *block(3, 6), nn.MaxPool2d(2), *block(6, 8), nn.MaxPool2d(2), *block(8, 8), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Dropout(), nn.Linear(16, 5),
+        *block(3, 6),
+        nn.MaxPool2d(2),
+        *block(6, 8),
+        nn.MaxPool2d(2),
+        *block(8, 8),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 16),
+        nn.ReLU(),
+        nn.Dropout(),
+        nn.Linear(16, 5),
     )
     net = testing.randomize(net, seed)
     for m in net.modules():
@@ -46,8 +64,16 @@ def vgg(batchnorm: bool = False, seed: int = 0) -> nn.Sequential:
 
 def zennit_composite(name: str, canonizers):
     if name == "epsilon":
-        return LayerMapComposite([(Activation, Pass()), (nn.BatchNorm2d, Pass()), ((nn.Conv2d, nn.Linear), ZEpsilon(1e-6))], canonizers=canonizers)
-    cls = {"epsilon_plus_flat": EpsilonPlusFlat, "epsilon_plus": EpsilonPlus, "epsilon_alpha2_beta1": EpsilonAlpha2Beta1, "epsilon_gamma_box": EpsilonGammaBox}[name]
+        return LayerMapComposite(
+            [(Activation, Pass()), (nn.BatchNorm2d, Pass()), ((nn.Conv2d, nn.Linear), ZEpsilon(1e-6))],
+            canonizers=canonizers,
+        )
+    cls = {
+        "epsilon_plus_flat": EpsilonPlusFlat,
+        "epsilon_plus": EpsilonPlus,
+        "epsilon_alpha2_beta1": EpsilonAlpha2Beta1,
+        "epsilon_gamma_box": EpsilonGammaBox,
+    }[name]
     return cls(canonizers=canonizers, **OPTIONS.get(name, {}))
 
 
@@ -83,8 +109,13 @@ def test_matches_zennit_mlp_with_batchnorm1d(name):
     e = bh.explain(model, x, method="lrp", composite=name, target="mean")
     seed = bh.targets.MeanContrast().seed(e.logits, e.classes)
     xg = x.clone().requires_grad_(True)
-    composite = zennit_composite(name, [SequentialMergeBatchNorm()]) if name != "epsilon" else LayerMapComposite(
-        [(Activation, Pass()), (nn.BatchNorm1d, Pass()), (nn.Linear, ZEpsilon(1e-6))], canonizers=[SequentialMergeBatchNorm()]
+    composite = (
+        zennit_composite(name, [SequentialMergeBatchNorm()])
+        if name != "epsilon"
+        else LayerMapComposite(
+            [(Activation, Pass()), (nn.BatchNorm1d, Pass()), (nn.Linear, ZEpsilon(1e-6))],
+            canonizers=[SequentialMergeBatchNorm()],
+        )
     )
     with composite.context(model) as modified:
         y = modified(xg)
@@ -125,8 +156,12 @@ def test_batchnorm_merge_follows_data_flow():
 
     def relevance(model, merge):
         bn = MergeBatchNorm() if merge else None
-        spec = [(nn.Conv2d, Epsilon(input_layer=True, bn=bn)), (nn.Linear, Epsilon(bn=bn))] + ([(nn.BatchNorm2d, bn)] if merge else [])
-        x = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        spec = [(nn.Conv2d, Epsilon(input_layer=True, bn=bn)), (nn.Linear, Epsilon(bn=bn))] + (
+            [(nn.BatchNorm2d, bn)] if merge else []
+        )
+        x = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(
+            True
+        )
         with bh.attach(model, spec):
             y = model(x)
             return torch.autograd.grad(y, x, torch.ones_like(y))[0]
@@ -258,16 +293,25 @@ def test_peak_memory_near_a_plain_backward(name, batchnorm):
     from bench.memory import peak_mib
     from bench.timing import forward_backward
 
-
     def stage(cin, cout, depth=4):  # like a real CNN: several layers per resolution, so activations add up
         layers = []
         for i in range(depth):
-            layers += [nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1), *([nn.BatchNorm2d(cout)] if batchnorm else []), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1),
+                *([nn.BatchNorm2d(cout)] if batchnorm else []),
+                nn.ReLU(inplace=True),
+            ]
         return layers
 
     net = nn.Sequential(
-        *stage(3, 16), nn.MaxPool2d(2), *stage(16, 32), nn.MaxPool2d(2), *stage(32, 64),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4),
+        *stage(3, 16),
+        nn.MaxPool2d(2),
+        *stage(16, 32),
+        nn.MaxPool2d(2),
+        *stage(32, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 4),
     )
     net = testing.randomize(net, 0).float()
     x, t = torch.rand(2, 3, 96, 96), torch.tensor([0, 1])

@@ -4,6 +4,7 @@ ResNet's residual ``out += identity`` is a functional add: the back-propagated q
 so each branch gets ``a ⊙ g`` and the relevance splits in proportion to the branches' contributions,
 which is what Zennit's ResNetCanonizer achieves by swapping in a ``Sum`` module with its ``Norm`` rule.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -1,19 +1,31 @@
 """`models.create`: the wrapper contract, attributes, local checkpoints and offline behaviour."""
+
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import models
-from models import zoo
-from models.digits_nets import DigitsCNN
+from backprop_hooks import models
+from backprop_hooks.models import zoo
+from backprop_hooks.models.digits_nets import DigitsCNN
 
 
 def test_available_lists_the_contract_architectures():
     assert set(models.available()) == {
-        "vgg16", "vgg16_bn", "alexnet", "resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
-        "efficientnet_b0", "vit_b_16", "deit_tiny_patch16_224", "vit_tiny_patch16_224", "efficientnet_lite0",
-        "digits_cnn", "digits_vit",
+        "vgg16",
+        "vgg16_bn",
+        "alexnet",
+        "resnet18",
+        "resnet50",
+        "mobilenet_v3_small",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "vit_b_16",
+        "deit_tiny_patch16_224",
+        "vit_tiny_patch16_224",
+        "efficientnet_lite0",
+        "digits_cnn",
+        "digits_vit",
     }
 
 
@@ -107,7 +119,7 @@ def test_missing_checkpoint_file(tmp_path):
 def test_offline_pretrained_fails_fast_with_a_typed_error(monkeypatch, name):
     monkeypatch.setattr(zoo, "torch_hub_cached", lambda url: False)
     monkeypatch.setattr(zoo, "hf_hub_cached_file", lambda repo: None)
-    monkeypatch.setattr("models.weights.unreachable_reason", lambda url, timeout=3.0: "offline (test)")
+    monkeypatch.setattr("backprop_hooks.models.weights.unreachable_reason", lambda url, timeout=3.0: "offline (test)")
     with pytest.raises(models.WeightsUnavailableError) as info:  # before any download is attempted
         models.create(name, pretrained=True)
     message = str(info.value)
@@ -116,7 +128,7 @@ def test_offline_pretrained_fails_fast_with_a_typed_error(monkeypatch, name):
 
 
 def test_probe_of_an_unresolvable_host_gives_a_reason():
-    from models.weights import unreachable_reason
+    from backprop_hooks.models.weights import unreachable_reason
 
     assert unreachable_reason("https://no-such-host.invalid/weights.pth", timeout=2.0) is not None
 
@@ -125,12 +137,17 @@ def test_probe_cuts_off_a_hanging_connection(monkeypatch):
     """A lookup that never answers is cut off by the timeout (structurally: the probe thread is abandoned)."""
     import threading
 
-    from models import weights
+    from backprop_hooks.models import weights
 
     release = threading.Event()
     monkeypatch.setattr(weights.urllib.request, "getproxies", lambda: {})
-    monkeypatch.setattr(weights.socket, "create_connection", lambda *a, **k: release.wait() and SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(
+        weights.socket, "create_connection", lambda *a, **k: release.wait() and SimpleNamespace(close=lambda: None)
+    )
     try:
-        assert weights.unreachable_reason("https://example.invalid/w.pth", timeout=0.2) == "no answer from example.invalid:443 within 0.2 s"
+        assert (
+            weights.unreachable_reason("https://example.invalid/w.pth", timeout=0.2)
+            == "no answer from example.invalid:443 within 0.2 s"
+        )
     finally:
         release.set()

@@ -1,10 +1,11 @@
 """The digits data and the shipped digits networks."""
+
 import pytest
 import torch
 
-import models
-from eval import datasets
-from models.digits_data import _split_indices
+from backprop_hooks import models
+from backprop_hooks.eval import datasets
+from backprop_hooks.models.digits_data import _split_indices
 
 
 def test_split_is_fixed_stratified_and_disjoint():
@@ -38,7 +39,7 @@ def test_shipped_weights_reach_their_accuracy(name, minimum):
 
 @pytest.mark.slow
 def test_cnn_recipe_reaches_the_accuracy_again(tmp_path):
-    from models.train_digits import train
+    from backprop_hooks.models.train_digits import train
 
     threads = torch.get_num_threads()
     try:

@@ -1,11 +1,12 @@
 """The bundled EfficientNet-Lite0: weight mapping and predictions on real photos."""
+
 import pytest
 import torch
 
-import models
-from models import efficientnet_lite
-from models.errors import WeightsMismatchError
-from models.weights import map_in_order
+from backprop_hooks import models
+from backprop_hooks.models import efficientnet_lite
+from backprop_hooks.errors import WeightsMismatchError
+from backprop_hooks.models.weights import map_in_order
 
 CATS = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 COFFEE = {967, 968}  # espresso, cup
@@ -61,7 +62,7 @@ def test_default_layer_is_last_spatial_map_and_gradcam_finds_the_cat(lite0, phot
     try:
         x = photo_batch[:1]
         logits = lite0(x)
-        grad, = torch.autograd.grad(logits[0, logits[0].argmax()], captured["a"])
+        (grad,) = torch.autograd.grad(logits[0, logits[0].argmax()], captured["a"])
     finally:
         handle.remove()
     activation = captured["a"]

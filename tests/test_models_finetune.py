@@ -1,4 +1,5 @@
 """Fine-tuning: exact resume, data layouts, the command line."""
+
 import argparse
 import json
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models import data, finetune as finetune_module
-from models.finetune import ResumeMismatchError, finetune
-from models.digits_data import digits
+from backprop_hooks.models import data, finetune as finetune_module
+from backprop_hooks.models.finetune import ResumeError, finetune
+from backprop_hooks.models.digits_data import digits
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,8 +30,9 @@ def tiny_digits():
 
 def _run(tiny, out_dir, epochs, **kwargs):
     train, val = tiny
-    options = dict(batch_size=16, lr=0.05, augment_shift=1, progress=False, out_dir=out_dir,
-                   class_names=list("0123456789"))
+    options = dict(
+        batch_size=16, lr=0.05, augment_shift=1, progress=False, out_dir=out_dir, class_names=list("0123456789")
+    )
     return finetune("digits_cnn", train, val, epochs=epochs, **{**options, **kwargs})
 
 
@@ -52,7 +54,7 @@ def test_resumed_run_ends_with_exactly_the_weights_of_a_straight_run(tiny_digits
 
 def test_resume_with_other_settings_is_refused(tiny_digits, tmp_path):
     _run(tiny_digits, tmp_path, 1)
-    with pytest.raises(ResumeMismatchError, match="lr"):
+    with pytest.raises(ResumeError, match="lr"):
         _run(tiny_digits, tmp_path, 2, lr=0.1)
     assert len(_run(tiny_digits, tmp_path, 1, lr=0.1, resume=False).history) == 1
 
@@ -77,8 +79,12 @@ def _png(path, value):
 
 
 def test_cub_layout(tmp_path):
-    rows = [(1, "001.Black_footed_Albatross/a.png", 1, 1), (2, "001.Black_footed_Albatross/b.png", 1, 0),
-            (3, "002.Laysan_Albatross/c.png", 2, 1), (4, "002.Laysan_Albatross/d.png", 2, 0)]
+    rows = [
+        (1, "001.Black_footed_Albatross/a.png", 1, 1),
+        (2, "001.Black_footed_Albatross/b.png", 1, 0),
+        (3, "002.Laysan_Albatross/c.png", 2, 1),
+        (4, "002.Laysan_Albatross/d.png", 2, 0),
+    ]
     for _, rel, label, _ in rows:
         _png(tmp_path / "images" / rel, 60 * label)
     (tmp_path / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel, _, _ in rows))
@@ -103,8 +109,22 @@ def test_image_folder_layout_and_command_line(tmp_path):
 
     parser = argparse.ArgumentParser(prog="backprop-hooks")
     finetune_module.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["finetune", "--arch", "digits_cnn", "--data", f"folder:{tmp_path / 'data'}",
-                              "--out", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "4", "--quiet"])
+    args = parser.parse_args(
+        [
+            "finetune",
+            "--arch",
+            "digits_cnn",
+            "--data",
+            f"folder:{tmp_path / 'data'}",
+            "--out",
+            str(tmp_path / "out"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--quiet",
+        ]
+    )
     assert args.func(args) == 0
     assert json.loads((tmp_path / "out" / "class_names.json").read_text()) == ["cat", "dog"]
     assert (tmp_path / "out" / "best.pt").is_file()
@@ -123,11 +143,18 @@ def test_folder_without_validation_split(tmp_path):
 
 
 def test_start_from_a_local_checkpoint_with_a_new_head(tiny_digits, tmp_path):
-    from models.zoo import WEIGHTS_DIR
+    from backprop_hooks.models.zoo import WEIGHTS_DIR
 
     (x, y), (vx, vy) = tiny_digits
-    result = finetune("digits_cnn", (x, y % 2), (vx, vy % 2), epochs=0, out_dir=tmp_path, progress=False,
-                      weights=WEIGHTS_DIR / "digits_cnn.pt")
+    result = finetune(
+        "digits_cnn",
+        (x, y % 2),
+        (vx, vy % 2),
+        epochs=0,
+        out_dir=tmp_path,
+        progress=False,
+        weights=WEIGHTS_DIR / "digits_cnn.pt",
+    )
     shipped = torch.load(WEIGHTS_DIR / "digits_cnn.pt", weights_only=True)
     assert torch.equal(result.model.model.features.conv3.weight, shipped["features.conv3.weight"])
     assert result.model.model.classifier.out_features == 2 and result.model.class_names == ["0", "1"]

@@ -1,10 +1,11 @@
 """Photos as pixel-space tensors."""
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import models
+from backprop_hooks import models
 
 
 def test_load_image_resizes_shorter_side_then_centre_crops(tmp_path):

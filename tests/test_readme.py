@@ -1,4 +1,5 @@
 """The README's API walkthrough runs as written."""
+
 import re
 from pathlib import Path
 

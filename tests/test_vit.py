@@ -1,6 +1,7 @@
 """ViT methods: attention capture under fused kernels (oracle: timm's explicit path), rollout against a
 reference written here, layer pairing of gradients, GradCAM-on-tokens identities, prefix/register/distilled
 tokens, non-square grids, torchvision's nn.MultiheadAttention, a clean model afterwards."""
+
 import copy
 import math
 import warnings
@@ -8,16 +9,16 @@ import warnings
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 import backprop_hooks as bh
 from backprop_hooks import testing
 from backprop_hooks.errors import RuleError, UnknownNameError
-from backprop_hooks.methods import GradRollout, Rollout, TokenLayoutError, TransformerAttribution, ViTGradCAM
+from backprop_hooks.errors import TokenLayoutError
+from backprop_hooks.methods import GradRollout, Rollout, TransformerAttribution, ViTGradCAM
 from backprop_hooks.methods.rollout import rollout
-from rules.attention import AttentionCapture, is_attention
+from backprop_hooks.rules.attention import AttentionCapture, is_attention
 
 ROLLOUTS = ["rollout", "grad_rollout", "transformer_attribution"]
 ALL = ROLLOUTS + ["vit_gradcam"]
@@ -26,7 +27,7 @@ ALL = ROLLOUTS + ["vit_gradcam"]
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bh.methods.NonLinearContrastWarning)
+        warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
         yield
 
 
@@ -40,16 +41,24 @@ def small_vit(seed: int = 0, dtype=torch.float64, **kw) -> nn.Module:
 
 def small_deit_distilled(seed: int = 0, dtype=torch.float64) -> nn.Module:
     torch.manual_seed(seed)
-    return timm.models.deit.VisionTransformerDistilled(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5
-    ).to(dtype).eval()
+    return (
+        timm.models.deit.VisionTransformerDistilled(
+            img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5
+        )
+        .to(dtype)
+        .eval()
+    )
 
 
 def small_torchvision_vit(seed: int = 0, dtype=torch.float64) -> nn.Module:
     torch.manual_seed(seed)
-    return torchvision.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5
-    ).to(dtype).eval()
+    return (
+        torchvision.models.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5
+        )
+        .to(dtype)
+        .eval()
+    )
 
 
 def inputs(b: int = 3, h: int = 32, w: int = 32, dtype=torch.float64, seed: int = 1) -> torch.Tensor:
@@ -109,7 +118,10 @@ def test_capture_under_fused_attention_matches_explicit_path_and_keeps_output(dt
 
 def test_captured_gradients_are_each_layers_own():
     model, x = small_vit(), inputs()
-    seed_fn = lambda y: torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
+
+    def seed_fn(y):
+        return torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
+
     _, _, g_ref = explicit_oracle(model, x, seed_fn)
     capture = AttentionCapture()
     with bh.attach(model, {is_attention: capture}):
@@ -125,7 +137,11 @@ def test_capture_reuses_the_models_own_projections():
     for kw in ({}, {"qk_norm": True}):
         model, x = small_vit(**kw), inputs()
         calls = []
-        hooks = [m.register_forward_hook(lambda m, i, o: calls.append(m)) for m in model.modules() if isinstance(m, nn.Linear)]
+        hooks = [
+            m.register_forward_hook(lambda m, i, o: calls.append(m))
+            for m in model.modules()
+            if isinstance(m, nn.Linear)
+        ]
         model(x)
         plain_calls, calls[:] = len(calls), []
         capture = AttentionCapture()
@@ -244,7 +260,10 @@ def test_grad_rollout_equals_reference(clamp):
     model, x = small_vit(), inputs()
     method = GradRollout(model, clamp=clamp)
     e = method(x, target="weighted")
-    seed_fn = lambda y: bh.targets.Weighted().seed(y, e.classes)
+
+    def seed_fn(y):
+        return bh.targets.Weighted().seed(y, e.classes)
+
     _, a_ref, g_ref = explicit_oracle(model, x, seed_fn)
     want = reference_grad_rollout(a_ref, g_ref, 1, clamp).reshape(3, 4, 4)
     torch.testing.assert_close(e.attributions, want, rtol=1e-9, atol=1e-12)
@@ -276,6 +295,7 @@ def test_grad_rollout_pairs_each_gradient_with_its_own_layer(layer):
 def held_oracle(model: nn.Module, x: torch.Tensor, seed_fn):
     """An independent forward of a timm ViT with the held gates written out (σ of LayerNorm, Φ of GELU,
     A in the value path detached); returns ∂̃f/∂A_l for each layer."""
+
     def ln(mod, t):
         mu = t.mean(-1, keepdim=True)
         sd = (t.var(-1, unbiased=False, keepdim=True) + mod.eps).sqrt().detach()
@@ -302,7 +322,10 @@ def held_oracle(model: nn.Module, x: torch.Tensor, seed_fn):
 def test_transformer_attribution_equals_reference(clamp):
     model, x = small_vit(), inputs()
     e = TransformerAttribution(model, clamp=clamp)(x, target="weighted")
-    seed_fn = lambda y: bh.targets.Weighted().seed(y, e.classes)
+
+    def seed_fn(y):
+        return bh.targets.Weighted().seed(y, e.classes)
+
     _, a_ref, g_ref = explicit_oracle(model, x, seed_fn)
     h_ref = held_oracle(model, x, seed_fn)
     joint = None
@@ -318,11 +341,17 @@ def test_transformer_attribution_is_blind_to_the_seed_sign_and_grad_rollout_is_n
     model, x = small_vit(), inputs(2)
     t, s = torch.tensor([0, 1]), torch.tensor([2, 3])
     ta = TransformerAttribution(model)
-    torch.testing.assert_close(ta(x, classes=t, target=bh.targets.Versus(s)).attributions,
-                               ta(x, classes=s, target=bh.targets.Versus(t)).attributions, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        ta(x, classes=t, target=bh.targets.Versus(s)).attributions,
+        ta(x, classes=s, target=bh.targets.Versus(t)).attributions,
+        rtol=1e-9,
+        atol=1e-12,
+    )
     gr = GradRollout(model)
-    assert not torch.allclose(gr(x, classes=t, target=bh.targets.Versus(s)).attributions,
-                              gr(x, classes=s, target=bh.targets.Versus(t)).attributions)
+    assert not torch.allclose(
+        gr(x, classes=t, target=bh.targets.Versus(s)).attributions,
+        gr(x, classes=s, target=bh.targets.Versus(t)).attributions,
+    )
 
 
 def test_transformer_attribution_switches_its_relevance_rules_back_off():
@@ -360,7 +389,7 @@ def test_linear_flags():
         assert bh.explain(model, x, method=name, target="weighted").linear is False
     assert bh.explain(model, x, method="vit_gradcam", target="weighted").linear is True
     assert bh.explain(model, x, method="vit_gradcam", relu=True).linear is False
-    with pytest.warns(bh.methods.NonLinearContrastWarning):
+    with pytest.warns(bh.errors.NonLinearContrastWarning):
         warnings.simplefilter("always")
         bh.explain(model, x, method="grad_rollout", target="weighted")
 
@@ -435,7 +464,9 @@ def test_not_a_vit():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_little_patch16_reg4_gap_256"])
+@pytest.mark.parametrize(
+    "name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_little_patch16_reg4_gap_256"]
+)
 def test_timm_architectures_full_size(name):
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
     size = model.pretrained_cfg["input_size"][-1]

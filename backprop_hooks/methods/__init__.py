@@ -2,21 +2,39 @@
 
 ``available()`` lists the names usable in ``bh.explain(method=...)``.
 """
-from .base import Method, NonLinearContrastWarning, TrainingModeWarning, available, get, grad, register
+
+from .base import Method, available, get, grad, register
 from .gradient import Gradient, InputXGradient, IntegratedGradients, SmoothGrad, path_rule
 from .layers import default_layer, get_module, resolve_layer
 from .cam import CAM, GradCAM, LayerGradient, LinearApprox, XGradCAM
 from .fullgrad import FullGrad
-from .guided import Deconvnet, FunctionalReLUWarning, GuidedBackprop, GuidedGradCAM, ModifiedReLU
+from .guided import Deconvnet, GuidedBackprop, GuidedGradCAM, ModifiedReLU
 from .lrp import LRP
-from .vit import GradRollout, Rollout, TokenLayout, TokenLayoutError, TransformerAttribution, ViTGradCAM, token_layout
+from .vit import GradRollout, Rollout, TokenLayout, TransformerAttribution, ViTGradCAM, token_layout
 
 __all__ = [
-    "Method", "NonLinearContrastWarning", "TrainingModeWarning", "available", "get", "grad", "register",
-    "Gradient", "InputXGradient", "IntegratedGradients", "SmoothGrad", "path_rule",
-    "default_layer", "get_module", "resolve_layer",
+    "Method",
+    "available",
+    "get",
+    "grad",
+    "register",
+    "Gradient",
+    "InputXGradient",
+    "IntegratedGradients",
+    "SmoothGrad",
+    "path_rule",
+    "default_layer",
+    "get_module",
+    "resolve_layer",
 ]
 __all__ += ["CAM", "GradCAM", "XGradCAM", "LinearApprox", "LayerGradient", "FullGrad"]
-__all__ += ["ModifiedReLU", "GuidedBackprop", "Deconvnet", "GuidedGradCAM", "FunctionalReLUWarning"]
+__all__ += ["ModifiedReLU", "GuidedBackprop", "Deconvnet", "GuidedGradCAM"]
 __all__ += ["LRP"]
-__all__ += ["Rollout", "GradRollout", "TransformerAttribution", "ViTGradCAM", "TokenLayout", "TokenLayoutError", "token_layout"]
+__all__ += [
+    "Rollout",
+    "GradRollout",
+    "TransformerAttribution",
+    "ViTGradCAM",
+    "TokenLayout",
+    "token_layout",
+]

@@ -7,6 +7,7 @@ A method is a short composition of
 * ``attribute(x, logits, seed)``: one ``torch.autograd.grad`` from the logits with that seed, down to
   whatever the method reads out (the input, a captured layer, ...).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -17,21 +18,11 @@ from torch import nn
 
 from .. import targets as _targets
 from ..attach import RuleSpec, attach
-from ..errors import UnknownNameError, choices
+from ..errors import ModelError, NonLinearContrastWarning, TrainingModeWarning, UnknownNameError, choices
 from ..explanation import Explanation
 from ..validate import Classes, check_classes, check_input, check_logits
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
-
-
-class NonLinearContrastWarning(UserWarning):
-    """A contrast target was explained with a method that is not linear in the seed: the explanation is
-    still the back-propagated contrast seed, but it does not equal the per-class composition."""
-
-
-class TrainingModeWarning(UserWarning):
-    """The model is in training mode, so explaining it changes its BatchNorm statistics (the framework does
-    not switch modes: that would be a trace on the user's model)."""
 
 
 def register(cls: Type["Method"]) -> Type["Method"]:
@@ -59,7 +50,7 @@ class Method:
 
     def __init__(self, model: nn.Module, check_finite: bool = True):
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            raise ModelError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.check_finite = check_finite
 

@@ -16,6 +16,7 @@ times in one forward pass, its last call is read. pytorch-grad-cam's XGradCAM di
 ``relu=True`` clamps the map at zero (the classic maps) and is not linear. ``attributions`` is the layer
 grid ``(B, h, w)``; ``Explanation.maps`` upsamples it bilinearly to the input size.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -23,9 +24,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from rules.capture import Capture
+from backprop_hooks.rules.capture import Capture
 
-from ..errors import InputError
+from ..errors import InputError, LayerError
 from ..explanation import upsample
 from .base import Method, register
 from .layers import resolve_layer
@@ -50,9 +51,13 @@ class LayerGradient:
         name = self.name
         return [(lambda n, m: n == name, self.capture)]
 
-    def read(self, logits: torch.Tensor, seed: torch.Tensor, retain_graph: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    def read(
+        self, logits: torch.Tensor, seed: torch.Tensor, retain_graph: bool = False
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         if not self.capture.outputs:
-            raise InputError(f"layer {self.name!r} did not run in the model's forward pass; choose a layer on the path to the logits")
+            raise LayerError(
+                f"layer {self.name!r} did not run in the model's forward pass; choose a layer on the path to the logits"
+            )
         a = self.capture.output
         if a.dim() < 3:
             raise InputError(

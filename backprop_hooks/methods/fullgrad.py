@@ -26,6 +26,7 @@ final min-max normalisation, uses ``eps = 1e-7``, counts only ``Conv2d``/``Batch
 paired with gradients by registration order, so a module run twice or out of order breaks it), and only
 explains logits. The original code (idiap/fullgrad-saliency) upsamples with ``align_corners=True``.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -34,9 +35,9 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from rules.fullgrad import BiasGradient, has_bias
+from backprop_hooks.rules.fullgrad import BiasGradient, has_bias
 
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from .base import Method, grad, register
 from .cam import upsample
 
@@ -71,15 +72,21 @@ class FullGrad(Method):
     def __init__(self, model: nn.Module, post: Post = "abs", eps: float = EPS, check_finite: bool = True):
         super().__init__(model, check_finite=check_finite)
         if isinstance(post, str) and post not in POSTS:
-            raise ValueError(f"unknown FullGrad post-processing {post!r}; accepted: 'abs', 'signed', None or a callable")
+            raise OptionError(
+                f"unknown FullGrad post-processing {post!r}; accepted: 'abs', 'signed', None or a callable"
+            )
         self.post, self.eps = post, eps
-        self.reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = partial(POSTS[post], eps=eps) if isinstance(post, str) else post
+        self.reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = (
+            partial(POSTS[post], eps=eps) if isinstance(post, str) else post
+        )
         self.linear = post is None
 
     def rules(self, x):
         self.names = {m: n for n, m in self.model.named_modules() if has_bias(m)}
         if not self.names:
-            raise InputError(f"FullGrad needs modules with a bias (conv, linear, BatchNorm); {type(self.model).__name__} has none")
+            raise InputError(
+                f"FullGrad needs modules with a bias (conv, linear, BatchNorm); {type(self.model).__name__} has none"
+            )
         self.bias = BiasGradient(self.reduce)
         names = self.names
         return [(lambda n, m: m in names, self.bias)]

@@ -10,6 +10,7 @@ identities hold exactly (the weights ``α`` of the weighted contrast are constan
 With ``pointwise=True`` the seed is recomputed at every point: SmoothGrad/IG of the target's objective
 itself (e.g. IG of ``p_t`` satisfies completeness ``Σ φ = p_t(x) − p_t(x0)``), not linear in the seed.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Optional, Tuple, Union
@@ -17,7 +18,7 @@ from typing import Iterator, Optional, Tuple, Union
 import torch
 
 from ..attach import attach
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from ..validate import Classes, check_classes, check_logits
 from .base import Method, grad, register
 
@@ -52,7 +53,9 @@ class _ManyPoints(Method):
 
     linear = True
 
-    def __init__(self, model, pointwise: bool = False, internal_batch_size: Optional[int] = None, check_finite: bool = True):
+    def __init__(
+        self, model, pointwise: bool = False, internal_batch_size: Optional[int] = None, check_finite: bool = True
+    ):
         super().__init__(model, check_finite=check_finite)
         self.pointwise = pointwise
         self.internal_batch_size = internal_batch_size
@@ -106,7 +109,7 @@ class SmoothGrad(_ManyPoints):
     def __init__(self, model, n_samples: int = 25, noise_level: float = 0.15, seed: Optional[int] = None, **kw):
         super().__init__(model, **kw)
         if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+            raise OptionError(f"n_samples must be >= 1, got {n_samples}")
         self.n_samples, self.noise_level, self.seed = n_samples, noise_level, seed
 
     def num_points(self):
@@ -131,7 +134,7 @@ def path_rule(quadrature: str, n_steps: int, dtype=torch.float64) -> Tuple[torch
     ``riemann_left|right|middle|trapezoid`` or ``gausslegendre`` (Golub–Welsch, mapped to [0, 1]).
     """
     if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        raise OptionError(f"n_steps must be >= 1, got {n_steps}")
     k = torch.arange(n_steps, dtype=dtype)
     if quadrature == "riemann_left":
         return k / n_steps, torch.full((n_steps,), 1.0 / n_steps, dtype=dtype)
@@ -141,7 +144,7 @@ def path_rule(quadrature: str, n_steps: int, dtype=torch.float64) -> Tuple[torch
         return (k + 0.5) / n_steps, torch.full((n_steps,), 1.0 / n_steps, dtype=dtype)
     if quadrature == "riemann_trapezoid":
         if n_steps < 2:
-            raise ValueError("riemann_trapezoid needs n_steps >= 2")
+            raise OptionError("riemann_trapezoid needs n_steps >= 2")
         w = torch.full((n_steps,), 1.0 / (n_steps - 1), dtype=dtype)
         w[0] = w[-1] = 0.5 / (n_steps - 1)
         return k / (n_steps - 1), w
@@ -149,7 +152,7 @@ def path_rule(quadrature: str, n_steps: int, dtype=torch.float64) -> Tuple[torch
         beta = (k[1:] / torch.sqrt(4 * k[1:] ** 2 - 1)) if n_steps > 1 else k[:0]
         nodes, vectors = torch.linalg.eigh(torch.diag(beta, 1) + torch.diag(beta, -1))
         return (nodes + 1) / 2, vectors[0] ** 2
-    raise ValueError(
+    raise OptionError(
         f"unknown quadrature {quadrature!r}; accepted: 'riemann_left', 'riemann_right', 'riemann_middle', "
         "'riemann_trapezoid', 'gausslegendre'"
     )
@@ -161,7 +164,14 @@ class IntegratedGradients(_ManyPoints):
 
     name = "integrated_gradients"
 
-    def __init__(self, model, n_steps: int = 50, baseline: Union[float, torch.Tensor] = 0.0, quadrature: str = "gausslegendre", **kw):
+    def __init__(
+        self,
+        model,
+        n_steps: int = 50,
+        baseline: Union[float, torch.Tensor] = 0.0,
+        quadrature: str = "gausslegendre",
+        **kw,
+    ):
         super().__init__(model, **kw)
         self.n_steps, self.baseline, self.quadrature = n_steps, baseline, quadrature
         path_rule(quadrature, n_steps)  # fail early on a bad rule name
@@ -171,7 +181,9 @@ class IntegratedGradients(_ManyPoints):
         try:
             return torch.broadcast_to(base, x.shape)
         except RuntimeError:
-            raise InputError(f"baseline of shape {tuple(base.shape)} does not broadcast to the input's shape {tuple(x.shape)}") from None
+            raise InputError(
+                f"baseline of shape {tuple(base.shape)} does not broadcast to the input's shape {tuple(x.shape)}"
+            ) from None
 
     def num_points(self):
         return self.n_steps

@@ -16,6 +16,7 @@ some ReLUs are functional emits :class:`FunctionalReLUWarning`.
 Guided Grad-CAM runs one forward and two backward passes: a partial one to the layer with the rules
 switched off (the CAM weights need the unmodified gradient there), then the guided one to the input.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -26,17 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from rules.relu import DeconvReLU, GuidedReLU, ReLURule
+from backprop_hooks.rules.relu import DeconvReLU, GuidedReLU, ReLURule
 
-from ..errors import RuleError
+from ..errors import FunctionalReLUWarning, RuleError
 from .base import Method, grad, register
 from .cam import GradCAM, upsample
 
 _RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
-
-
-class FunctionalReLUWarning(UserWarning):
-    """Some ReLUs of the model are functional calls that a modified-ReLU rule cannot reach."""
 
 
 class _ReLUCalls(TorchFunctionMode):

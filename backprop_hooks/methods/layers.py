@@ -1,4 +1,5 @@
 """Choosing a layer by its qualified name, and the default layer of a model."""
+
 from __future__ import annotations
 
 import difflib
@@ -41,9 +42,11 @@ def _last_spatial(model: nn.Module, x: torch.Tensor) -> str:
     found: list = []
     handles = []
     for name, module in model.named_modules():
+
         def hook(module, inputs, output, name=name):
             if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1:
                 found.append(name)
+
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():

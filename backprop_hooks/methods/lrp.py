@@ -6,11 +6,12 @@ are linear in the back-propagated quantity, so ``φ_weighted = φ_t − Σ_s α_
 of DESIGN.md §1 hold: softmax-gradient LRP and the contrastive LRP family come from the seed alone.
 See :mod:`rules.lrp` (formulation, rules) and :mod:`rules.composites` (which layer gets which rule).
 """
+
 from __future__ import annotations
 
 from typing import Any, Union
 
-from rules.composites import Composite, get_composite
+from backprop_hooks.rules.composites import Composite, get_composite
 
 from .base import Method, grad, register
 
@@ -27,7 +28,9 @@ class LRP(Method):
     name = "lrp"
     linear = True
 
-    def __init__(self, model, composite: Union[str, Composite] = "epsilon_plus_flat", check_finite: bool = True, **options: Any):
+    def __init__(
+        self, model, composite: Union[str, Composite] = "epsilon_plus_flat", check_finite: bool = True, **options: Any
+    ):
         super().__init__(model, check_finite=check_finite)
         self.composite = get_composite(composite, **options)
 

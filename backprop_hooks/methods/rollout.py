@@ -11,22 +11,25 @@ on the right:
 ``rollout(..., rows=r)`` returns ``r R`` as a chain of vector-matrix products (O(L·N²) instead of O(L·N³)),
 which is all a read-out of the class token needs.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
 
+from ..errors import LayerError, OptionError
+
 HEAD_FUSIONS = ("mean", "max", "min")
 RESIDUALS = ("average", "add")
 
 
 def check_options(head_fusion: str, discard_ratio: float) -> None:
-    """Raise ``ValueError`` for an unknown head fusion or a discard ratio outside [0, 1)."""
+    """Raise ``OptionError`` for an unknown head fusion or a discard ratio outside [0, 1)."""
     if head_fusion not in HEAD_FUSIONS:
-        raise ValueError(f"unknown head fusion {head_fusion!r}; accepted: {', '.join(map(repr, HEAD_FUSIONS))}")
+        raise OptionError(f"unknown head fusion {head_fusion!r}; accepted: {', '.join(map(repr, HEAD_FUSIONS))}")
     if not 0.0 <= discard_ratio < 1.0:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+        raise OptionError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
 
 
 def fuse_heads(a: torch.Tensor, how: str = "mean") -> torch.Tensor:
@@ -51,7 +54,7 @@ def discard(m: torch.Tensor, ratio: float) -> torch.Tensor:
 def with_residual(m: torch.Tensor, residual: str = "average", normalize: bool = True) -> torch.Tensor:
     """``Â = (M + I)/2`` or ``M + I``, rows optionally normalised to unit ℓ1 norm."""
     if residual not in RESIDUALS:
-        raise ValueError(f"unknown residual {residual!r}; accepted: {', '.join(map(repr, RESIDUALS))}")
+        raise OptionError(f"unknown residual {residual!r}; accepted: {', '.join(map(repr, RESIDUALS))}")
     eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
     out = (m + eye) / 2 if residual == "average" else m + eye
     if normalize:
@@ -59,10 +62,12 @@ def with_residual(m: torch.Tensor, residual: str = "average", normalize: bool = 
     return out
 
 
-def rollout(mats: Sequence[torch.Tensor], residual: str = "average", normalize: bool = True, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+def rollout(
+    mats: Sequence[torch.Tensor], residual: str = "average", normalize: bool = True, rows: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """``R = Â_L ⋯ Â_1`` (B, N, N) from layer matrices in forward order; with ``rows`` (B, k, N): ``rows R``."""
     if not mats:
-        raise ValueError("rollout needs at least one layer")
+        raise LayerError("rollout needs at least one layer")
     out = rows
     for m in reversed(mats):
         a = with_residual(m, residual, normalize)

@@ -20,6 +20,7 @@ the model's own attributes (:func:`token_layout`).
 None of the rollouts is linear in the seed (products over layers; ``rollout`` ignores it).
 ``vit_gradcam`` with ``relu=False`` is: ``φ = Σ_d w_d T_d``, ``w_d = mean_patches ∂f/∂T_d`` on a block's tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,18 +29,14 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from rules.attention import AttentionCapture, is_attention
-from rules.capture import Capture
-from rules.vit_relevance import GELUHeld, LayerNormHeld
+from backprop_hooks.rules.attention import AttentionCapture, is_attention
+from backprop_hooks.rules.capture import Capture
+from backprop_hooks.rules.vit_relevance import GELUHeld, LayerNormHeld
 
-from ..errors import BackpropHooksError, RuleError
+from ..errors import LayerError, RuleError, TokenLayoutError
 from .base import Method, grad, register
 from .layers import get_module
 from .rollout import check_options, discard, fuse_heads, rollout
-
-
-class TokenLayoutError(BackpropHooksError, ValueError):
-    """The model's token sequence cannot be mapped to a patch grid (pass ``prefix_tokens``/``grid``)."""
 
 
 # ------------------------------------------------------------------------------------------- tokens
@@ -61,7 +58,8 @@ class TokenLayout:
     def check(self, n: int, what: str) -> None:
         if n != self.num_tokens:
             raise TokenLayoutError(
-                f"{what} has {n} tokens, but the layout has {self.prefix} prefix tokens + a {self.grid[0]}x{self.grid[1]} "
+                f"{what} has {n} tokens, but the layout has {self.prefix} prefix tokens + a "
+                f"{self.grid[0]}x{self.grid[1]} "
                 f"grid = {self.num_tokens}; pass prefix_tokens=... and grid=(h, w) to the method"
             )
 
@@ -69,7 +67,7 @@ class TokenLayout:
         """(B, 1, N): the read-out as a row vector (uniform over the read tokens)."""
         r = torch.zeros(self.num_tokens, dtype=like.dtype, device=like.device)
         if self.readout is None:
-            r[self.prefix:] = 1.0 / (self.num_tokens - self.prefix)
+            r[self.prefix :] = 1.0 / (self.num_tokens - self.prefix)
         else:
             r[list(self.readout)] = 1.0 / len(self.readout)
         return r.expand(like.shape[0], 1, -1)
@@ -77,7 +75,7 @@ class TokenLayout:
     def to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, ...) -> (B, h, w, ...): the patch tokens on their grid."""
         self.check(tokens.shape[1], "the token tensor")
-        return tokens[:, self.prefix:].reshape(tokens.shape[0], *self.grid, *tokens.shape[2:])
+        return tokens[:, self.prefix :].reshape(tokens.shape[0], *self.grid, *tokens.shape[2:])
 
 
 def _vit_root(model: nn.Module) -> Optional[nn.Module]:
@@ -89,7 +87,9 @@ def _vit_root(model: nn.Module) -> Optional[nn.Module]:
     return None
 
 
-def token_layout(model: nn.Module, x: torch.Tensor, prefix_tokens: Optional[int] = None, grid: Optional[Tuple[int, int]] = None) -> TokenLayout:
+def token_layout(
+    model: nn.Module, x: torch.Tensor, prefix_tokens: Optional[int] = None, grid: Optional[Tuple[int, int]] = None
+) -> TokenLayout:
     """The token layout of a timm or torchvision ViT (found among ``model``'s modules) for input ``x``.
 
     ``prefix_tokens``/``grid`` override what the model says (for other architectures).
@@ -147,8 +147,15 @@ class _AttentionRollout(Method):
     residual: str = "average"
     normalize: bool = True
 
-    def __init__(self, model: nn.Module, head_fusion: str = "mean", discard_ratio: float = 0.0,
-                 prefix_tokens: Optional[int] = None, grid: Optional[Tuple[int, int]] = None, check_finite: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        head_fusion: str = "mean",
+        discard_ratio: float = 0.0,
+        prefix_tokens: Optional[int] = None,
+        grid: Optional[Tuple[int, int]] = None,
+        check_finite: bool = True,
+    ):
         super().__init__(model, check_finite=check_finite)
         check_options(head_fusion, discard_ratio)
         self.head_fusion, self.discard_ratio = head_fusion, discard_ratio
@@ -159,17 +166,23 @@ class _AttentionRollout(Method):
         self._capture = AttentionCapture()
         return [(is_attention, self._capture)]
 
-    def layer_matrices(self, attentions: Sequence[torch.Tensor], logits: torch.Tensor, seed: torch.Tensor) -> List[torch.Tensor]:
+    def layer_matrices(
+        self, attentions: Sequence[torch.Tensor], logits: torch.Tensor, seed: torch.Tensor
+    ) -> List[torch.Tensor]:
         raise NotImplementedError
 
-    def attention_gradients(self, logits: torch.Tensor, attentions: Sequence[torch.Tensor], seed: torch.Tensor, retain_graph: bool = False) -> List[torch.Tensor]:
+    def attention_gradients(
+        self, logits: torch.Tensor, attentions: Sequence[torch.Tensor], seed: torch.Tensor, retain_graph: bool = False
+    ) -> List[torch.Tensor]:
         """``[∂f/∂A_l]`` in one backward pass, in the order of ``attentions`` (paired by identity)."""
         return list(torch.autograd.grad(logits, list(attentions), seed, retain_graph=retain_graph))
 
     def attribute(self, x, logits, seed):
         layout, attentions = self._layout, self._capture.attentions
         if not attentions:
-            raise RuleError(f"no attention module of {type(self.model).__name__} ran (timm Attention or nn.MultiheadAttention)")
+            raise RuleError(
+                f"no attention module of {type(self.model).__name__} ran (timm Attention or nn.MultiheadAttention)"
+            )
         layout.check(attentions[0].shape[-1], "the attention")
         mats = self.layer_matrices(attentions, logits, seed)
         if self.discard_ratio:
@@ -276,8 +289,15 @@ class ViTGradCAM(Method):
 
     name = "vit_gradcam"
 
-    def __init__(self, model: nn.Module, layer: Optional[str] = None, relu: bool = False,
-                 prefix_tokens: Optional[int] = None, grid: Optional[Tuple[int, int]] = None, check_finite: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: Optional[str] = None,
+        relu: bool = False,
+        prefix_tokens: Optional[int] = None,
+        grid: Optional[Tuple[int, int]] = None,
+        check_finite: bool = True,
+    ):
         super().__init__(model, check_finite=check_finite)
         self.layer = default_token_layer(model) if layer is None else layer
         get_module(model, self.layer)
@@ -295,10 +315,15 @@ class ViTGradCAM(Method):
 
     def attribute(self, x, logits, seed):
         if not self._capture.outputs:
-            raise RuleError(f"layer {self.layer!r} did not run in the forward pass")
+            raise LayerError(
+                f"layer {self.layer!r} did not run in the model's forward pass; "
+                "choose a layer on the path to the logits"
+            )
         tokens, layout = self._capture.output, self._layout
         if tokens.dim() != 3:
-            raise TokenLayoutError(f"layer {self.layer!r} outputs shape {tuple(tokens.shape)}; vit_gradcam needs tokens (B, N, D)")
+            raise TokenLayoutError(
+                f"layer {self.layer!r} outputs shape {tuple(tokens.shape)}; vit_gradcam needs tokens (B, N, D)"
+            )
         layout.check(tokens.shape[1], f"the output of layer {self.layer!r}")
         g = layout.to_grid(grad(logits, tokens, seed))
         cam = (g.mean(dim=(1, 2), keepdim=True) * layout.to_grid(tokens.detach())).sum(-1)
