@@ -26,7 +26,7 @@ class Rule:
     """A backward rule. Override ``forward`` and/or ``backward``; both are optional.
 
     ``linear``: whether ``backward`` is linear in the incoming gradient (then the contrast identities of
-    DESIGN.md section 1 hold for methods built from it).
+    :mod:`backprop_hooks.targets` hold for methods built from it).
     """
 
     linear: bool = True

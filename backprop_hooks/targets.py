@@ -18,6 +18,17 @@ Versus(s)      ``y_t - y_s``                        ``e_t - e_s``
 
 ``objective(logits, classes)`` returns the per-sample objective (``α`` and ``s*`` held constant); its
 gradient with respect to the logits is the seed, which the property tests check.
+
+The identities. Write ``φ_s`` for the logit explanation of class ``s``. For a method whose backward is
+linear in the seed (``Explanation.linear``), exactly:
+
+* ``φ_weighted = φ_t − Σ_{s≠t} α_s φ_s``; ``φ_mean``, ``φ_max`` and ``φ_versus`` are the same combinations
+  with their own weights;
+* ``φ(p_t) = p_t (1 − p_t) φ_weighted`` and ``φ(log p_t) = (1 − p_t) φ_weighted``.
+
+Methods that are not linear in the seed (guided backprop, deconvnet, ``relu=True`` CAMs, FullGrad with
+``abs``, rollouts, pointwise SmoothGrad/IG) still back-propagate the contrast seed, but the identities do
+not hold; they emit :class:`~backprop_hooks.errors.NonLinearContrastWarning`.
 """
 
 from __future__ import annotations
@@ -67,6 +78,11 @@ class Target:
             raise ClassIndexError(
                 f"target {self.name!r} needs at least {self.min_classes} classes; the model has {num_classes}"
             )
+
+    @property
+    def key(self) -> str:
+        """The canonical name, which :func:`get` turns back into this target: ``"weighted"``, ``"versus:281"``."""
+        return self.name
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -161,6 +177,12 @@ class Versus(Target):
 
     def objective(self, logits, classes):
         return _pick(logits, classes) - _pick(logits, self._other(logits, classes))
+
+    @property
+    def key(self) -> str:
+        if isinstance(self.other, torch.Tensor) and self.other.numel() != 1:
+            raise ClassIndexError("a Versus target with one class per sample has no name; give one class: Versus(281)")
+        return f"versus:{int(self.other)}"
 
     def __repr__(self) -> str:
         return f"Versus({self.other!r})"

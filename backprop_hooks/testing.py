@@ -271,7 +271,8 @@ def assert_contrast_identities(
     atol: float = 1e-9,
     targets: Iterable[str] = ("weighted", "softmax", "log_softmax", "mean", "max", "versus"),
 ) -> None:
-    """Check DESIGN.md section 1 for ``method`` (called as ``method(x, classes=..., target=...)``).
+    """Check the contrast identities (see :mod:`backprop_hooks.targets`) for ``method``, called as
+    ``method(x, classes=..., target=...)``.
 
     Every contrast target's attributions must equal the explicit composition of the C per-class logit
     explanations. Tolerances are relative to the largest per-class attribution.

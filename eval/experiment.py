@@ -1,14 +1,13 @@
 """What the experiments share: command-line options, model and data set-up, configuration, the run itself.
 
 An experiment supplies ``process(x, labels, positions) -> per-sample results`` for one batch and a
-``report(results)``; :func:`execute` runs it through :mod:`eval.runner` (batches, shards, resumable chunks)
-and lets rank 0 write the report.
+``report(results)``; :func:`execute` runs it through :mod:`backprop_hooks.eval.runner` (batches, shards,
+resumable chunks) and lets rank 0 write the report.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -80,7 +79,7 @@ def select(n: int, limit: Optional[int], seed: int) -> List[int]:
 def method_options(method: str, model: nn.Module, layer: Optional[str]) -> Dict[str, Any]:
     """``layer=`` (given, else the model's ``default_layer``) for methods that take a layer; else nothing."""
     cls = bh.methods.get(method)
-    if "layer" not in inspect.signature(cls).parameters:
+    if not cls.takes_layer:
         if layer is not None:
             raise UsageError(f"method {method!r} takes no --layer")
         return {}

@@ -14,7 +14,6 @@ classes 282 tiger cat, 285 Egyptian cat and 281 tabby compete.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import shutil
@@ -114,14 +113,6 @@ class ClassExplanations:
         return self.explanations[target].maps
 
 
-def target_key(target: Any) -> str:
-    """The canonical name of a target: ``"weighted"``, ``"versus:281"`` (raises for unknown targets)."""
-    resolved = bh.targets.get(target)
-    if isinstance(resolved, bh.targets.Versus):
-        return f"versus:{int(resolved.other)}"
-    return resolved.name
-
-
 def top_classes(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     """(k,) indices of the k most probable classes of the single image ``x`` (1, 3, H, W)."""
     with torch.no_grad():
@@ -146,7 +137,7 @@ def explain_classes(
     chosen = torch.as_tensor(classes, device=x.device) if classes is not None else top_classes(model, x, topk)
     batch = x.repeat(len(chosen), 1, 1, 1)
     explanations = {
-        target_key(t): _to_cpu(bh.explain(model, batch, method=method, target=t, classes=chosen, **options))
+        bh.targets.get(t).key: _to_cpu(bh.explain(model, batch, method=method, target=t, classes=chosen, **options))
         for t in targets
     }
     first = next(iter(explanations.values()))
@@ -411,15 +402,15 @@ def check_method(method: str, layer: Optional[str]) -> Dict[str, Any]:
     cls = bh.methods.get(method)
     if layer is None:
         return {}
-    if "layer" not in inspect.signature(cls).parameters:
-        with_layer = [m for m in bh.methods.available() if "layer" in inspect.signature(bh.methods.get(m)).parameters]
+    if not cls.takes_layer:
+        with_layer = [m for m in bh.methods.available() if bh.methods.get(m).takes_layer]
         raise UsageError(f"method {method!r} takes no --layer; methods with a layer: {choices(with_layer)}")
     return {"layer": layer}
 
 
 def check_targets(targets: Sequence[str], num_classes: int) -> List[str]:
     """Canonical target names without repeats; ``versus:S`` classes must exist."""
-    keys = list(dict.fromkeys(target_key(t) for t in targets))
+    keys = list(dict.fromkeys(bh.targets.get(t).key for t in targets))
     for key in keys:
         if key.startswith("versus:"):
             check_class_range([int(key.split(":")[1])], num_classes, what=f"target {key!r}")

@@ -345,8 +345,7 @@ def canonical_targets(targets: Sequence[str]) -> List[str]:
     """Target names as given (``versus:S`` allowed), validated, without repeats."""
     out = []
     for t in targets:
-        resolved = bh.targets.get(t)
-        key = f"versus:{int(resolved.other)}" if isinstance(resolved, bh.targets.Versus) else resolved.name
+        key = bh.targets.get(t).key
         if key not in out:
             out.append(key)
     return out

@@ -2,7 +2,7 @@ r"""BatchNorm merging ("canonization") without touching the model.
 
 An eval-mode BatchNorm right after a layer ``z = W x + b`` is an affine map per channel, so the pair is
 one layer with ``W' = s·W``, ``b' = s·(b − μ) + β``, ``s = γ / sqrt(σ² + eps)``. Zennit merges by editing
-the weights in place and restoring them afterwards; DESIGN.md forbids weight edits, so here the merge
+the weights in place and restoring them afterwards; backprop_hooks never writes to a model, so here the merge
 happens **inside the rules** and the model is never written to:
 
 * the LRP rule on the layer (built with ``bn=merge``) offers its output tensor to ``merge``;

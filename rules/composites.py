@@ -8,10 +8,10 @@ r"""LRP composites: which rule goes on which layer, as a rule spec for :func:`ba
   the only consumer of the input; elementwise ops before it (a normalisation ``(x − μ)/σ`` in the
   forward) apply their ordinary gradient to the relevance (a per-channel factor ``1/σ``);
 * other convolutions get ``conv``, other Linear layers ``dense``;
-* with ``canonize=True`` every BatchNorm gets one :class:`~rules.canonizers.MergeBatchNorm` shared by all
-  layer rules, merging it into the layer whose output it consumes (see :mod:`rules.canonizers`).
+* with ``canonize=True`` every BatchNorm gets one :class:`~backprop_hooks.rules.canonizers.MergeBatchNorm` shared by all
+  layer rules, merging it into the layer whose output it consumes (see :mod:`backprop_hooks.rules.canonizers`).
 
-Activations, pooling and additions keep their gradient (see :mod:`rules.lrp` for what that means).
+Activations, pooling and additions keep their gradient (see :mod:`backprop_hooks.rules.lrp` for what that means).
 Each ``spec`` call makes fresh rule instances, so concurrent explanations never share state.
 """
 

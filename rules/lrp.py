@@ -23,11 +23,11 @@ the relevance (rules whose input is a constant — Flat, WSquare, ZBox — exist
 
 ``stab(z) = z + ε·sign(z)`` with ``sign(0) = +1``. Every rule is **linear** in ``g_out``: the forward
 quantities ``z``, ``z_m``, masks and stabilised denominators are fixed, and ``R`` is linear in ``g_out``.
-So back-propagating a contrast seed gives the contrastive LRP family and the identities of DESIGN.md §1
-hold exactly. (With a seed ``v`` at the logits ``y`` the relevance there is ``y ⊙ v``: ``y_t`` for the
-logit target.)
+So back-propagating a contrast seed gives the contrastive LRP family and the identities of
+:mod:`backprop_hooks.targets` hold exactly. (With a seed ``v`` at the logits ``y`` the relevance there is
+``y ⊙ v``: ``y_t`` for the logit target.)
 
-BatchNorm: a rule built with ``bn=MergeBatchNorm()`` (see :mod:`rules.canonizers`) uses the merged
+BatchNorm: a rule built with ``bn=MergeBatchNorm()`` (see :mod:`backprop_hooks.rules.canonizers`) uses the merged
 weights ``W·s, (b − μ)·s + β`` when its output feeds an eval-mode BatchNorm directly.
 """
 

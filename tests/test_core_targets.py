@@ -30,7 +30,7 @@ def test_seed_is_gradient_of_objective(case, name):
     st.sampled_from(NAMES),
 )
 def test_seed_equals_explicit_weights(case, name):
-    """The seed equals the composition weights written out from the probabilities (DESIGN.md table)."""
+    """The seed equals the composition weights written out from the probabilities (backprop_hooks.targets)."""
     y, t = case
     torch.testing.assert_close(
         targets.get(name).seed(y, t), testing.contrast_weights(y, t, name), rtol=1e-9, atol=1e-12
@@ -102,3 +102,18 @@ def test_contrast_needs_two_classes():
     with pytest.raises(ClassIndexError, match="at least 2 classes"):
         targets.Weighted().check(1)
     targets.Logit().check(1)
+
+
+@pytest.mark.parametrize("target", [*targets.names(), "versus:281", "VERSUS:3", " weighted "])
+def test_key_round_trips(target):
+    resolved = targets.get(target)
+    assert targets.get(resolved.key) == resolved or isinstance(resolved, targets.Versus)
+    assert targets.get(resolved.key).key == resolved.key
+    assert resolved.key == target.strip().lower()
+
+
+def test_versus_key():
+    assert targets.Versus(281).key == "versus:281"
+    assert targets.Versus(torch.tensor(7)).key == "versus:7"
+    with pytest.raises(ClassIndexError, match="one class"):
+        targets.Versus(torch.tensor([1, 2])).key

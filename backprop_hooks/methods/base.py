@@ -47,6 +47,9 @@ class Method:
 
     name: ClassVar[str] = "method"
     linear: ClassVar[bool] = True
+    takes_layer: ClassVar[bool] = False  # does the constructor take ``layer=``?
+    space: ClassVar[str] = "input"  # attributions: "input"-shaped, a "layer" grid (B,h,w) or a "tokens" grid
+    per_call: ClassVar[Tuple[str, ...]] = ()  # attributes holding one call's state, dropped when it returns
 
     def __init__(self, model: nn.Module, check_finite: bool = True):
         if not isinstance(model, nn.Module):
@@ -68,6 +71,11 @@ class Method:
     def layer_name(self) -> Optional[str]:
         return None
 
+    def release(self) -> None:
+        """Drop one call's state (captured activations would keep the call's autograd graph alive)."""
+        for attribute in self.per_call:
+            setattr(self, attribute, None)
+
     # -- the template ------------------------------------------------------------------------------
     def prepare(self, x: torch.Tensor, target: Any) -> Tuple[torch.Tensor, _targets.Target]:
         if self.model.training:
@@ -88,11 +96,14 @@ class Method:
 
     def __call__(self, x: torch.Tensor, classes: Classes = None, target: Any = "logit") -> Explanation:
         x, target = self.prepare(x, target)
-        with attach(self.model, self.rules(x)) as handle:
-            xg = x.detach().requires_grad_(True)
-            logits, classes, seed = self.forward(xg, classes, target)
-            out = self.attribute(xg, logits, seed)
-            linear = self.linear and handle.linear
+        try:
+            with attach(self.model, self.rules(x)) as handle:
+                xg = x.detach().requires_grad_(True)
+                logits, classes, seed = self.forward(xg, classes, target)
+                out = self.attribute(xg, logits, seed)
+                linear = self.linear and handle.linear
+        finally:
+            self.release()
         attributions, extras = out if isinstance(out, tuple) else (out, {})
         return self.result(attributions, logits, classes, target, linear, x, **extras)
 
@@ -100,7 +111,8 @@ class Method:
         if target.contrastive and not linear:
             warnings.warn(
                 f"method {self.name!r} is not linear in the seed: the {target.name!r} explanation is the "
-                "back-propagated contrast seed, not the per-class composition of DESIGN.md section 1",
+                "back-propagated contrast seed, not the per-class composition φ_t − Σ_s α_s φ_s of the logit "
+                "explanations",
                 NonLinearContrastWarning,
                 stacklevel=3,
             )

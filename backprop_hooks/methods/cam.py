@@ -69,6 +69,9 @@ class LayerGradient:
         g = torch.autograd.grad(logits, a, grad_outputs=seed, retain_graph=retain_graph)[0]
         return a.detach(), g
 
+    def release(self) -> None:
+        self.capture = None
+
 
 def _spatial(a: torch.Tensor) -> Tuple[int, ...]:
     return tuple(range(2, a.dim()))
@@ -82,6 +85,9 @@ def weighted_sum(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class CAM(Method):
     """A map ``cam(A, ∂f/∂A)`` of a layer's activation and gradient; ``relu=True`` clamps it at zero."""
 
+    takes_layer = True
+    space = "layer"
+
     def __init__(self, model: nn.Module, layer: Optional[str] = None, relu: bool = False, check_finite: bool = True):
         super().__init__(model, check_finite=check_finite)
         self.at = LayerGradient(model, layer)
@@ -94,6 +100,9 @@ class CAM(Method):
 
     def rules(self, x):
         return self.at.rules(x)
+
+    def release(self) -> None:
+        self.at.release()
 
     def cam(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The signed map (B, h, w) from the activation ``a`` and its gradient ``g`` (both (B, K, h, w))."""

@@ -1,7 +1,7 @@
 r"""FullGrad (Srinivas & Fleuret 2019), contrastive: input-gradient and bias-gradients from ONE backward.
 
 With ``f`` the target's objective, ``g_l = ∂f/∂y_l`` at the output of every biased module ``l`` (bias ``b_l``,
-see :mod:`rules.fullgrad`) and ``x ⊙ ∂f/∂x`` at the input, FullGrad's map is
+see :mod:`backprop_hooks.rules.fullgrad`) and ``x ⊙ ∂f/∂x`` at the input, FullGrad's map is
 
     ``Σ_l up(post(b_l ⊙ g_l)) + post(x ⊙ ∂f/∂x)``
 
@@ -68,6 +68,7 @@ class FullGrad(Method):
     """``post(x ⊙ ∂f/∂x) + Σ_l up(post(b_l ⊙ ∂f/∂y_l))`` from one backward pass; see the module docstring."""
 
     name = "fullgrad"
+    per_call = ("names", "bias")
 
     def __init__(self, model: nn.Module, post: Post = "abs", eps: float = EPS, check_finite: bool = True):
         super().__init__(model, check_finite=check_finite)
@@ -103,7 +104,6 @@ class FullGrad(Method):
                 total_map = total_map + upsample(reduced, size)
         raw_parts = {name: raw.detach() for name, raw, _ in parts}
         total = input_part.flatten(1).sum(1) + sum(r.reshape(r.shape[0], -1).sum(1) for r in raw_parts.values())
-        self.bias = None  # per-call state: do not keep tensors alive
         return total_map, {"input": input_part.detach(), "bias": raw_parts, "total": total.detach()}
 
 

@@ -83,20 +83,23 @@ class _ManyPoints(Method):
         target.check(logits.shape[1])
         classes = check_classes(classes, logits)
         seed = target.seed(logits, classes)
-        self.begin(x)
-        k_total = self.num_points()
-        per_chunk = k_total if self.internal_batch_size is None else max(1, self.internal_batch_size // batch)
-        total = torch.zeros_like(x)
-        for start, k in _chunks(k_total, per_chunk):
-            xs = self.points(x, start, k).reshape(k * batch, *x.shape[1:]).detach().requires_grad_(True)
-            with attach(self.model, self.rules(xs)):
-                out = check_logits(self.model(xs), k * batch)
-                if self.pointwise:
-                    s = target.seed(out.detach(), classes.repeat(k))
-                else:
-                    s = seed.repeat(k, 1)
-                g = grad(out, xs, s)
-            total = total + self.combine(x, g.view(k, batch, *x.shape[1:]), start)
+        try:
+            self.begin(x)
+            k_total = self.num_points()
+            per_chunk = k_total if self.internal_batch_size is None else max(1, self.internal_batch_size // batch)
+            total = torch.zeros_like(x)
+            for start, k in _chunks(k_total, per_chunk):
+                xs = self.points(x, start, k).reshape(k * batch, *x.shape[1:]).detach().requires_grad_(True)
+                with attach(self.model, self.rules(xs)):
+                    out = check_logits(self.model(xs), k * batch)
+                    if self.pointwise:
+                        s = target.seed(out.detach(), classes.repeat(k))
+                    else:
+                        s = seed.repeat(k, 1)
+                    g = grad(out, xs, s)
+                total = total + self.combine(x, g.view(k, batch, *x.shape[1:]), start)
+        finally:
+            self.release()
         return self.result(total, logits, classes, target, self.linear, x)
 
 
@@ -105,6 +108,7 @@ class SmoothGrad(_ManyPoints):
     """``φ = mean_k ∂f/∂x (x + ε_k)``, ``ε_k ~ N(0, σ²)``, ``σ = noise_level · (max x − min x)`` per sample."""
 
     name = "smoothgrad"
+    per_call = ("_sigma", "_gen")
 
     def __init__(self, model, n_samples: int = 25, noise_level: float = 0.15, seed: Optional[int] = None, **kw):
         super().__init__(model, **kw)
@@ -163,6 +167,7 @@ class IntegratedGradients(_ManyPoints):
     """``φ = (x − x0) ⊙ Σ_k w_k ∂f/∂x (x0 + a_k (x − x0))`` (Sundararajan et al. 2017)."""
 
     name = "integrated_gradients"
+    per_call = ("_alphas", "_weights", "_base")
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 r"""Modified-ReLU methods: Guided Backprop, Deconvnet and Guided Grad-CAM (none is linear in the seed).
 
 * ``guided_backprop``: ``∂f/∂x`` with every ``nn.ReLU``'s backward replaced by ``relu(g) ⊙ [x > 0]``;
-* ``deconvnet``:       the same with ``relu(g)`` (:mod:`rules.relu`);
+* ``deconvnet``:       the same with ``relu(g)`` (:mod:`backprop_hooks.rules.relu`);
 * ``guided_gradcam``:  ``guided_backprop ⊙ upsample(gradcam)`` (Selvaraju et al. 2017), input-shaped.
 
 A contrast seed is back-propagated as is, but the clamp makes the result differ from the per-class
@@ -50,9 +50,10 @@ class _ReLUCalls(TorchFunctionMode):
 
 
 class ModifiedReLU(Method):
-    """Input gradient with ``rule`` on every ``nn.ReLU`` (``rule_class``: a :mod:`rules.relu` rule)."""
+    """Input gradient with ``rule`` on every ``nn.ReLU`` (``rule_class``: a :mod:`backprop_hooks.rules.relu` rule)."""
 
     rule_class: Type[ReLURule]
+    per_call = ("relu_rule",)
 
     def relu_rules(self):
         if not any(isinstance(m, nn.ReLU) for m in self.model.modules()):
@@ -111,6 +112,7 @@ class GuidedGradCAM(GuidedBackprop):
     """
 
     name = "guided_gradcam"
+    takes_layer = True
 
     def __init__(self, model: nn.Module, layer: Optional[str] = None, relu: bool = False, check_finite: bool = True):
         super().__init__(model, check_finite=check_finite)
@@ -122,6 +124,10 @@ class GuidedGradCAM(GuidedBackprop):
 
     def rules(self, x):
         return self.relu_rules() + list(self.gradcam.rules(x))
+
+    def release(self) -> None:
+        super().release()
+        self.gradcam.release()
 
     def attribute(self, x, logits, seed):
         self.relu_rule.enabled = False

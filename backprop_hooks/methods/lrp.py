@@ -3,8 +3,9 @@ r"""Layer-wise relevance propagation: a composite of LRP rules, one seeded backw
 ``φ = relevance at the input`` for the seed ``v`` of the target: the relevance at the logits ``y`` is
 ``y ⊙ v`` (``y_t`` for the logit target; conserved layer by layer up to biases and stabilisers). The rules
 are linear in the back-propagated quantity, so ``φ_weighted = φ_t − Σ_s α_s φ_s`` and the other identities
-of DESIGN.md §1 hold: softmax-gradient LRP and the contrastive LRP family come from the seed alone.
-See :mod:`rules.lrp` (formulation, rules) and :mod:`rules.composites` (which layer gets which rule).
+of :mod:`backprop_hooks.targets` hold: softmax-gradient LRP and the contrastive LRP family come from the
+seed alone. See :mod:`backprop_hooks.rules.lrp` (formulation, rules) and
+:mod:`backprop_hooks.rules.composites` (which layer gets which rule).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class LRP(Method):
     """``bh.explain(model, x, method="lrp", composite="epsilon_plus_flat", target="weighted")``.
 
     ``composite``: a name (``epsilon``, ``epsilon_plus``, ``epsilon_plus_flat``, ``epsilon_alpha2_beta1``,
-    ``epsilon_gamma_box`` with ``low=``/``high=``) or a :class:`~rules.composites.Composite`; other
+    ``epsilon_gamma_box`` with ``low=``/``high=``) or a :class:`~backprop_hooks.rules.composites.Composite`; other
     options (``epsilon``, ``stabilizer``, ``canonize``, ``gamma``...) go to the composite.
     """
 

@@ -1,16 +1,18 @@
 r"""Vision Transformer methods: attention rollout, gradient-weighted rollout, transformer attribution,
 GradCAM on tokens.
 
-Attention probabilities ``A_l`` (B, heads, N, N) come from :class:`rules.attention.AttentionCapture` on the
-unmodified model (fused kernels included); per-layer gradients ``G_l = ∂f/∂A_l`` from one seeded
-backward pass, paired with ``A_l`` by tensor identity. Each rollout method turns ``(A_l, G_l)`` into a
-token-mixing matrix ``M_l`` and hands the list to :func:`~.rollout.rollout`:
+Attention probabilities ``A_l`` (B, heads, N, N) come from
+:class:`backprop_hooks.rules.attention.AttentionCapture` on the unmodified model (fused kernels included);
+per-layer gradients ``G_l = ∂f/∂A_l`` from one seeded backward pass, paired with ``A_l`` by tensor identity.
+Each rollout method turns ``(A_l, G_l)`` into a token-mixing matrix ``M_l``
+and hands the list to :func:`~.rollout.rollout`:
 
 * ``rollout`` (Abnar & Zuidema 2020): ``M_l = fuse_h(A_l)``, ``Â_l = (M_l + I)/2``, rows normalised;
 * ``grad_rollout``: ``M_l = fuse_h(G_l ⊙ A_l)`` (``clamp``: ``max(·, 0)``), then as ``rollout``;
 * ``transformer_attribution`` (Chefer et al. 2021): ``M_l = mean_h[G_l ⊙ R_l]`` (``clamp``: of
   ``(G_l ⊙ R_l)⁺``), ``Â_l = M_l + I``, no normalisation; ``R_l = A_l ⊙ ∂̃f/∂A_l`` is the relevance of
-  ``A_l`` from a second backward pass with the conservative relevance rules of :mod:`rules.vit_relevance`.
+  ``A_l`` from a second backward pass with the conservative relevance rules of
+  :mod:`backprop_hooks.rules.vit_relevance`.
 
 The attribution of patch ``j`` is the read-out row of ``Â_L ⋯ Â_1`` (the class token's; for a distilled
 DeiT the mean of class and distillation tokens; for an average-pooled head the mean over patch tokens),
@@ -144,6 +146,8 @@ class _AttentionRollout(Method):
     """Template: capture ``A_l``; ``layer_matrices`` -> ``M_l``; roll out; read out the patch grid."""
 
     linear = False
+    space = "tokens"
+    per_call = ("_layout", "_capture")
     residual: str = "average"
     normalize: bool = True
 
@@ -246,6 +250,7 @@ class TransformerAttribution(_AttentionRollout):
     """
 
     name = "transformer_attribution"
+    per_call = ("_layout", "_capture", "_held")
     residual, normalize = "add", False
 
     def __init__(self, model, clamp: bool = False, **kw):
@@ -288,6 +293,9 @@ class ViTGradCAM(Method):
     """
 
     name = "vit_gradcam"
+    takes_layer = True
+    space = "tokens"
+    per_call = ("_layout", "_capture")
 
     def __init__(
         self,
