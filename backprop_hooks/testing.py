@@ -33,67 +33,52 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backw
 
 
 # --------------------------------------------------------------------------------------------- nets
-class MLP(nn.Module):
-    """Linear layers with an activation, optional BatchNorm1d and residual adds."""
+class _Net(nn.Module):
+    """What the random networks share: options ``act`` ("relu", "relu_inplace", "gelu"), ``batchnorm`` (a
+    BatchNorm after each block's layer) and ``residual`` (each block adds its input)."""
 
-    def __init__(
-        self,
-        features: int,
-        width: int,
-        depth: int,
-        classes: int,
-        act: str = "relu",
-        batchnorm: bool = False,
-        residual: bool = False,
-    ):
+    def __init__(self, input_shape, classes: int, act: str = "relu", batchnorm: bool = False, residual: bool = False):
         super().__init__()
-        self.input_shape, self.num_classes, self.residual = (features,), classes, residual
+        self.input_shape, self.num_classes = input_shape, classes
+        self.act_name, self.batchnorm, self.residual = act, batchnorm, residual
+
+    def block(self, layer: nn.Module, norm: nn.Module) -> nn.Sequential:
+        return nn.Sequential(layer, *([norm] if self.batchnorm else []), _act(self.act_name))
+
+    def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            h = h + block(h) if self.residual else block(h)
+        return h
+
+
+class MLP(_Net):
+    """Linear layers with an activation, optional BatchNorm1d and residual adds (options: see ``_Net``)."""
+
+    def __init__(self, features: int, width: int, depth: int, classes: int, **options: Any):
+        super().__init__((features,), classes, **options)
         self.stem = nn.Linear(features, width)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(width, width), *([nn.BatchNorm1d(width)] if batchnorm else []), _act(act))
-            for _ in range(depth)
-        )
-        self.act = _act(act)
+        self.blocks = nn.ModuleList(self.block(nn.Linear(width, width), nn.BatchNorm1d(width)) for _ in range(depth))
+        self.act = _act(self.act_name)
         self.head = nn.Linear(width, classes)
 
     def forward(self, x):
-        h = self.act(self.stem(x))
-        for block in self.blocks:
-            h = h + block(h) if self.residual else block(h)
-        return self.head(h)
+        return self.head(self.run_blocks(self.act(self.stem(x))))
 
 
-class CNN(nn.Module):
+class CNN(_Net):
     """3x3 convolutions with an activation, optional BatchNorm2d and residual adds, average pooling, a head."""
 
-    def __init__(
-        self,
-        channels: int,
-        size: int,
-        width: int,
-        depth: int,
-        classes: int,
-        act: str = "relu",
-        batchnorm: bool = False,
-        residual: bool = False,
-    ):
-        super().__init__()
-        self.input_shape, self.num_classes, self.residual = (channels, size, size), classes, residual
-        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), _act(act))
+    def __init__(self, channels: int, size: int, width: int, depth: int, classes: int, **options: Any):
+        super().__init__((channels, size, size), classes, **options)
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), _act(self.act_name))
         self.blocks = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(width, width, 3, padding=1), *([nn.BatchNorm2d(width)] if batchnorm else []), _act(act)
-            )
-            for _ in range(depth)
+            self.block(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)) for _ in range(depth)
         )
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.head = nn.Linear(width * 4, classes)
 
     def forward(self, x):
-        h = self.stem(x)
-        for block in self.blocks:
-            h = h + block(h) if self.residual else block(h)
-        return self.head(self.pool(h).flatten(1))
+        return self.head(self.pool(self.run_blocks(self.stem(x))).flatten(1))
 
 
 def _act(name: str) -> nn.Module:
@@ -154,19 +139,12 @@ def networks(
         res = draw(st.booleans()) if residual is None else residual
         classes = draw(st.integers(2, 6))
         depth = draw(st.integers(1, 3))
+        options = dict(act=act, batchnorm=bn, residual=res)
         if kind == "mlp":
-            net = MLP(draw(st.integers(2, 8)), draw(st.integers(2, 8)), depth, classes, act, bn, res)
+            net = MLP(draw(st.integers(2, 8)), draw(st.integers(2, 8)), depth, classes, **options)
         else:
-            net = CNN(
-                draw(st.integers(1, 3)),
-                draw(st.sampled_from([4, 6, 8])),
-                draw(st.integers(2, 5)),
-                depth,
-                classes,
-                act,
-                bn,
-                res,
-            )
+            channels, size, width = draw(st.integers(1, 3)), draw(st.sampled_from([4, 6, 8])), draw(st.integers(2, 5))
+            net = CNN(channels, size, width, depth, classes, **options)
         return randomize(net, draw(st.integers(0, 2**31 - 1)), dtype)
 
     return build()
