@@ -21,6 +21,7 @@ from .validate import Classes, LogitsFn
 # Layers, lowest first: the core above, then the rules, the methods built from them, the test helpers.
 from . import rules
 from . import methods, testing
+from .text import explain_text
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "attach",
     "Handle",
     "explain",
+    "explain_text",
     "Explanation",
     "targets",
     "errors",
