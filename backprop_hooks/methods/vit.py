@@ -176,8 +176,12 @@ def token_layout(
     """The token layout of a timm, torchvision or Hugging Face ViT (found among ``model``'s modules, or read
     from its config: class, distillation and register tokens, the patch grid of ``x``).
 
-    ``prefix_tokens``/``grid`` override what the model says (for other architectures).
+    ``prefix_tokens``/``grid`` override what the model says (for other architectures). A model may record
+    its own layout as a callable attribute ``token_layout(x)`` (a :class:`TokenLayout` or :class:`TextLayout`).
     """
+    recorded = getattr(model, "token_layout", None)
+    if callable(recorded) and prefix_tokens is None and grid is None:
+        return recorded(x)
     root = _vit_root(model)
     hf_owner, hf_config = _hf_vision_config(model) if root is None else (None, None)
     readout: Optional[Tuple[int, ...]] = (0,)
