@@ -155,6 +155,15 @@ def explain_text(
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be an nn.Module, got {type(model).__name__}")
     mask = _check_ids(input_ids, attention_mask)
+    # also under torch.no_grad() or torch.inference_mode(): a normal graph for this call, inputs as normal tensors
+    with torch.inference_mode(False), torch.enable_grad():
+        input_ids, mask = input_ids.clone(), mask.clone()
+        if model_kwargs:
+            model_kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
+        return _explain(model, input_ids, mask, method, target, classes, logits, reduce, readout, model_kwargs, options)
+
+
+def _explain(model, input_ids, mask, method, target, classes, logits, reduce, readout, model_kwargs, options):
     emb = _embeddings(model)
     with torch.no_grad():
         embeds = emb(input_ids)
@@ -188,7 +197,7 @@ def explain_text(
                     f"reduce={reduce!r} takes a norm of the token attributions: the {e.target!r} scores are not "
                     "the per-class composition of the logit scores",
                     NonLinearContrastWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         scores = scores * mask.to(scores.dtype)
     extras = dict(e.extras, input_ids=input_ids, attention_mask=mask)

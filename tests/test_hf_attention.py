@@ -155,7 +155,7 @@ def test_every_attention_method_runs_on_hf_vit():
     for method in ("rollout", "grad_rollout", "transformer_attribution", "vit_gradcam"):
         e = bh.explain(model, x, method, "weighted")
         assert e.attributions.shape == (2, 4, 4) and torch.isfinite(e.attributions).all()
-    assert bh.methods.ViTGradCAM(model).layer == "vit.layers.1.layernorm_before"
+    assert bh.methods.ViTGradCAM(model).layer == "vit.layers.0"  # the last block's input
 
 
 def test_timm_without_fused_attention_equals_fused():
@@ -172,3 +172,29 @@ def test_timm_without_fused_attention_equals_fused():
         b = bh.explain(explicit, x, method, "weighted").attributions
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
     assert not any(block.attn.fused_attn for block in explicit.blocks)
+
+
+def test_capture_is_per_thread():
+    """The function-level capture is thread-local: explanations from several threads at once equal the
+    sequential one, and a thread that explains nothing sees no capture."""
+    import threading
+
+    model, x = build("vit"), pixels()
+    want = bh.explain(model, x, "grad_rollout", "weighted").attributions
+    plain = model(pixel_values=x).logits.detach()
+    out, errors = {}, []
+
+    def explain(i):
+        out[i] = bh.explain(model, x, "grad_rollout", "weighted").attributions
+
+    def forward():
+        for _ in range(5):
+            if not torch.equal(model(pixel_values=x).logits.detach(), plain):
+                errors.append("changed")
+
+    threads = [threading.Thread(target=explain, args=(i,)) for i in range(3)] + [threading.Thread(target=forward)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(torch.equal(out[i], want) for i in range(3))

@@ -178,3 +178,14 @@ def test_typed_errors(bert):
         bh.explain_text(torch.nn.Linear(3, 3), ids, mask)
     with pytest.raises(bh.errors.ClassIndexError):
         bh.explain_text(bert, ids, mask, classes=7)
+
+
+def test_under_no_grad_and_inference_mode(bert):
+    ids, mask = text_inputs("bert")
+    for method in ("input_x_gradient", "grad_rollout"):
+        want = bh.explain_text(bert, ids, mask, method, "weighted").attributions
+        with torch.no_grad():
+            assert torch.equal(bh.explain_text(bert, ids, mask, method, "weighted").attributions, want)
+        with torch.inference_mode():
+            ids_i, mask_i = ids.clone(), mask.clone()  # inference tensors
+            assert torch.equal(bh.explain_text(bert, ids_i, mask_i, method, "weighted").attributions, want)

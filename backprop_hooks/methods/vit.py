@@ -238,25 +238,22 @@ def _blocks_of(model: nn.Module) -> Tuple[Optional[str], Optional[str]]:
 
 
 def default_token_layer(model: nn.Module) -> str:
-    """``model.default_layer`` if recorded, else the first LayerNorm of the last attention block (the input
-    of the last attention: its patch tokens still reach the class token); for post-norm blocks (BERT) the
-    output of the block before the last."""
+    """``model.default_layer`` if recorded; for timm and torchvision ViTs the first LayerNorm of the last
+    attention block (the input of the last attention: its patch tokens still reach the class token); for
+    other transformers (Hugging Face: pre- or post-norm, children in any order) the output of the block
+    before the last, i.e. the last block's input."""
     recorded = getattr(model, "default_layer", None)
     if isinstance(recorded, str):
         return recorded
-    names = attention_names(model)
+    names = [name for name, m in model.named_modules() if is_attention(name, m)]
     if names and "." in names[-1]:
         block = names[-1].rsplit(".", 1)[0]
         for child, m in get_module(model, block).named_children():
             if isinstance(m, nn.LayerNorm):
                 return f"{block}.{child}"
-        last, before = _blocks_of(model)
-        if last is not None:
-            for child, m in get_module(model, last).named_children():
-                if isinstance(m, nn.LayerNorm):
-                    return f"{last}.{child}"
-        if before is not None:
-            return before
+    last, before = _blocks_of(model)
+    if before is not None:
+        return before
     raise TokenLayoutError(f"cannot find a default token layer in {type(model).__name__}; pass layer=...")
 
 
