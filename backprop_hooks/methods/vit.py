@@ -254,6 +254,10 @@ def default_token_layer(model: nn.Module) -> str:
     last, before = _blocks_of(model)
     if before is not None:
         return before
+    if last is not None:  # a single block: its first LayerNorm (the attention's input in a pre-norm block)
+        for child, m in get_module(model, last).named_children():
+            if isinstance(m, nn.LayerNorm):
+                return f"{last}.{child}"
     raise TokenLayoutError(f"cannot find a default token layer in {type(model).__name__}; pass layer=...")
 
 
