@@ -198,3 +198,22 @@ def test_capture_is_per_thread():
     for t in threads:
         t.join()
     assert not errors and all(torch.equal(out[i], want) for i in range(3))
+
+
+def test_gate_held_reads_the_gate_off_any_gelu_module():
+    """GateHeld (for Hugging Face's GELU modules) equals GELUHeld on nn.GELU, exact and tanh forms."""
+    from transformers.activations import GELUActivation, NewGELUActivation
+
+    from backprop_hooks.rules import GELUHeld
+    from backprop_hooks.rules.gates import GateHeld
+
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[0, 0] = 0.0
+    seed = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for ours, theirs in ((GELUActivation(), torch.nn.GELU()), (NewGELUActivation(), torch.nn.GELU("tanh"))):
+        grads = []
+        for module, rule in ((ours, GateHeld()), (theirs, GELUHeld())):
+            xg = x.clone().requires_grad_(True)
+            with bh.attach(module, {"": rule}):
+                grads.append(torch.autograd.grad(module(xg), xg, seed)[0])
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
