@@ -26,7 +26,10 @@ that calls it) is captured with its own arguments, masks included (boolean or ad
 ``is_causal``, ``scale``, grouped-query heads), and every softmax over the last axis of a 4-d tensor
 (explicit attention: Hugging Face's ``eager`` implementation, timm with ``fused_attn=False``) is recorded
 as it is. A ``TorchFunctionMode`` does it (thread-local, active only for the explained forward); nothing on
-the model changes: no attribute, no ``config._attn_implementation``, no module.
+the model changes: no attribute, no ``config._attn_implementation``, no module. The explicit path starts
+from the ``q``, ``k``, ``v`` the kernel received, so no projection runs twice, and the straight-through sum
+keeps the output bit-identical; ``hold_attention`` acts on a gate between ``A`` and the scores. The rollout
+methods use this, with ``nn.MultiheadAttention`` (whose functional core the mode cannot see) per module.
 """
 
 from __future__ import annotations
@@ -149,9 +152,11 @@ class _TimmPath(Rule):
 
 
 class AttentionCapture(Rule):
-    """Records the attention probabilities of every call of the modules it sits on, in forward order.
+    """Records the attention probabilities of every call of the modules it sits on, in forward order, and,
+    inside ``with capture.recording():``, of every attention function call (see the module docstring).
 
-    ``attentions[i]``: (B, heads, N, N), part of the autograd graph; ``modules[i]``: the module of call i.
+    ``attentions[i]``: (B, heads, N, N), part of the autograd graph; ``modules[i]``: the module of call i
+    (``None`` for a function-level capture).
     The model's output values are unchanged (see the module docstring).
 
     ``hold_attention=True`` (the "AH-rule" of Ali et al. 2022, used for relevance passes): the gradient
