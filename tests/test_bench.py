@@ -82,7 +82,7 @@ def test_peers_run_side_by_side():
     assert not any(r["impl"] == "pytorch-grad-cam" for r in skipped)
 
 
-@pytest.mark.parametrize("name", ["hf_vit@5", "bert_small@3"])
+@pytest.mark.parametrize("name", ["hf_vit@5", pytest.param("bert_small@3", marks=pytest.mark.slow)])
 def test_bench_case_on_hugging_face_models(name, monkeypatch):
     """The harness runs the attention methods on a Hugging Face ViT (sdpa) and a small BERT on its input
     embeddings (shrunk here to 2 layers: only that it measures is checked)."""

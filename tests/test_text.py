@@ -86,7 +86,13 @@ def test_integrated_gradients_is_complete_against_the_pad_baseline(bert):
         bh.explain_text(build("gpt2"), ids, mask, method="integrated_gradients", baseline="pad")
 
 
-@pytest.mark.parametrize("method", [m for m in TEXT_METHODS if m != "smoothgrad"])
+PADDED_FAST = ("input_x_gradient", "integrated_gradients", "grad_rollout")
+
+
+@pytest.mark.parametrize(
+    "method",
+    [m if m in PADDED_FAST else pytest.param(m, marks=pytest.mark.slow) for m in TEXT_METHODS if m != "smoothgrad"],
+)
 def test_padded_batch_equals_each_sequence_alone(bert, method):
     ids, mask = text_inputs("bert")
     opts = {"n_steps": 4} if method == "integrated_gradients" else {}
