@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .errors import ClassIndexError, InputError, ModelOutputError
+from .errors import BackpropHooksError, ClassIndexError, InputError, ModelOutputError, OptionError
 
 Classes = Union[None, int, Sequence[int], torch.Tensor]
+LogitsFn = Callable[[Any], torch.Tensor]
 
 
 def check_input(x: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
@@ -28,20 +29,58 @@ def check_input(x: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
     return x
 
 
-def check_logits(logits: object, batch: int) -> torch.Tensor:
-    """Check that the model returned a (B, C) tensor for a batch of ``batch`` inputs."""
+def check_logits(logits: object, batch: int, source: str = "the model") -> torch.Tensor:
+    """Check that ``logits`` is a floating (B, C) tensor for a batch of ``batch`` inputs."""
     if not isinstance(logits, torch.Tensor):
         raise ModelOutputError(
-            f"the model must return a (B, C) tensor of logits, got {type(logits).__name__}; "
-            "wrap the model so that forward returns the logits"
+            f"{source} must return a (B, C) tensor of logits, got {type(logits).__name__}; "
+            "pass logits=fn (output -> (B, C) logits) to select them, e.g. logits=lambda out: out[0]"
         )
     if logits.dim() != 2 or logits.shape[0] != batch:
         raise ModelOutputError(
-            f"the model must return logits of shape (B, C) = ({batch}, C), got shape {tuple(logits.shape)}"
+            f"{source} must return logits of shape (B, C) = ({batch}, C), got shape {tuple(logits.shape)}"
+            + ("" if source != "the model" else "; pass logits=fn (output -> (B, C) logits) to select them")
         )
     if not logits.is_floating_point():
-        raise ModelOutputError(f"the model's logits must be floating point, got dtype {logits.dtype}")
+        raise ModelOutputError(f"the logits must be floating point, got dtype {logits.dtype}")
     return logits
+
+
+def check_logits_fn(logits: Optional[LogitsFn]) -> Optional[LogitsFn]:
+    """``logits=`` is ``None`` or a callable (the model's output -> (B, C) logits)."""
+    if logits is not None and not callable(logits):
+        raise OptionError(
+            f"logits= must be a function (the model's output -> (B, C) logits), got {type(logits).__name__}"
+        )
+    return logits
+
+
+def select_logits(output: Any, batch: int, logits: Optional[LogitsFn] = None) -> torch.Tensor:
+    """The (B, C) logits in a model's output: ``logits(output)`` when a function is given; else the output
+    itself when it is a tensor, its tensor ``.logits`` attribute (Hugging Face ``ModelOutput``) or its
+    ``"logits"`` key (a dict)."""
+    if logits is not None:
+        try:
+            selected = logits(output)
+        except BackpropHooksError:
+            raise
+        except Exception as exc:
+            raise ModelOutputError(
+                f"the logits= function failed on the model's output ({type(output).__name__}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return check_logits(selected, batch, source="the logits= function")
+    if isinstance(output, torch.Tensor):
+        return check_logits(output, batch)
+    try:
+        found = getattr(output, "logits", None)
+    except Exception:  # a property that fails is no logits
+        found = None
+    if not isinstance(found, torch.Tensor) and isinstance(output, Mapping):
+        found = output.get("logits")
+    if isinstance(found, torch.Tensor):
+        return check_logits(found, batch, source="the model's output .logits")
+    return check_logits(output, batch)
 
 
 def check_classes(classes: Classes, logits: torch.Tensor, what: str = "class") -> torch.Tensor:

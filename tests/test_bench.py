@@ -80,3 +80,25 @@ def test_peers_run_side_by_side():
         ["fullgrad:pytorch-grad-cam"],
     )
     assert not any(r["impl"] == "pytorch-grad-cam" for r in skipped)
+
+
+@pytest.mark.parametrize("name", ["hf_vit@5", pytest.param("bert_small@3", marks=pytest.mark.slow)])
+def test_bench_case_on_hugging_face_models(name, monkeypatch):
+    """The harness runs the attention methods on a Hugging Face ViT (sdpa) and a small BERT on its input
+    embeddings (shrunk here to 2 layers: only that it measures is checked)."""
+    import transformers
+
+    from bench import zoo
+
+    monkeypatch.setitem(
+        zoo.HF_TEXT, "bert_small", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8)
+    )
+    monkeypatch.setattr(
+        transformers, "ViTConfig", lambda **kw: transformers.models.vit.ViTConfig(**dict(kw, num_hidden_layers=1))
+    )
+    rows = harness.bench_case(
+        name, 2, 32, ["grad_rollout", "vit_gradcam"], ["logit", "weighted"], torch.device("cpu"), 1, False, False, False
+    )
+    keys = {(r["method"], r["target"]) for r in rows}
+    assert {("fwd+bwd", ""), ("grad_rollout", "logit"), ("grad_rollout", "weighted"), ("vit_gradcam", "logit")} <= keys
+    assert all(r["seconds"] > 0 for r in rows)

@@ -357,8 +357,15 @@ def test_transformer_attribution_is_blind_to_the_seed_sign_and_grad_rollout_is_n
 def test_transformer_attribution_switches_its_relevance_rules_back_off():
     model, x = small_vit(depth=2), inputs()
     method = TransformerAttribution(model)
+    seen, release = {}, method.release
+
+    def keep_then_release():  # the per-call state is dropped when the call returns: look at it just before
+        seen.update(capture=method._capture, held=method._held)
+        release()
+
+    method.release = keep_then_release
     method(x)
-    assert not method._capture.hold_attention and not any(r.enabled for r in method._held)
+    assert not seen["capture"].hold_attention and not any(r.enabled for r in seen["held"])
     testing.assert_no_hooks_left(model)
 
 

@@ -6,6 +6,12 @@ A method is a short composition of
 * a target (any of :mod:`backprop_hooks.targets`), turned into a seed on the logits;
 * ``attribute(x, logits, seed)``: one ``torch.autograd.grad`` from the logits with that seed, down to
   whatever the method reads out (the input, a captured layer, ...).
+
+The logits are the model's output when it is a (B, C) tensor, its tensor ``.logits`` attribute (Hugging
+Face ``ModelOutput``) or its ``"logits"`` key (a dict). Any other output needs ``logits=fn`` (output ->
+(B, C) logits), a per-call option of every method: ``method(x, classes, target, logits=fn)``, and
+``bh.explain(..., logits=fn)``. Examples: ``lambda out: out[0]`` (a tuple), ``lambda out: out.logits[:, -1]``
+(a causal language model's next token), ``lambda out: out["scores"]`` (a detection head's class scores).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from .. import targets as _targets
 from ..attach import RuleSpec, attach
 from ..errors import ModelError, NonLinearContrastWarning, TrainingModeWarning, UnknownNameError, choices
 from ..explanation import Explanation
-from ..validate import Classes, check_classes, check_input, check_logits
+from ..validate import Classes, LogitsFn, check_classes, check_input, check_logits_fn, select_logits
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
 
@@ -56,6 +62,11 @@ class Method:
             raise ModelError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.check_finite = check_finite
+        self.logits_fn: Optional[LogitsFn] = None  # the call's logits= selector
+
+    def logits(self, output: Any, batch: int) -> torch.Tensor:
+        """The checked (B, C) logits in the model's ``output`` (see ``logits=`` in the module docstring)."""
+        return select_logits(output, batch, self.logits_fn)
 
     # -- what subclasses provide -------------------------------------------------------------------
     def rules(self, x: torch.Tensor) -> RuleSpec:
@@ -89,12 +100,17 @@ class Method:
 
     def forward(self, x: torch.Tensor, classes: Classes, target: _targets.Target):
         """Run the model on ``x``; return checked logits, resolved classes and the target's seed."""
-        logits = check_logits(self.model(x), x.shape[0])
+        logits = self.logits(self.model(x), x.shape[0])
         target.check(logits.shape[1])
         classes = check_classes(classes, logits)
         return logits, classes, target.seed(logits.detach(), classes)
 
-    def __call__(self, x: torch.Tensor, classes: Classes = None, target: Any = "logit") -> Explanation:
+    def __call__(
+        self, x: torch.Tensor, classes: Classes = None, target: Any = "logit", logits: Optional[LogitsFn] = None
+    ) -> Explanation:
+        """Explain ``classes`` (``None``: the predicted ones) of ``x`` with ``target``; ``logits=fn`` selects
+        the (B, C) logits from a model output that is not one (see the module docstring)."""
+        self.logits_fn = check_logits_fn(logits)
         x, target = self.prepare(x, target)
         try:
             with attach(self.model, self.rules(x)) as handle:

@@ -19,7 +19,7 @@ import torch
 
 from ..attach import attach
 from ..errors import InputError, OptionError
-from ..validate import Classes, check_classes, check_logits
+from ..validate import Classes, LogitsFn, check_classes, check_logits_fn
 from .base import Method, grad, register
 
 
@@ -75,11 +75,12 @@ class _ManyPoints(Method):
         """Reduce gradients of points ``start..start+k`` ((k, B, ...)) to a partial sum (B, ...)."""
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor, classes: Classes = None, target="logit"):
+    def __call__(self, x: torch.Tensor, classes: Classes = None, target="logit", logits: Optional[LogitsFn] = None):
+        self.logits_fn = check_logits_fn(logits)
         x, target = self.prepare(x, target)
         batch = x.shape[0]
         with torch.no_grad():
-            logits = check_logits(self.model(x), batch)
+            logits = self.logits(self.model(x), batch)
         target.check(logits.shape[1])
         classes = check_classes(classes, logits)
         seed = target.seed(logits, classes)
@@ -91,7 +92,7 @@ class _ManyPoints(Method):
             for start, k in _chunks(k_total, per_chunk):
                 xs = self.points(x, start, k).reshape(k * batch, *x.shape[1:]).detach().requires_grad_(True)
                 with attach(self.model, self.rules(xs)):
-                    out = check_logits(self.model(xs), k * batch)
+                    out = self.logits(self.model(xs), k * batch)
                     if self.pointwise:
                         s = target.seed(out.detach(), classes.repeat(k))
                     else:
