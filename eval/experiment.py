@@ -135,7 +135,7 @@ def execute(
     setup: Setup,
     args: argparse.Namespace,
     process: runner.Process,
-    write_report: Callable[[Setup, runner.Results, Path], None],
+    write_report: Callable[[Setup, runner.Results, Path], Optional[str]],
     desc: str,
 ) -> int:
     """Run ``process`` over the samples (resumable, sharded) and let rank 0 write the report into --out."""
@@ -156,7 +156,9 @@ def execute(
     )
     if setup.processes.main:
         results["index"] = torch.tensor(setup.positions, dtype=torch.long)[results["position"]]
-        write_report(setup, results, Path(args.out))
+        headline = write_report(setup, results, Path(args.out))
+        if headline:
+            print(headline + "\n")
         print(f"wrote {args.out}/results.md, results.csv, results.json, samples.csv and figures")
     setup.processes.barrier()
     return 0
