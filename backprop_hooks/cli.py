@@ -1,7 +1,9 @@
 """The command line: ``backprop-hooks SUBCOMMAND ...`` (same as ``python -m backprop_hooks``).
 
 Each subcommand lives in the module that owns its work and exposes ``add_parser(subparsers)``, which adds
-its parser and sets ``func`` (a function ``run(args) -> int``) as a default. Errors a user can fix (bad file,
+its parser and sets ``func`` (a function ``run(args) -> int``) as a default. Those modules import
+torchvision, timm and matplotlib only inside the functions that need them, so ``--help`` and usage errors
+cost little more than importing torch. Errors a user can fix (bad file,
 unknown name, class out of range, weights that do not fit, no network) become one line on stderr and exit
 code 2.
 """
@@ -20,6 +22,7 @@ SUBCOMMANDS = {
     "finetune": "backprop_hooks.models.finetune",
     "perturb": "backprop_hooks.eval.perturb",
     "mask": "backprop_hooks.eval.mask",
+    "models": "backprop_hooks.eval.catalog",
 }
 
 
@@ -35,7 +38,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="backprop-hooks", description="Class-contrastive back-propagation explanations.")
+    parser.add_argument("--version", action="version", version=f"backprop-hooks {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module in SUBCOMMANDS.items():
