@@ -429,3 +429,33 @@ def test_version(capsys):
 
     assert main(["--version"]) == 0
     assert backprop_hooks.__version__ in capsys.readouterr().out
+
+
+def test_perturb_skips_a_corrupt_image_and_still_reports(tmp_path, capsys, weights):
+    root = tmp_path / "val"
+    _class_folders(root, classes=[str(i) for i in range(10)], per_class=1)
+    (root / "3" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "perturb"
+    code, stdout, stderr = cli(
+        capsys,
+        *("perturb", "--model", "digits_cnn", "--weights", weights["digits_cnn"], "--data", f"folder:{root}"),
+        *("--eps", "0.003", "--steps", "1", "--batch-size", "4", "--examples", "0", "--out", out, "--quiet"),
+    )
+    assert code == 2
+    assert "broken.png" in stderr and "1 of 11 samples could not be read" in stderr
+    assert "n = 10 samples" in stdout and (out / "results.md").is_file()
+
+
+def test_finetune_says_where_it_starts_and_writes_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["finetune", "--arch", "digits_cnn", "--data", "digits", "--epochs", "1", "--batch-size", "256"]
+    code, stdout, stderr = cli(capsys, *args, "--out", out, "--quiet")
+    assert code == 0, stderr
+    assert "from random init" in stderr and "digits_cnn" in stderr
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "epoch,loss,val_acc,seconds" and len(rows) == 2
+    code, stdout, stderr = cli(capsys, *args[:-4], "--epochs", "2", "--batch-size", "256", "--out", out, "--quiet")
+    assert code == 0, stderr
+    assert "resuming digits_cnn" in stderr and len((out / "metrics.csv").read_text().splitlines()) == 3
+    code, stdout, _ = cli(capsys, "finetune", "--help")
+    assert "(default: 0.001)" in stdout and "(default: 200)" in stdout
