@@ -103,20 +103,35 @@ def test_finetune_layout_is_evaluated_on_its_val_split(tmp_path):
         datasets.folder(lonely, 32)
 
 
-def test_perturb_on_the_folder_just_finetuned_uses_val_and_prints_headline(tmp_path, capsys, weights):
+def test_perturb_on_the_folder_just_finetuned_uses_val_skips_corrupt_and_prints_headline(tmp_path, capsys, weights):
     root = tmp_path / "data"
     _class_folders(root / "train", classes=[str(i) for i in range(10)], per_class=1)
     _class_folders(root / "val", classes=[str(i) for i in range(10)], per_class=1, seed=50)
+    (root / "val" / "3" / "broken.png").write_bytes(b"not a png")  # one corrupt image among good ones
     out = tmp_path / "perturb"
     code, stdout, stderr = cli(
         capsys,
         *("perturb", "--model", "digits_cnn", "--weights", weights["digits_cnn"], "--data", f"folder:{root}"),
-        *("--eps", "0.003", "--steps", "1", "--limit", "4", "--examples", "0", "--out", out, "--quiet"),
+        *(
+            "--eps",
+            "0.003",
+            "--steps",
+            "1",
+            "--targets",
+            "weighted",
+            "logit",
+            "--examples",
+            "0",
+            "--out",
+            out,
+            "--quiet",
+        ),
     )
-    assert code == 0, stderr
-    assert "n = 4 samples" in stdout and "Δacc" in stdout  # the headline table is printed
+    assert code == 2  # the report is written, the exit code says a sample was left out
+    assert "broken.png" in stderr and "1 of 11 samples could not be read" in stderr
+    assert "n = 10 samples" in stdout and "Δacc" in stdout  # the headline table is printed
     names = [line.split(",")[2] for line in (out / "samples.csv").read_text().splitlines()[1:]]
-    assert names and all(n.startswith("val/") for n in names)
+    assert len(names) == 10 and all(n.startswith("val/") for n in names)  # val/, never train/ or "train" as a class
     mode = stat.S_IMODE((out / "results.md").stat().st_mode)
     assert mode == 0o666 & ~_umask()  # report files follow the umask, like the figures
 
@@ -231,6 +246,7 @@ def test_vit_gets_a_vit_method_by_default(tmp_path, capsys, weights):
     assert "vision transformer" in stderr and "vit_gradcam" in stderr and "Normalized" not in stderr
 
 
+@pytest.mark.slow
 def test_mask_on_a_vit_uses_token_methods(tmp_path, capsys, weights):
     out = tmp_path / "mask"
     code, stdout, stderr = cli(
@@ -431,31 +447,42 @@ def test_version(capsys):
     assert backprop_hooks.__version__ in capsys.readouterr().out
 
 
-def test_perturb_skips_a_corrupt_image_and_still_reports(tmp_path, capsys, weights):
-    root = tmp_path / "val"
-    _class_folders(root, classes=[str(i) for i in range(10)], per_class=1)
-    (root / "3" / "broken.png").write_bytes(b"not a png")
-    out = tmp_path / "perturb"
+def test_two_class_finetune_then_explain_with_its_names_and_defaults(tmp_path, capsys):
+    """finetune on a tiny 2-class folder: it says it starts from scratch and writes metrics.csv; explain then
+    reads class_names.json beside best.pt and clamps the default --topk 3 to the 2 classes."""
+    data = tmp_path / "data"
+    _class_folders(data / "train", per_class=2)
+    _class_folders(data / "val", per_class=1, seed=7)
+    run = tmp_path / "run"
+    args = ["finetune", "--arch", "digits_cnn", "--data", f"folder:{data}", "--batch-size", "4", "--out", run]
+    code, _, stderr = cli(capsys, *args, "--epochs", "1", "--quiet")
+    assert code == 0, stderr
+    assert "training digits_cnn for 2 classes from random init" in stderr
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "epoch,loss,val_acc,seconds" and len(rows) == 2
+    code, _, stderr = cli(capsys, *args, "--epochs", "2", "--quiet")
+    assert code == 0 and "resuming digits_cnn" in stderr and len((run / "metrics.csv").read_text().splitlines()) == 3
     code, stdout, stderr = cli(
         capsys,
-        *("perturb", "--model", "digits_cnn", "--weights", weights["digits_cnn"], "--data", f"folder:{root}"),
-        *("--eps", "0.003", "--steps", "1", "--batch-size", "4", "--examples", "0", "--out", out, "--quiet"),
+        "explain",
+        "--model",
+        "digits_cnn",
+        "--weights",
+        run / "best.pt",
+        "--classes",
+        "dog",
+        "--target",
+        "logit",
+        "versus:cat",
+        "--out",
+        tmp_path / "o1",
     )
-    assert code == 2
-    assert "broken.png" in stderr and "1 of 11 samples could not be read" in stderr
-    assert "n = 10 samples" in stdout and (out / "results.md").is_file()
-
-
-def test_finetune_says_where_it_starts_and_writes_metrics(tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["finetune", "--arch", "digits_cnn", "--data", "digits", "--epochs", "1", "--batch-size", "256"]
-    code, stdout, stderr = cli(capsys, *args, "--out", out, "--quiet")
     assert code == 0, stderr
-    assert "from random init" in stderr and "digits_cnn" in stderr
-    rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "epoch,loss,val_acc,seconds" and len(rows) == 2
-    code, stdout, stderr = cli(capsys, *args[:-4], "--epochs", "2", "--batch-size", "256", "--out", out, "--quiet")
+    code, stdout, stderr = cli(
+        capsys, "explain", "--model", "digits_cnn", "--weights", run / "best.pt", "--out", tmp_path / "o"
+    )
     assert code == 0, stderr
-    assert "resuming digits_cnn" in stderr and len((out / "metrics.csv").read_text().splitlines()) == 3
+    info = json.loads((tmp_path / "o" / "chelsea.json").read_text())
+    assert sorted(c["name"] for c in info["classes"]) == ["cat", "dog"] and "exceeds" in stdout
     code, stdout, _ = cli(capsys, "finetune", "--help")
     assert "(default: 0.001)" in stdout and "(default: 200)" in stdout
