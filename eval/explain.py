@@ -43,6 +43,8 @@ DEFAULT_OUT = Path("out/explain")
 DEFAULT_TOPK = 3
 DEFAULT_MAX_ROWS = 10  # rows (classes) drawn in a figure; every class is in the .pt and .json
 DEFAULT_CHUNK = 16  # classes explained per call: memory stays bounded for any --topk
+IMAGES_PER_CALL = 32  # at most this many images per call for methods that batch noise samples or path steps
+STEP_OPTIONS = ("n_samples", "n_steps")  # SmoothGrad, Integrated Gradients: images per class and call
 TARGET_TITLES = {
     "logit": "logit (original)",
     "weighted": "weighted contrast",
@@ -138,7 +140,7 @@ def explain_classes(
     """
     x = image[None].to(_device(model))
     chosen = torch.as_tensor(classes, device=x.device) if classes is not None else top_classes(model, x, topk)
-    chunk = max(1, chunk or DEFAULT_CHUNK)
+    chunk = max(1, chunk or min(DEFAULT_CHUNK, IMAGES_PER_CALL // steps_per_class(method, options)))
     parts = list(torch.split(chosen, chunk))
     work = [(t, part) for t in targets for part in parts]
     bar = tqdm(
@@ -175,6 +177,18 @@ def _device(model: nn.Module) -> torch.device:
     if tensor is None:
         tensor = next(model.buffers(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def steps_per_class(method: str, options: Dict[str, Any]) -> int:
+    """How many images one class costs in a call: SmoothGrad's noise samples, IG's path steps, else 1."""
+    import inspect
+
+    parameters = inspect.signature(bh.methods.get(method).__init__).parameters
+    for name in STEP_OPTIONS:
+        if name in parameters:
+            value = options.get(name, parameters[name].default)
+            return max(1, int(value)) if isinstance(value, int) else 1
+    return 1
 
 
 def _join(parts: List[Explanation]) -> Explanation:
@@ -219,8 +233,9 @@ def figure(result: ClassExplanations, title: str, max_rows: int = DEFAULT_MAX_RO
     """The figure: a row per class (name, index, probability), the image then one overlay per target.
 
     At most ``max_rows`` classes are drawn (the title says how many of how many). Pixel-space maps (an
-    input-shaped method) are drawn on their own, on a scale clipped at the 99th percentile of |value|;
-    layer and token maps as overlays at alpha 0.5. The colour-bar legend follows the data: a map that is
+    input-shaped method) are drawn on a scale clipped at the 99th percentile of |value|, each pixel as
+    opaque as it is strong over a faded image; layer and token maps as overlays at alpha 0.5 (``alpha``
+    sets one opacity for all). The colour-bar legend follows the data: a map that is
     never negative is labelled as a magnitude. A method whose maps do not depend on the class says so.
     """
     from . import plots
@@ -251,7 +266,7 @@ def figure(result: ClassExplanations, title: str, max_rows: int = DEFAULT_MAX_RO
         rows,
         colorbar_labels=labels,
         title=title,
-        alpha=(1.0 if pixel_space else 0.5) if alpha is None else alpha,
+        alpha=(None if pixel_space else 0.5) if alpha is None else alpha,
         percentile=99.0 if pixel_space else 100.0,
     )
 
@@ -763,8 +778,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--alpha",
         type=float,
         default=None,
-        help="opacity of the maps over the image (default: 0.5 for layer and token maps; 1, the map alone, for "
-        "pixel-space maps)",
+        help="opacity of the maps over the image (default: 0.5 for layer and token maps; for pixel-space maps "
+        "each pixel as opaque as it is strong)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")

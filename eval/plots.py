@@ -56,17 +56,32 @@ def symmetric_limit(maps: ArrayLike, percentile: float = 100.0) -> float:
 
 
 def overlay(
-    ax: Axes, image: ArrayLike, heatmap: ArrayLike, alpha: float = 0.5, vmax: Optional[float] = None, cmap: str = CMAP
+    ax: Axes,
+    image: ArrayLike,
+    heatmap: ArrayLike,
+    alpha: Optional[float] = 0.5,
+    vmax: Optional[float] = None,
+    cmap: str = CMAP,
 ) -> AxesImage:
     """Draw ``heatmap`` (H, W) over ``image`` on ``ax``, zero-centred (``vmax``: default max |heatmap|).
 
+    ``alpha`` None: each pixel's opacity follows its strength, ``min(|value| / vmax, 1)``, over a faded grey
+    copy of the image: pixel-space maps (gradients) stay readable, and where they are weak the image shows.
     Returns the heat-map's ``AxesImage`` (for a colour bar). Ticks are removed, the frame is kept.
     """
     heatmap = to_numpy(heatmap)
     if heatmap.ndim != 2:
         raise ValueError(f"expected a (H, W) heat-map, got shape {heatmap.shape}")
     m = symmetric_limit(heatmap) if vmax is None else vmax
-    ax.imshow(image_hwc(image), cmap="gray", vmin=0, vmax=1)
+    picture = image_hwc(image)
+    if alpha is None:
+        grey = picture.mean(-1) if picture.ndim == 3 else picture
+        ax.imshow(0.55 + 0.45 * grey, cmap="gray", vmin=0, vmax=1)
+        strength = np.clip(np.abs(heatmap) / m, 0.0, 1.0)
+        artist = ax.imshow(heatmap, cmap=cmap, alpha=strength, vmin=-m, vmax=m, interpolation="nearest")
+        clean(ax)
+        return artist
+    ax.imshow(picture, cmap="gray", vmin=0, vmax=1)
     artist = ax.imshow(heatmap, cmap=cmap, alpha=alpha, vmin=-m, vmax=m, interpolation="bilinear")
     clean(ax)
     return artist
@@ -85,7 +100,7 @@ def explanation_grid(
     row_labels: Sequence[str],
     colorbar_labels: Optional[Sequence[str]] = None,
     title: Optional[str] = None,
-    alpha: float = 0.5,
+    alpha: Optional[float] = 0.5,
     panel_size: float = 2.4,
     percentile: float = 100.0,
 ) -> Figure:
@@ -95,8 +110,9 @@ def explanation_grid(
     column shares one zero-centred scale (symmetric by its max |value|), shown in a colour bar below it,
     so the rows of a column compare directly. ``row_labels`` label the rows (class names, probabilities).
     ``percentile`` < 100 clips the scale at that percentile of |value| (said in the colour bar); ``alpha``
-    1 draws the maps on their own (for pixel-space maps, whose speckle an image underneath would hide).
+    None makes each pixel as opaque as it is strong (for pixel-space maps, see :func:`overlay`).
     """
+    from matplotlib.cm import ScalarMappable
     from matplotlib.ticker import MaxNLocator
 
     columns = [to_numpy(c) for c in columns]
@@ -126,10 +142,10 @@ def explanation_grid(
         for r in range(rows):
             artist = overlay(axes[r, j], image, maps[r], alpha=alpha, vmax=m)
         axes[0, j].set_title(column_titles[j - 1], fontsize=10)
-        bar = fig.colorbar(artist, cax=bars[j], orientation="horizontal")
+        bar = fig.colorbar(ScalarMappable(artist.norm, artist.cmap), cax=bars[j], orientation="horizontal")
         label = colorbar_labels[j - 1] if colorbar_labels else "attribution (red +, blue −)"
         if percentile < 100:
-            label += f"; scale clipped at the {percentile:g}th percentile of |value|"
+            label += f"\nscale: ±{percentile:g}th percentile of |value|"
         bar.set_label(label, fontsize=7)
         bar.ax.xaxis.set_major_locator(MaxNLocator(nbins=4, symmetric=True, min_n_ticks=3))
         bar.ax.xaxis.set_major_formatter("{x:.2g}")
