@@ -25,7 +25,7 @@ def spatial_layers(model: nn.Module) -> List[Tuple[str, Tuple[int, ...]]]:
     found: List[Tuple[str, Tuple[int, ...]]] = []
     hooks = []
     for name, module in model.named_modules():
-        if not name:
+        if not name or isinstance(module, (nn.Identity, nn.Dropout)):
             continue
 
         def hook(module, inputs, output, name=name):

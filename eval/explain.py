@@ -783,12 +783,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="list the model's classes, layers and the methods that fit it, then exit (as: backprop-hooks models)",
+    )
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``backprop-hooks explain``: validate everything, explain, write; returns the exit code."""
+    if args.list:
+        from .catalog import describe
+
+        print(describe(models.create(args.model, weights=args.weights), args.model))
+        return 0
     sources = check_sources(args.images)
     if args.method is not None:
         check_method(args.method, args.layer, args.option)

@@ -350,6 +350,8 @@ def test_models_lists_classes_layers_and_fitting_methods(capsys):
     assert "model.blocks.3.norm1" in stdout
     code, stdout, _ = cli(capsys, "models", "digits_cnn", "--no-layers")
     assert "guided_backprop" in stdout and "    9  9" in stdout
+    code, listed, _ = cli(capsys, "explain", "--model", "digits_cnn", "--list")
+    assert code == 0 and "model.features.relu3" in listed and "    9  9" in listed
 
 
 # ---- 5. bad checkpoints and devices: one line, exit 2 -------------------------------------------------
