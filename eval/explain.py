@@ -138,6 +138,8 @@ def explain_classes(
     the memory of a call stays bounded whatever the number of classes. ``progress``: a bar over the calls
     when there is more than one.
     """
+    if "internal_batch_size" in method_option_names(method):  # SmoothGrad/IG: noise samples, path points
+        options = {"internal_batch_size": IMAGES_PER_CALL, **options}
     x = image[None].to(_device(model))
     chosen = torch.as_tensor(classes, device=x.device) if classes is not None else top_classes(model, x, topk)
     chunk = max(1, chunk or min(DEFAULT_CHUNK, IMAGES_PER_CALL // steps_per_class(method, options)))
@@ -595,8 +597,16 @@ def method_option_names(method: str) -> List[str]:
     """The options ``--option NAME=VALUE`` accepts for ``method`` (its constructor's keywords)."""
     import inspect
 
-    cls = bh.methods.get(method)
-    names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "model")]
+    names: List[str] = []
+    for klass in bh.methods.get(method).__mro__:  # follow **kw up to the base classes' keywords
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters
+        names += [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            break
+    names = list(dict.fromkeys(n for n in names if n not in ("self", "model")))
     return [n for n in names if n not in ("layer", "check_finite")]
 
 
