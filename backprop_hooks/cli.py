@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import List, Optional
 
@@ -28,6 +29,26 @@ SUBCOMMANDS = {
 
 # What a user can fix: every backprop_hooks error (weights, data, usage included), bad values, files.
 USER_ERRORS = (BackpropHooksError, ValueError, OSError)
+
+
+# The library's words for what the command line calls otherwise (messages are written for API users).
+API_WORDS = (
+    ("pass layer=... explicitly", "give --layer NAME"),
+    ("pass layer=...", "give --layer NAME"),
+    ("layer=...", "--layer NAME"),
+    ("pass weights=PATH (command line: --weights PATH)", "pass --weights PATH"),
+    ("weights=PATH (--weights PATH)", "--weights PATH"),
+)
+
+
+def in_command_line_words(message: str, args: argparse.Namespace) -> str:
+    """``message`` with the wrapper's class name replaced by the model's name and API keywords by options."""
+    model = getattr(args, "model", None) or getattr(args, "arch", None)
+    if isinstance(model, str):
+        message = re.sub(r"\bNormalized\b", model, message)
+    for api, words in API_WORDS:
+        message = message.replace(api, words)
+    return message
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,6 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     except USER_ERRORS as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = in_command_line_words(message, args)
         print(f"backprop-hooks {args.command}: error: {message}", file=sys.stderr)
         return 2
     return int(code or 0)

@@ -420,6 +420,8 @@ def test_method_options_from_the_command_line(tmp_path, capsys, weights):
     assert code == 0, stderr
     code, _, stderr = cli(capsys, *common, "--method", "gradcam", "--option", "steps=4")
     assert code == 2 and "relu" in stderr and len(stderr.strip().splitlines()) == 1
+    code, _, stderr = cli(capsys, *common, "--layer", "model.nope")  # messages in command-line words
+    assert code == 2 and "module of digits_cnn" in stderr and "Normalized" not in stderr
 
 
 # ---- 9. start-up, version ---------------------------------------------------------------------------------
