@@ -42,6 +42,7 @@ DEFAULT_PHOTO = "chelsea"
 DEFAULT_OUT = Path("out/explain")
 DEFAULT_TOPK = 3
 DEFAULT_MAX_ROWS = 10  # rows (classes) drawn in a figure; every class is in the .pt and .json
+MAX_SIMILARITY = 32  # the summary's class-similarity matrix covers the first 32 classes (k x k grows fast)
 DEFAULT_CHUNK = 16  # classes explained per call: memory stays bounded for any --topk
 IMAGES_PER_CALL = 32  # at most this many images per call for methods that batch noise samples or path steps
 STEP_OPTIONS = ("n_samples", "n_steps")  # SmoothGrad, Integrated Gradients: images per class and call
@@ -302,7 +303,7 @@ def summary(result: ClassExplanations, image: str, model: str, files: Dict[str, 
                 dict(index=c, objective=values[i], **{s: v[i] for s, v in stats.items()})
                 for i, c in enumerate(result.classes.tolist())
             ],
-            "class_similarity": class_similarity(e.maps),
+            "class_similarity": class_similarity(e.maps[:MAX_SIMILARITY]),  # k x k grows fast: the first 32
         }
     return {
         "image": image,
