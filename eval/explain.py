@@ -710,7 +710,10 @@ def prepare_model(args: argparse.Namespace) -> nn.Module:
     elif args.topk < 1:
         raise UsageError(f"--topk must be >= 1; got {args.topk}")
     elif args.topk > num_classes:
-        print(f"note: --topk {args.topk} exceeds the model's {num_classes} classes: explaining all {num_classes}")
+        print(
+            f"note: --topk {args.topk} exceeds the model's {num_classes} classes: explaining all {num_classes}",
+            file=sys.stderr,
+        )
         args.topk = num_classes
     return model
 

@@ -294,7 +294,7 @@ def test_topk_beyond_the_class_count_is_clamped_and_the_figure_capped(tmp_path, 
         out,
     )
     assert code == 0, stderr
-    assert "--topk 1000 exceeds the model's 10 classes" in stdout
+    assert "--topk 1000 exceeds the model's 10 classes" in stderr
     saved = torch.load(out / "chelsea.pt", weights_only=True)
     assert saved["maps"]["weighted"].shape == (10, 32, 32) and sorted(saved["classes"].tolist()) == list(range(10))
     from matplotlib import pyplot as plt
@@ -487,6 +487,6 @@ def test_two_class_finetune_then_explain_with_its_names_and_defaults(tmp_path, c
     )
     assert code == 0, stderr
     info = json.loads((tmp_path / "o" / "chelsea.json").read_text())
-    assert sorted(c["name"] for c in info["classes"]) == ["cat", "dog"] and "exceeds" in stdout
+    assert sorted(c["name"] for c in info["classes"]) == ["cat", "dog"] and "exceeds" in stderr
     code, stdout, _ = cli(capsys, "finetune", "--help")
     assert "(default: 0.001)" in stdout and "(default: 200)" in stdout
