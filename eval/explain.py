@@ -1,14 +1,21 @@
 """`backprop-hooks explain [IMAGE ...]`: why class t and not the others, for the top-k classes of images.
 
-For each image: one forward pass picks the top-k classes (or ``--classes``), then ONE batched explanation
-per target explains all of them at once (the image repeated k times, a (k,) tensor of classes). Written
+For each image: one forward pass picks the top-k classes (or ``--classes``, by index or name; ``--topk``
+is capped at the number of classes), then one batched explanation per target explains them (the image
+repeated, a tensor of classes), in chunks of at most 16 classes (32 images for SmoothGrad/IG) so memory
+stays bounded. Written
 per image into ``--out``: ``NAME.png`` (rows: classes; columns: the image, then one overlay per target),
 ``NAME.pt`` (maps, attributions, logits, classes, class names, targets, method) and ``NAME.json`` (the
-top-k classes and, per target and class, the map's positive and negative mass). Everything is written into
-a temporary folder next to ``--out`` and moved there at the end: a failed run leaves ``--out`` untouched.
+top-k classes and, per target and class, the map's positive and negative mass).
+
+Each image's three files are written as soon as it is explained (each through a temporary file, so none
+is ever truncated); an interruption or a later failure keeps the images already done. An input image, or
+a file in ``--out`` that this command did not write, is never replaced: the outputs take the next free
+name (``photo_2.png``). An unreadable image is skipped with one line and the exit code is 2 at the end.
 
 With no IMAGE, the bundled EfficientNet-Lite0 explains the bundled photo of chelsea the cat, whose
 classes 282 tiger cat, 285 Egyptian cat and 281 tabby compete.
+The default method is Grad-CAM, and gradient-weighted attention rollout on vision transformers.
 """
 
 from __future__ import annotations
