@@ -3,10 +3,9 @@
 For each image: one forward pass picks the top-k classes (or ``--classes``, by index or name; ``--topk``
 is capped at the number of classes), then one batched explanation per target explains them (the image
 repeated, a tensor of classes), in chunks of at most 16 classes (32 images for SmoothGrad/IG) so memory
-stays bounded. Written
-per image into ``--out``: ``NAME.png`` (rows: classes; columns: the image, then one overlay per target),
-``NAME.pt`` (maps, attributions, logits, classes, class names, targets, method) and ``NAME.json`` (the
-top-k classes and, per target and class, the map's positive and negative mass).
+stays bounded. Written per image into ``--out``: ``NAME.png`` (rows: classes; columns: the image, then
+one map per target), ``NAME.pt`` (maps, attributions, logits, classes, class names, targets, method) and
+``NAME.json`` (the classes and, per target and class, the map's positive and negative mass).
 
 Each image's three files are written as soon as it is explained (each through a temporary file, so none
 is ever truncated); an interruption or a later failure keeps the images already done. An input image, or
