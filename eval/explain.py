@@ -25,6 +25,8 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,11 +160,11 @@ def explain_classes(
         unit="call",
         leave=False,
         file=sys.stderr,
-        delay=2.0,  # shown only for explanations that take a while
-        disable=not progress or len(work) < 2,
+        delay=PROGRESS_DELAY_S,  # shown only for explanations that take a while
+        disable=not progress,
     )
     pieces: Dict[str, List[Explanation]] = {}
-    with bar:
+    with bar, _ticking(bar):
         for t, part in work:
             batch = x.expand(len(part), *x.shape[1:])
             e = _to_cpu(bh.explain(model, batch, method=method, target=t, classes=part, **options))
@@ -186,6 +188,35 @@ def _device(model: nn.Module) -> torch.device:
     if tensor is None:
         tensor = next(model.buffers(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+PROGRESS_DELAY_S = 2.0
+
+
+class _ticking:
+    """Refresh ``bar`` every second from a daemon thread once it is due, so that its elapsed time moves
+    during one long call (a 64-step Integrated Gradients explanation is a single call)."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar = bar
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.tick, name="explain-progress", daemon=True)
+
+    def tick(self) -> None:
+        while not self.stop.wait(1.0):
+            if time.time() - self.bar.start_t >= PROGRESS_DELAY_S:
+                self.bar.refresh()
+
+    def __enter__(self):
+        if not self.bar.disable:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        return False
 
 
 def steps_per_class(method: str, options: Dict[str, Any]) -> int:

@@ -490,3 +490,19 @@ def test_two_class_finetune_then_explain_with_its_names_and_defaults(tmp_path, c
     assert sorted(c["name"] for c in info["classes"]) == ["cat", "dog"] and "exceeds" in stderr
     code, stdout, _ = cli(capsys, "finetune", "--help")
     assert "(default: 0.001)" in stdout and "(default: 200)" in stdout
+
+
+def test_progress_shows_during_one_long_explanation(weights, capsys, monkeypatch):
+    import time
+
+    original = ex.bh.explain
+
+    def slow(*args, **kwargs):
+        time.sleep(3.5)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ex.bh, "explain", slow)
+    model = models.create("digits_cnn", weights=weights["digits_cnn"])
+    ex.explain_classes(model, ex.load_source("chelsea", model), "gradient", ["logit"], topk=1, progress=True)
+    err = capsys.readouterr().err
+    assert "gradient" in err and "0/1" in err  # one call, yet the bar shows (and its clock moves) while it runs
