@@ -19,7 +19,9 @@ Evaluation sets named on the command line (`from_spec`), each a :class:`SampleSe
                train_test_split.txt, images/); transform Resize((s, s)).
 ``food101:P``  Food-101 test split: ``P/meta/classes.txt``, ``P/meta/test.txt`` (``class/id`` lines),
                ``P/images/class/id.jpg``; transform Resize(⌊s/0.875⌋) → CenterCrop(s).
-``folder:P``   any torchvision ImageFolder ``P/<class>/*``; transform Resize(⌊s/0.875⌋) → CenterCrop(s).
+``folder:P``   any torchvision ImageFolder ``P/<class>/*``, or the layout ``finetune`` reads (``P/train/``,
+               ``P/val/`` or ``P/test/``), of which ``val/`` (else ``test/``) is evaluated; images decoded
+               as a photo viewer shows them; transform Resize(⌊s/0.875⌋) → CenterCrop(s).
 ``digits``     the held-out digits test split (450 images, 32 px).
 ``photos``     the four bundled photos, with the model's own resize-and-crop. They have no ground
                truth: the label is -1 and the experiments use the model's prediction as t.
