@@ -98,6 +98,10 @@ class TrainingModeWarning(BackpropHooksWarning):
     """The model is in training mode (dropout, batch statistics): explanations are not reproducible."""
 
 
+class ImageUpsampledWarning(BackpropHooksWarning):
+    """An image smaller than the model's input is upsampled: its maps show interpolated, not real, detail."""
+
+
 class FunctionalReLUWarning(BackpropHooksWarning):
     """Some ReLUs are functional (``F.relu``): module rules cannot reach them, so they keep their gradient."""
 

@@ -8,6 +8,7 @@ resumable chunks) and lets rank 0 write the report.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -135,12 +136,44 @@ def execute(
     setup: Setup,
     args: argparse.Namespace,
     process: runner.Process,
-    write_report: Callable[[Setup, runner.Results, Path], None],
+    write_report: Callable[[Setup, runner.Results, Path], Optional[str]],
     desc: str,
 ) -> int:
     """Run ``process`` over the samples (resumable, sharded) and let rank 0 write the report into --out."""
     store = runner.ChunkStore(Path(args.out) / "chunks", setup.config)
-    results = runner.run_chunks(
+    try:
+        results = _run_chunks(setup, args, process, store, desc)
+    except KeyboardInterrupt:
+        if setup.processes.main and store.folder.is_dir():
+            print(
+                f"{desc}: interrupted; the finished batches are kept in {store.folder}/: rerun the same command to "
+                "resume",
+                file=sys.stderr,
+            )
+        raise
+    code = 0
+    if setup.processes.main:
+        skipped = results.pop(runner.SKIPPED, torch.zeros(0, dtype=torch.long))
+        if "position" not in results:
+            raise UsageError(f"none of the {len(setup.positions)} samples of {args.data!r} could be read")
+        results["index"] = torch.tensor(setup.positions, dtype=torch.long)[results["position"]]
+        headline = write_report(setup, results, Path(args.out))
+        if headline:
+            print(headline + "\n")
+        print(f"wrote {args.out}/results.md, results.csv, results.json, samples.csv and figures")
+        if skipped.numel():
+            print(
+                f"backprop-hooks {desc}: error: {skipped.numel()} of {len(setup.positions)} samples could not be read "
+                "and were left out (see above)",
+                file=sys.stderr,
+            )
+            code = 2
+    setup.processes.barrier()
+    return code
+
+
+def _run_chunks(setup: Setup, args: argparse.Namespace, process: runner.Process, store, desc: str):
+    return runner.run_chunks(
         setup.samples.dataset,
         setup.positions,
         process,
@@ -154,12 +187,6 @@ def execute(
         workers=args.workers,
         desc=desc,
     )
-    if setup.processes.main:
-        results["index"] = torch.tensor(setup.positions, dtype=torch.long)[results["position"]]
-        write_report(setup, results, Path(args.out))
-        print(f"wrote {args.out}/results.md, results.csv, results.json, samples.csv and figures")
-    setup.processes.barrier()
-    return 0
 
 
 def target_of(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> tuple:

@@ -28,7 +28,6 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
-from torchvision.transforms import functional as TF
 
 import backprop_hooks as bh
 from backprop_hooks.errors import UsageError
@@ -40,6 +39,7 @@ from .runner import Process, Results, config_hash
 DEFAULT_MODEL = "digits_cnn"
 DEFAULT_DATA = "digits"
 DEFAULT_METHODS = ("linear_approx", "gradcam", "xgradcam")
+VIT_METHODS = ("vit_gradcam", "grad_rollout")  # the defaults on vision transformers (token grids)
 BASELINES = ("blur", "zeros", "mean")
 FEATURES = ("positive", "negative")
 DEFAULT_THRESHOLD = 0.1
@@ -88,6 +88,8 @@ def baseline(x: torch.Tensor, kind: str) -> torch.Tensor:
     """The replacement image of each sample of ``x`` (B, C, H, W): ``blur``, ``zeros`` or ``mean``."""
     if kind == "blur":
         kernel, sigma = blur_parameters(min(x.shape[-2:]))
+        from torchvision.transforms import functional as TF
+
         return TF.gaussian_blur(x, [kernel, kernel], [sigma, sigma])
     if kind == "zeros":
         return torch.zeros_like(x)
@@ -318,8 +320,9 @@ def example_maps(setup: Setup, results: Results, method: str, options: Dict[str,
     )
 
 
-def write_report(setup: Setup, results: Results, out: Path) -> None:
-    """results.md (review layout), results.csv, results.json (config, rows), samples.csv, figures."""
+def write_report(setup: Setup, results: Results, out: Path) -> str:
+    """results.md (review layout), results.csv, results.json (config, rows), samples.csv, figures.
+    Returns the headline: how many samples passed the threshold, and the review's table."""
     cfg = setup.config
     methods, baselines, features = list(cfg["methods"]), cfg["baselines"], cfg["features"]
     pixels = cfg["input_size"] ** 2
@@ -356,6 +359,10 @@ def write_report(setup: Setup, results: Results, out: Path) -> None:
         grid = example_maps(setup, results, first, cfg["methods"][first], setup.examples) if setup.examples else None
         if grid is not None:
             report.save_figure(grid, out / "example_maps.png", dpi=report.EXAMPLE_DPI)
+    counts = f"{n} of {n_all} samples have p_2 > {cfg['threshold']}"
+    return f"{cfg['model']} on {cfg['data']}: {counts}\n" + (
+        review_table(rows, baselines) if n else "no sample passed the threshold: lower --threshold or add samples"
+    )
 
 
 # ---- command line ------------------------------------------------------------------------------------
@@ -371,7 +378,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     add_common_arguments(parser, DEFAULT_MODEL, DEFAULT_DATA)
     parser.add_argument(
-        "--methods", nargs="+", default=list(DEFAULT_METHODS), help="map methods: " + ", ".join(bh.methods.available())
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"map methods (default: {' '.join(DEFAULT_METHODS)}; on vision transformers {' '.join(VIT_METHODS)}): "
+        + ", ".join(bh.methods.available()),
     )
     parser.add_argument("--layer", default=None, help="layer of the CAM methods (default: the model's default_layer)")
     parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=BASELINES)
@@ -383,7 +394,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Run ``backprop-hooks mask``; returns the exit code."""
-    for method in args.methods:
+    for method in args.methods or ():
         bh.methods.get(method)
     if not 0 <= args.threshold < 0.5:
         raise UsageError(f"--threshold must lie in [0, 0.5) (p_2 cannot exceed 0.5), got {args.threshold}")
@@ -394,7 +405,15 @@ def run(args: argparse.Namespace) -> int:
         "methods": {},
     }
     setup = prepare(args, "mask", params)
-    methods = {m: method_options(m, setup.model, args.layer) for m in dict.fromkeys(args.methods)}
+    from .explain import applicable_methods, is_transformer, unfit_reason
+
+    chosen = args.methods or (VIT_METHODS if is_transformer(setup.model) else DEFAULT_METHODS)
+    for method in chosen:
+        reason = unfit_reason(method, setup.model)
+        if reason is not None:
+            fits = applicable_methods(setup.model)
+            raise UsageError(f"--methods {method}: {reason}; map methods that fit {args.model}: {', '.join(fits)}")
+    methods = {m: method_options(m, setup.model, args.layer) for m in dict.fromkeys(chosen)}
     setup.config["methods"] = methods
     first, _ = setup.samples.dataset[setup.positions[0]]
     for method, options in methods.items():  # spatial-map check, before the run

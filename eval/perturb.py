@@ -292,8 +292,9 @@ def example_maps(setup: Setup, method: str, targets: Sequence[str], count: int, 
     )
 
 
-def write_report(setup: Setup, results: Results, out: Path) -> None:
-    """results.md (review layout + CIs), results.csv, results.json (config, rows), samples.csv, figures."""
+def write_report(setup: Setup, results: Results, out: Path) -> str:
+    """results.md (review layout + CIs), results.csv, results.json (config, rows), samples.csv, figures.
+    Returns the headline: the sample count and the review's table."""
     cfg = setup.config
     targets, eps, steps = cfg["targets"], cfg["eps"], cfg["steps"]
     rows = summarize(results, targets, eps, steps)
@@ -336,6 +337,9 @@ def write_report(setup: Setup, results: Results, out: Path) -> None:
             out / "example_maps.png",
             dpi=report.EXAMPLE_DPI,
         )
+    return f"{cfg['model']} on {cfg['data']}, {cfg['method']}: n = {rows[0]['n']} samples\n" + review_table(
+        rows, targets
+    )
 
 
 # ---- command line ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -211,6 +212,30 @@ def _train_epoch(
     return loss_sum / max(seen, 1)
 
 
+def _start_line(arch: str, cfg: "FinetuneConfig", from_pretrained: bool, checkpoint, num_classes: int, last) -> str:
+    """Where training starts from, in one line."""
+    if checkpoint is not None:
+        return f"resuming {arch} from {last} after epoch {checkpoint['epoch']} of {cfg.epochs}"
+    if cfg.weights is not None:
+        origin = f"the checkpoint {cfg.weights}"
+    elif from_pretrained:
+        origin = "its pretrained ImageNet weights (new classifier)"
+    elif cfg.pretrained:
+        origin = "random init (this architecture always trains from scratch)"
+    else:
+        origin = "random init (--no-pretrained)"
+    return f"training {arch} for {num_classes} classes from {origin}, {cfg.epochs} epochs"
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    """`metrics.csv`: one row per epoch, written through a temporary file."""
+    lines = ["epoch,loss,val_acc,seconds"]
+    lines += [f"{h['epoch']},{h['loss']:.6g},{h['val_acc']:.6g},{h['seconds']:.3f}" for h in history]
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("\n".join(lines) + "\n")
+    os.replace(temporary, path)
+
+
 def _resume_checkpoint(last_path: Path, config: dict) -> dict | None:
     """The checkpoint in `last_path`, if any; ResumeError if it was written with other settings."""
     if not last_path.is_file():
@@ -235,6 +260,7 @@ def finetune(
     device: str | torch.device = "cpu",
     progress: bool = True,
     class_names: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
     **changes: Any,
 ) -> FinetuneResult:
     """Train `arch` on `train_data` with cross-entropy, validating on `val_data` after every epoch.
@@ -243,7 +269,9 @@ def finetune(
     (`finetune(..., epochs=5, lr=0.05)`). Data: a Dataset of (pixel image in [0, 1], label) or an
     (images, labels) tensor pair. Classes: `class_names`, else the dataset's `classes` (ImageFolder), else
     0 .. largest training label. With `resume`, an existing `out_dir/last.pt` is continued (ResumeError if
-    its settings differ). Seeds the global torch RNG with the recipe's `seed`.
+    its settings differ). Seeds the global torch RNG with the recipe's `seed`. `log` receives one line
+    saying where training starts from (pretrained weights, a checkpoint, random init, or a resumed run).
+    Besides the checkpoints, `metrics.csv` gets one row per epoch (epoch, loss, val_acc, seconds).
     """
     cfg = (config or FinetuneConfig()).updated(**changes)
     arch_spec = spec(arch)
@@ -298,6 +326,8 @@ def finetune(
         _set_rng_state(checkpoint["rng"], generators, device)
         start_epoch, best_acc, history = checkpoint["epoch"], checkpoint["best_acc"], list(checkpoint["history"])
     (out_dir / "class_names.json").write_text(json.dumps(model.class_names))
+    if log is not None:
+        log(_start_line(arch, cfg, from_pretrained, checkpoint, num_classes, last_path))
 
     train_loader = DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=True, generator=generators["loader"], num_workers=cfg.num_workers
@@ -329,6 +359,7 @@ def finetune(
         val_acc = accuracy(model, val_loader, device)
         history.append({"epoch": epoch + 1, "loss": loss, "val_acc": val_acc, "seconds": time.perf_counter() - started})
         bar.set_postfix(loss=f"{loss:.4f}", val_acc=f"{val_acc:.4f}")
+        _write_metrics(out_dir / "metrics.csv", history)
         if val_acc > best_acc:
             best_acc = val_acc
             _save(model.model.state_dict(), out_dir / "best.pt")
@@ -352,10 +383,27 @@ def finetune(
 # ---- command line: `backprop-hooks finetune ...` ----
 
 
+RECIPE_HELP = {
+    "epochs": "training epochs",
+    "lr": "learning rate",
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay",
+    "batch_size": "images per batch",
+    "seed": "seed of initialisation, data order and augmentation",
+    "lr_schedule": "learning-rate schedule",
+    "warmup_epochs": "epochs of linear warm-up (cosine schedule)",
+    "optimizer": "optimizer",
+    "augment_shift": "random shifts of training images, in pixels",
+    "num_workers": "data-loading worker processes",
+}
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--arch", required=True, choices=available(), help="architecture to train")
     parser.add_argument("--data", required=True, help=data_sources.DATA_SPEC_HELP)
-    parser.add_argument("--out", required=True, type=Path, help="output folder (last.pt, best.pt, class_names.json)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder (last.pt, best.pt, class_names.json, metrics.csv)"
+    )
     parser.add_argument("--device", default="cpu")
     recipe = parser.add_argument_group("recipe (defaults: the paper's)")
     choices = {"lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS}
@@ -363,10 +411,20 @@ def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if f.name in ("pretrained", "weights"):
             continue
         recipe.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, choices=choices.get(f.name)
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            choices=choices.get(f.name),
+            help=RECIPE_HELP.get(f.name, f.name.replace("_", " ")),
         )
     recipe.add_argument("--weights", type=Path, help="start from this local checkpoint instead of downloading")
-    recipe.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="start from random init")
+    recipe.add_argument(
+        "--no-pretrained",
+        dest="pretrained",
+        action="store_false",
+        help="start from random init (default: the architecture's pretrained weights; the digits networks always "
+        "train from scratch)",
+    )
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing last.pt")
     parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(func=run)
@@ -380,6 +438,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "finetune",
             help="fine-tune a model on CUB-200-2011, an image folder or the digits",
             description=__doc__.splitlines()[0],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
     )
 
@@ -399,6 +458,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=args.progress,
         class_names=splits.class_names,
+        log=lambda line: print(line, file=sys.stderr),
     )
     print(
         f"{args.arch}: final val acc {result.final_acc:.4f}, best {result.best_acc:.4f}; "

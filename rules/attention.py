@@ -35,6 +35,7 @@ methods use this, with ``nn.MultiheadAttention`` (whose functional core the mode
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
@@ -45,14 +46,17 @@ from torch.overrides import TorchFunctionMode
 from backprop_hooks.rule import Rule
 from backprop_hooks.errors import RuleError
 
-try:  # timm is a dependency, but keep the rule importable without it
-    from timm.layers import Attention as _TimmAttention
-except ImportError:  # pragma: no cover
-    _TimmAttention = None
+
+def _timm_attention_class():
+    """timm's ``Attention`` if timm is imported (a timm module cannot exist otherwise), else None: importing
+    timm here would double the start-up time of everything that imports backprop_hooks."""
+    layers = sys.modules.get("timm.layers")
+    return getattr(layers, "Attention", None) if layers is not None else None
 
 
 def is_timm_attention(module: nn.Module) -> bool:
     """timm's ``Attention`` with its own ``forward`` (subclasses that override it, e.g. RoPE, are not)."""
+    _TimmAttention = _timm_attention_class()
     return (
         _TimmAttention is not None
         and isinstance(module, _TimmAttention)

@@ -42,7 +42,7 @@ def images(n=2, size=16, seed=0):
 
 # ------------------------------------------------------------------------------------------------ rules
 @pytest.mark.parametrize("rule", [ReLUPassThrough(), GuidedReLU(), DeconvReLU()])
-@pytest.mark.parametrize("module", [nn.Conv2d(1, 1, 1), nn.GELU(), nn.LeakyReLU(), nn.ReLU6()])
+@pytest.mark.parametrize("module", [nn.Conv2d(1, 1, 1), nn.GELU(), nn.LeakyReLU(), nn.Hardtanh()])
 def test_rules_refuse_non_relu_modules(rule, module):
     with pytest.raises(RuleError, match="nn.ReLU"):
         bh.attach(nn.Sequential(module), {type(module): rule})
@@ -136,7 +136,7 @@ class FunctionalNet(nn.Module):
 def test_functional_relu_is_refused_or_flagged(name):
     """Hooks on modules cannot see F.relu: no nn.ReLU at all -> RuleError; some -> FunctionalReLUWarning."""
     x = images().float()
-    with pytest.raises(RuleError, match="F.relu"):
+    with pytest.raises(RuleError, match="functional relu"):
         bh.explain(FunctionalNet(mixed=False), x, name)
     with pytest.warns(FunctionalReLUWarning, match="1 of 2 ReLU calls"):
         bh.explain(FunctionalNet(mixed=True), x, name, layer="conv") if name == "guided_gradcam" else bh.explain(
@@ -209,3 +209,116 @@ def test_guided_gradcam_equals_captum():
     ours = bh.explain(model, x, "guided_gradcam", "logit", classes=classes, layer="4", relu=True).attributions
     theirs = captum_attr.GuidedGradCam(model, model[4]).attribute(x, target=classes, interpolate_mode="bilinear")
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------- ReLU6 and friends
+class _GuidedClip(torch.autograd.Function):
+    """Oracle: y = clamp(x, 0, 6); backward relu(g) ⊙ [0 < x < 6] (guided) or relu(g) (deconvnet)."""
+
+    @staticmethod
+    def forward(ctx, x, deconv):
+        ctx.save_for_backward(x)
+        ctx.deconv = deconv
+        return x.clamp(0, 6)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        if ctx.deconv:
+            return g.clamp(min=0), None
+        return g.clamp(min=0) * ((x > 0) & (x < 6)).to(g.dtype), None
+
+
+class _OracleReLU6(nn.Module):
+    def __init__(self, deconv):
+        super().__init__()
+        self.deconv = deconv
+
+    def forward(self, x):
+        return _GuidedClip.apply(x, self.deconv)
+
+
+def relu6_net(seed=0, inplace=False):
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU6(inplace=inplace),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.ReLU6(inplace=inplace),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 5),
+    )
+    model = testing.randomize(model, seed)
+    for conv in (model[0], model[2]):  # spread pre-activations over both clips, 0 and 6
+        conv.weight.data *= 12.0
+    return model
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("name", MODIFIED)
+def test_relu6_rule_equals_explicit_oracle(name, inplace):
+    model = relu6_net(inplace=inplace)
+    oracle = relu6_net(inplace=False)
+    oracle[1], oracle[3] = _OracleReLU6(name == "deconvnet"), _OracleReLU6(name == "deconvnet")
+    x = images(3)
+    with torch.no_grad():
+        h = model[0](x)
+    assert (h > 6).any() and (h < 0).any() and ((h > 0) & (h < 6)).any()  # all three regions are exercised
+    classes = torch.tensor([0, 3, 4])
+    for target in ("logit", "weighted"):
+        got = bh.explain(model, x, name, target, classes=classes).attributions
+        xo = x.clone().requires_grad_(True)
+        logits = oracle(xo)
+        seed = bh.targets.get(target).seed(logits.detach(), classes)
+        (expected,) = torch.autograd.grad(logits, xo, seed)
+        torch.testing.assert_close(got, expected)
+    # the guided rule keeps the module's local gradient: where it passes g >= 0, it equals plain autograd
+    plain = bh.explain(model, x, "gradient", "logit", classes=classes).attributions
+    assert not torch.allclose(plain, bh.explain(model, x, name, "logit", classes=classes).attributions)
+
+
+def test_relu6_guided_equals_captum_on_relu_twin():
+    """Where Captum applies (nn.ReLU), our rule and Captum's agree; on a net whose pre-activations stay below 6,
+    ReLU6 and ReLU are the same function and our guided maps agree too."""
+    captum = pytest.importorskip("captum.attr")
+    relu6 = relu6_net()
+    for conv in (relu6[0], relu6[2]):
+        conv.weight.data /= 100.0  # every pre-activation below 6
+    relu = relu6_net()
+    relu.load_state_dict(relu6.state_dict())
+    relu[1], relu[3] = nn.ReLU(), nn.ReLU()
+    x = images(2)
+    with torch.no_grad():
+        assert relu6[0](x).max() < 6
+    ours = bh.explain(relu6, x, "guided_backprop", "logit", classes=torch.tensor([1, 2])).attributions
+    theirs = captum.GuidedBackprop(relu).attribute(x, target=torch.tensor([1, 2]))
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_guided_methods_run_on_efficientnet_lite0_relu6():
+    from backprop_hooks import models
+
+    model = models.create("efficientnet_lite0", pretrained=False)
+    x = torch.rand(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FunctionalReLUWarning)
+        for name in ("guided_backprop", "deconvnet", "guided_gradcam"):
+            e = bh.explain(model, x, name, "weighted", classes=torch.tensor([3]))
+            assert e.attributions.shape == x.shape and e.attributions.abs().sum() > 0
+    gb = bh.explain(model, x, "guided_backprop", "logit", classes=torch.tensor([3])).attributions
+    plain = bh.explain(model, x, "gradient", "logit", classes=torch.tensor([3])).attributions
+    assert not torch.allclose(gb, plain)
+
+
+def test_smooth_activations_are_named_in_the_refusal_and_the_mixed_warning():
+    silu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Flatten(), nn.LazyLinear(3))
+    silu(torch.rand(1, 3, 8, 8))
+    with pytest.raises(RuleError, match="SiLU") as info:
+        bh.explain(silu, torch.rand(1, 3, 8, 8), "guided_backprop")
+    assert "F.relu" not in str(info.value) and "source" not in str(info.value)
+    mixed = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Hardswish(), nn.Flatten(), nn.LazyLinear(3)
+    )
+    mixed(torch.rand(1, 3, 8, 8))
+    with pytest.warns(FunctionalReLUWarning, match="Hardswish.*plain"):
+        bh.explain(mixed, torch.rand(1, 3, 8, 8), "guided_backprop")
