@@ -21,6 +21,7 @@ from .validate import Classes
 # Layers, lowest first: the core above, then the rules, the methods built from them, the test helpers.
 from . import rules
 from . import methods, testing
+from . import interop  # Captum, pytorch-grad-cam and Quantus adapters: imported only when used
 
 __version__ = "0.1.0"
 
@@ -53,4 +54,5 @@ __all__ = [
     "methods",
     "rules",
     "testing",
+    "interop",
 ]

@@ -99,6 +99,15 @@ class Target:
         target itself holds (``s*`` of ``max``). Differentiable; computed stably (log-sum-exp, log-softmax)."""
         raise NotImplementedError(f"{type(self).__name__} defines no potential")
 
+    def potentials(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C): column ``c`` is :meth:`potential` with class ``c`` for every sample (for ``weighted``, the
+        log-odds of every class). Built-in targets compute it in O(B·C); this default evaluates the potential
+        of each class on a (B·C, C) stack."""
+        b, c = logits.shape
+        stacked = logits.unsqueeze(1).expand(b, c, c).reshape(b * c, c)
+        classes = torch.arange(c, device=logits.device).repeat(b)
+        return self.potential(stacked, classes).view(b, c)
+
     def check(self, num_classes: int) -> None:
         if num_classes < self.min_classes:
             raise ClassIndexError(
@@ -132,6 +141,9 @@ class Logit(Target):
     def potential(self, logits, classes):
         return _pick(logits, classes)
 
+    def potentials(self, logits):
+        return logits
+
 
 class Softmax(Target):
     name, contrastive, min_classes = "softmax", True, 1
@@ -146,6 +158,9 @@ class Softmax(Target):
     def potential(self, logits, classes):
         return _pick(logits.log_softmax(dim=1), classes).exp()
 
+    def potentials(self, logits):
+        return logits.softmax(dim=1)
+
 
 class LogSoftmax(Target):
     name, contrastive, min_classes = "log_softmax", True, 1
@@ -158,6 +173,9 @@ class LogSoftmax(Target):
 
     def potential(self, logits, classes):
         return _pick(logits.log_softmax(dim=1), classes)
+
+    def potentials(self, logits):
+        return logits.log_softmax(dim=1)
 
 
 class Weighted(Target):
@@ -177,6 +195,16 @@ class Weighted(Target):
         masked = logits.scatter(1, classes[:, None], float("-inf"))
         return _pick(logits, classes) - masked.logsumexp(dim=1)
 
+    def potentials(self, logits):
+        # logsumexp over s ≠ c for every c: the exp-sum relative to the maximum minus the class's own term (no
+        # cancellation, the maximum stays in the sum); for the argmax itself, the logsumexp with it masked
+        top = logits.argmax(dim=1, keepdim=True)
+        y_max = logits.gather(1, top)
+        shifted = (logits - y_max).exp()
+        others = y_max + (shifted.sum(dim=1, keepdim=True) - shifted).log()
+        others = others.scatter(1, top, logits.scatter(1, top, float("-inf")).logsumexp(dim=1, keepdim=True))
+        return logits - others
+
 
 class MeanContrast(Target):
     name = "mean"
@@ -193,6 +221,9 @@ class MeanContrast(Target):
     def potential(self, logits, classes):
         return self.objective(logits, classes)
 
+    def potentials(self, logits):
+        return logits - (logits.sum(dim=1, keepdim=True) - logits) / (logits.shape[1] - 1)
+
 
 class MaxContrast(Target):
     name = "max"
@@ -205,6 +236,12 @@ class MaxContrast(Target):
 
     def potential(self, logits, classes):
         return self.objective(logits, classes)
+
+    def potentials(self, logits):
+        top2 = logits.topk(2, dim=1)
+        best, second = top2.values[:, :1], top2.values[:, 1:]
+        is_top = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top2.indices[:, :1], True)
+        return logits - torch.where(is_top, second, best)
 
 
 class Versus(Target):
@@ -226,6 +263,9 @@ class Versus(Target):
 
     def potential(self, logits, classes):
         return self.objective(logits, classes)
+
+    def potentials(self, logits):
+        return logits - _pick(logits, self._other(logits, None))[:, None]
 
     @property
     def key(self) -> str:
