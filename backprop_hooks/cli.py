@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "finetune": "backprop_hooks.models.finetune",
     "perturb": "backprop_hooks.eval.perturb",
     "mask": "backprop_hooks.eval.mask",
+    "faithfulness": "backprop_hooks.eval.faithfulness",
 }
 
 

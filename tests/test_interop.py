@@ -228,6 +228,7 @@ def test_quantus_metric_runs_with_our_explain_func_and_a_potential_head(cnn, x):
         y_batch=np.array([0, 3, 4]),
         explain_func=quantus_explain(method="input_x_gradient", target="weighted"),
         device="cpu",
+        softmax=False,  # measure the potential itself (Quantus' default would apply a softmax to it)
     )
     assert len(scores) == 3 and all(len(s) == 4 and np.isfinite(s).all() for s in scores)
 
