@@ -250,3 +250,56 @@ def test_a_missing_library_names_the_extra(monkeypatch, module, call):
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(MissingExtraError, match=r"backprop_hooks\[interop\]"):
         call()
+
+
+# ---- real models (slow) -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_digits_cnn_through_captum_and_pytorch_grad_cam_equals_bh():
+    """The bundled digits CNN (BatchNorm, max pooling, Flatten): Captum IG and LayerGradCam through Contrast,
+    and pytorch-grad-cam's GradCAM with our target, against bh.explain."""
+    from pytorch_grad_cam import GradCAM
+
+    from backprop_hooks import models
+
+    model = models.create("digits_cnn")
+    x, t = models.digits("test")
+    x, t = x[:6], t[:6]
+    layer_name = model.default_layer
+    layer = bh.methods.get_module(model, layer_name)
+    for target in ("weighted", "max"):
+        f = Contrast(model, target)
+        seed = f.seed(x, t)
+        ig = captum_attr.IntegratedGradients(f).attribute(x, additional_forward_args=(seed,), n_steps=24)
+        want = bh.explain(model, x, "integrated_gradients", target, classes=t, n_steps=24).attributions
+        _close(ig, want, 1e-4)
+        cam = captum_attr.LayerGradCam(f, layer).attribute(x, additional_forward_args=(seed,))
+        want = bh.explain(model, x, "gradcam", target, classes=t, layer=layer_name).attributions
+        _close(cam[:, 0], want, 1e-4)
+        with GradCAM(model, target_layers=[layer]) as gc:
+            heat = gc(x, targets=[grad_cam_target(target, c) for c in t.tolist()])
+        e = bh.explain(model, x, "gradcam", target, classes=t, layer=layer_name, relu=True)
+        maps = e.maps - e.maps.flatten(1).amin(1)[:, None, None]
+        maps = maps / maps.flatten(1).amax(1)[:, None, None]
+        # the library resizes with OpenCV, we upsample with torch (both bilinear, half-pixel centres)
+        assert np.corrcoef(heat.reshape(-1), maps.numpy().reshape(-1))[0, 1] > 0.99
+
+
+@pytest.mark.slow
+def test_faithfulness_command_writes_its_tables(tmp_path):
+    pytest.importorskip("quantus")
+    from backprop_hooks import cli
+
+    out = tmp_path / "run"
+    code = cli.main(
+        ["faithfulness", "--limit", "4", "--methods", "gradient", "--explained", "weighted", "--measured", "weighted"]
+        + ["--metrics", "region_perturbation", "road", "--quiet", "--out", str(out)]
+    )
+    assert code == 0
+    text = (out / "results.md").read_text()
+    assert "| gradient | weighted | region_perturbation | log-odds |" in text
+    import json
+
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["explained"] for r in rows} == {"logit", "weighted"} and all(r["n"] == 4 for r in rows)
