@@ -95,7 +95,7 @@ def test_captum_saliency_and_ig_through_contrast_equal_bh_explain(cnn, x, target
 
 
 def test_captum_methods_through_contrast_are_the_per_class_composition(cnn, x):
-    """Linear in the seed (gradients, paths, DeepLift, layer, NoiseTunnel) or in the output (perturbations):
+    """Linear in the seed (gradients, paths, DeepLift, layer, neuron, NoiseTunnel) or in the output (perturbations):
     the contrast attribution is Σ_s seed_s · attribution_s, exactly."""
     f = Contrast(cnn, "weighted")
     seed = f.seed(x)
@@ -120,8 +120,9 @@ def test_captum_methods_through_contrast_are_the_per_class_composition(cnn, x):
         (captum_attr.DeepLift, dict(baselines=0.1 * x)),
         (captum_attr.GradientShap, dict(baselines=torch.zeros(2, 3, 6, 6, dtype=x.dtype), n_samples=4)),
         (lambda m: captum_attr.NoiseTunnel(captum_attr.Saliency(m)), dict(nt_samples=4, stdevs=0.2, abs=False)),
-        (lambda m: captum_attr.LayerGradCam(m, layer if m is cnn else f.model.blocks[0]), dict()),
+        (lambda m: captum_attr.LayerGradCam(m, layer), dict()),
         (lambda m: captum_attr.LayerConductance(m, layer), dict(n_steps=8)),
+        (lambda m: captum_attr.NeuronConductance(m, layer), dict(neuron_selector=(1, 2, 3), n_steps=8)),
     ]
     for make, kw in cases:
         got = seeded(make, **kw)
