@@ -63,7 +63,13 @@ TITLES = {
     "faithfulness_correlation": "faithfulness correlation",
     "road": "ROAD (MoRF accuracy, noisy linear imputation)",
 }
-MEASURED_TITLES = {"logit": "y_t", "weighted": "log-odds", "max": "y_t − y_s*", "mean": "y_t − mean y_s"}
+MEASURED_TITLES = {
+    "logit": "y_t",
+    "weighted": "log-odds",
+    "max": "y_t − y_s*",
+    "mean": "y_t − mean y_s",
+    "argmax": "top-1 of t",
+}
 
 
 def metric_settings(size: int) -> Dict[str, Dict[str, Any]]:
@@ -227,7 +233,7 @@ def verdict_table(pairs, metrics, measured) -> str:
     lines = []
     by = {(r["method"], r["explained"], r["metric"], r["measured"]): r for r in pairs}
     for (method, target, metric, m), r in by.items():
-        if metric in HEADLESS or m not in (target, "logit"):
+        if m not in (target, "logit", "argmax"):
             continue
         sig = "yes" if r["gain"] - r["ci95"] > 0 else ("no (worse)" if r["gain"] + r["ci95"] < 0 else "tie")
         lines.append([method, target, metric, MEASURED_TITLES.get(m, m), _cell(r["gain"], r["ci95"]), sig])
