@@ -97,6 +97,7 @@ def test_captum_saliency_and_ig_through_contrast_equal_bh_explain(cnn, x, target
 def test_captum_methods_through_contrast_are_the_per_class_composition(cnn, x):
     """Linear in the seed (gradients, paths, DeepLift, layer, neuron, NoiseTunnel) or in the output (perturbations):
     the contrast attribution is Σ_s seed_s · attribution_s, exactly."""
+    x = x[:2]
     f = Contrast(cnn, "weighted")
     seed = f.seed(x)
     layer = cnn.blocks[0]
@@ -118,7 +119,7 @@ def test_captum_methods_through_contrast_are_the_per_class_composition(cnn, x):
         (captum_attr.Occlusion, dict(sliding_window_shapes=(3, 3, 3), strides=(3, 2, 2))),
         (captum_attr.ShapleyValueSampling, dict(feature_mask=mask, n_samples=3)),
         (captum_attr.DeepLift, dict(baselines=0.1 * x)),
-        (captum_attr.GradientShap, dict(baselines=torch.zeros(2, 3, 6, 6, dtype=x.dtype), n_samples=4)),
+        (captum_attr.GradientShap, dict(baselines=torch.zeros(2, 3, 6, 6, dtype=x.dtype), n_samples=3)),
         (lambda m: captum_attr.NoiseTunnel(captum_attr.Saliency(m)), dict(nt_samples=4, stdevs=0.2, abs=False)),
         (lambda m: captum_attr.LayerGradCam(m, layer), dict()),
         (lambda m: captum_attr.LayerConductance(m, layer), dict(n_steps=8)),
