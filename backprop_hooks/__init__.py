@@ -22,6 +22,7 @@ from .validate import Classes, LogitsFn
 from . import rules
 from . import methods, testing
 from .text import explain_text
+from . import interop  # Captum, pytorch-grad-cam and Quantus adapters: imported only when used
 
 __version__ = "0.1.0"
 
@@ -58,4 +59,5 @@ __all__ = [
     "methods",
     "rules",
     "testing",
+    "interop",
 ]

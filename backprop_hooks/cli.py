@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "mask": "backprop_hooks.eval.mask",
     "explain-text": "backprop_hooks.eval.explain_text",
     "models": "backprop_hooks.eval.catalog",
+    "faithfulness": "backprop_hooks.eval.faithfulness",
 }
 
 

@@ -41,19 +41,17 @@ def test_batch_equals_single(case, name, target):
 @given(testing.cases(acts=("gelu",)), st.sampled_from(["logit", "softmax", "log_softmax", "weighted"]))
 @pytest.mark.filterwarnings("ignore::backprop_hooks.errors.NonLinearContrastWarning")
 def test_integrated_gradients_completeness(case, target):
-    """Σ IG = f(x) − f(x0): with fixed seeds f = v·y (v the seed at x); pointwise, f is the objective itself.
-
-    Pointwise completeness needs a true objective (logit, softmax, log_softmax): the weighted seed holds α
-    constant at every point, which is not the gradient field of any function. Smooth (GELU) networks, so
-    that Gauss–Legendre quadrature converges (kinks of ReLU nets limit it)."""
+    """Σ IG = f(x) − f(x0): with fixed seeds f = v·y (v the seed at x); pointwise, f is the target's potential
+    (for weighted, the log-odds: its seed at every point is the gradient of log(p_t/(1−p_t))). Smooth (GELU)
+    networks, so that Gauss–Legendre quadrature converges (kinks of ReLU nets limit it)."""
     x = case.x
     tgt = bh.targets.get(target)
     with torch.no_grad():
         y, y0 = case.model(x), case.model(torch.zeros_like(x))
-    for pointwise in (False, True) if target != "weighted" else (False,):
+    for pointwise in (False, True):
         e = bh.explain(case.model, x, "integrated_gradients", target, n_steps=96, pointwise=pointwise)
         if pointwise:
-            want = tgt.objective(y, e.classes) - tgt.objective(y0, e.classes)
+            want = tgt.potential(y, e.classes) - tgt.potential(y0, e.classes)
         else:
             want = (tgt.seed(y, e.classes) * (y - y0)).sum(1)
         got = e.attributions.flatten(1).sum(1)

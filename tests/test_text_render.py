@@ -69,18 +69,3 @@ def test_explain_text_command(tmp_path, capsys):
     assert "and not numbers" in out and re.search(r"string\([+-]", out)
     assert cli.main(["explain-text", "x y z", "--target", "versus:nope"]) == 2
     assert "unknown class 'nope'" in capsys.readouterr().err
-
-
-def test_readme_text_section_runs(tmp_path, monkeypatch):
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Text and Hugging Face models", 1)[1]
-    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
-    assert namespace["e"].attributions.shape == namespace["ids"].shape
-    assert namespace["why"].attributions.shape == (1, 8)
-    assert namespace["r"].attributions.shape == (1, 4, 4)
-    assert (tmp_path / "out" / "tokens.html").is_file()
