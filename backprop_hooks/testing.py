@@ -10,8 +10,8 @@ Users run these against the rules they write, exactly as the project's own tests
         testing.assert_contrast_identities(MyMethod(case.model), case.x)
 
 The oracle of :func:`assert_contrast_identities` is independent of :mod:`backprop_hooks.targets`: it
-explains every class's logit separately (C passes) and composes them with weights computed explicitly from
-the probabilities, e.g. ``φ_weighted = φ_t − Σ_{s≠t} p_s/(1−p_t) φ_s``.
+explains every class's logit separately (C passes) and composes them with weights written out explicitly,
+e.g. ``φ_weighted = φ_t − Σ_{s≠t} α_s φ_s`` with ``α_s = p_s/(1−p_t) = e^{y_s} / Σ_{r≠t} e^{y_r}``.
 """
 
 from __future__ import annotations
@@ -222,26 +222,33 @@ def contrast_weights(
 ) -> torch.Tensor:
     """Explicit composition weights ``w[b, s]`` with ``φ_target = Σ_s w[b,s] φ_s`` (the test oracle).
 
-    Computed from the probabilities in float64, independently of :mod:`backprop_hooks.targets`.
+    Written out in float64 from exponentials of shifted logits, independently of
+    :mod:`backprop_hooks.targets`: ``α_s = p_s/(1−p_t) = e^{y_s−m} / Σ_{r≠t} e^{y_r−m}`` with
+    ``m = max_{r≠t} y_r``; ``p_t = e^{y_t−M} / Σ_r e^{y_r−M}`` and ``1−p_t = Σ_{s≠t} e^{y_s−M} / Σ_r e^{y_r−M}``
+    with ``M = max_r y_r``. Nothing is subtracted from 1, so the weights stay exact to float64 rounding
+    also when ``p_t → 1`` (``p_s/(1−p_t)`` from probabilities loses digits there).
     """
     y = logits_.detach().double()
     b, c = y.shape
     rows = torch.arange(b, device=y.device)
-    p = torch.softmax(y, dim=1)
-    p_t = p[rows, classes]
     e_t = torch.zeros_like(y)
     e_t[rows, classes] = 1.0
-    alpha = p / (1.0 - p_t)[:, None]
-    alpha[rows, classes] = 0.0
+    others = e_t == 0
+    m = torch.where(others, y, -float("inf")).max(dim=1, keepdim=True).values
+    exp_others = torch.where(others, torch.exp(y - m), torch.zeros_like(y))  # e^{y_s − m}, 0 at t
+    alpha = exp_others / exp_others.sum(dim=1, keepdim=True)
+    exp_all = torch.exp(y - y.max(dim=1, keepdim=True).values)
+    one_minus_p_t = (exp_all * others).sum(dim=1) / exp_all.sum(dim=1)
+    p_t = exp_all[rows, classes] / exp_all.sum(dim=1)
     weighted = e_t - alpha
     if target == "logit":
         return e_t
     if target == "weighted":
         return weighted
     if target == "softmax":
-        return (p_t * (1 - p_t))[:, None] * weighted
+        return (p_t * one_minus_p_t)[:, None] * weighted
     if target == "log_softmax":
-        return (1 - p_t)[:, None] * weighted
+        return one_minus_p_t[:, None] * weighted
     if target == "mean":
         return e_t - (1 - e_t) / (c - 1)
     if target == "max":
