@@ -283,6 +283,10 @@ def assert_contrast_identities(
 
     Every contrast target's attributions must equal the explicit composition of the C per-class logit
     explanations. Tolerances are relative to the largest per-class attribution.
+
+    A case where every per-class attribution is zero (e.g. a ReLU network whose units are all inactive at
+    ``x``) tests nothing: inside a Hypothesis test the example is rejected (``assume``), so another is
+    drawn; called directly, the assertion fails and says so.
     """
     from . import targets as _targets
 
@@ -290,7 +294,12 @@ def assert_contrast_identities(
     y, t = base.logits, base.classes
     c = y.shape[1]
     phi = per_class(method, x, c).double()  # (C, B, ...)
-    scale = float(phi.abs().max()) or 1.0
+    scale = float(phi.abs().max())
+    if not scale > 0:
+        _degenerate(
+            f"{getattr(method, 'name', method)!r}: every per-class attribution is zero at this input, so the "
+            "contrast identities hold trivially and test nothing; choose another input or model"
+        )
     other = (t + 1) % c
     for name in targets:
         target = _targets.Versus(other) if name == "versus" else name
@@ -306,11 +315,26 @@ def assert_contrast_identities(
             )
 
 
+def _degenerate(message: str) -> None:
+    """Reject the example inside a Hypothesis test (another is drawn); fail anywhere else."""
+    try:
+        from hypothesis import assume
+        from hypothesis.control import currently_in_test_context
+    except ImportError:  # pragma: no cover
+        currently_in_test_context = None
+    if currently_in_test_context is not None and currently_in_test_context():
+        assume(False)
+    raise AssertionError(message)
+
+
 def assert_batch_equals_single(
     method: Callable, x: torch.Tensor, target: Any = "weighted", rtol: float = 1e-6, atol: float = 1e-9
 ) -> None:
-    """The attributions of a batch equal those of each sample explained alone."""
+    """The attributions of a batch equal those of each sample explained alone (an all-zero batch is
+    degenerate, as in :func:`assert_contrast_identities`)."""
     batch = method(x, target=target)
+    if not bool((batch.attributions != 0).any()):
+        _degenerate(f"{getattr(method, 'name', method)!r}: every attribution of the batch is zero; this tests nothing")
     for i in range(x.shape[0]):
         single = method(x[i : i + 1], classes=batch.classes[i : i + 1], target=target)
         torch.testing.assert_close(batch.attributions[i : i + 1], single.attributions, rtol=rtol, atol=atol)
