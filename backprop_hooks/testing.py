@@ -190,6 +190,17 @@ def cases(batch: Tuple[int, int] = (1, 4), dtype: torch.dtype = torch.float64, *
     return networks(dtype=dtype, **network_options).flatmap(lambda m: inputs(m, batch, dtype).map(lambda x: Case(m, x)))
 
 
+def examples(n: int, reference: int = 25) -> int:
+    """A Hypothesis budget that follows the loaded profile: ``n`` examples where the profile's
+    ``max_examples`` is ``reference`` (the project's default profile), proportionally more under a larger
+    one (``HYPOTHESIS_PROFILE=thorough``), never fewer than one. Use it instead of a fixed
+    ``@settings(max_examples=n)`` for properties that are too costly for the full default budget."""
+    _require_hypothesis()
+    from hypothesis import settings
+
+    return max(1, round(n * settings.default.max_examples / reference))
+
+
 def logits(
     batch: Tuple[int, int] = (1, 8),
     classes: Tuple[int, int] = (2, 12),

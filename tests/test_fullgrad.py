@@ -28,7 +28,7 @@ def explained_output(e):
     return (seed * e.logits).sum(1)
 
 
-@settings(max_examples=15)
+@settings(max_examples=testing.examples(15))
 @given(
     RELU_CNNS,
     st.sampled_from(["logit", "weighted", "softmax", "mean", "max"]),
@@ -42,7 +42,7 @@ def test_completeness_on_relu_networks(case, target, post):
     torch.testing.assert_close(e.extras["total"], want, rtol=1e-9, atol=1e-9 * (1 + float(want.abs().max())))
 
 
-@settings(max_examples=6)
+@settings(max_examples=testing.examples(6))
 @given(testing.cases(kinds=("cnn",)))
 def test_raw_signed_sum_is_linear_in_the_seed(case):
     method = FullGrad(case.model, post=None)
@@ -50,7 +50,7 @@ def test_raw_signed_sum_is_linear_in_the_seed(case):
     testing.assert_contrast_identities(method, case.x, rtol=1e-9, atol=1e-12)
 
 
-@settings(max_examples=6)
+@settings(max_examples=testing.examples(6))
 @given(testing.cases(kinds=("cnn",), batch=(2, 4)), st.sampled_from(["abs", "signed", None]))
 def test_batch_equals_single(case, post):
     testing.assert_batch_equals_single(

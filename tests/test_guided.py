@@ -74,7 +74,7 @@ class NoReLU(methods.Gradient):
         return {nn.ReLU: ReLUPassThrough()}
 
 
-@settings(max_examples=15)
+@settings(max_examples=testing.examples(15))
 @given(testing.cases(acts=("relu", "relu_inplace")))
 def test_relu_pass_through_is_linear_and_removes_the_relus(case):
     method = NoReLU(case.model)

@@ -92,3 +92,18 @@ def test_batch_helper_fails_when_samples_interact():
     model = BatchMean().eval()
     with pytest.raises(AssertionError):
         testing.assert_batch_equals_single(methods.Gradient(model), x_for(model, 3))
+
+
+def test_pinned_budgets_follow_the_loaded_profile():
+    """testing.examples(n): n under the default profile (25), 12 n under "thorough" (300)."""
+    from hypothesis import settings
+
+    current = settings.default
+    try:
+        settings.load_profile("default")
+        assert testing.examples(15) == 15 and testing.examples(6) == 6
+        settings.load_profile("thorough")
+        assert testing.examples(15) == 180 and testing.examples(1) == 12
+    finally:
+        settings.register_profile("_restored", current)
+        settings.load_profile("_restored")
