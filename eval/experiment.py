@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -44,6 +45,34 @@ class Setup:
         index = self.positions[position]
         names = self.samples.sample_names
         return names[index] if names else f"#{index}"
+
+    def sample_row(self, results: Dict[str, torch.Tensor], s: int, **ints: str) -> Dict[str, Any]:
+        """The start of sample ``s``'s row in samples.csv: who it is (position, dataset index, name, label),
+        then ``ints`` (column -> results key) as integers."""
+        pos = int(results["position"][s])
+        row: Dict[str, Any] = {"position": pos, "index": int(results["index"][s]), "name": self.sample_name(pos)}
+        row["label"] = int(results["label"][s])
+        row.update({column: int(results[key][s]) for column, key in ints.items()})
+        return row
+
+
+def explain_batch(model: nn.Module, x: torch.Tensor, method: str, target: str, classes: torch.Tensor, **options):
+    """``bh.explain`` for one batch of an experiment, without the non-linear-contrast warning (the report
+    says which methods are linear)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
+        return bh.explain(model, x, method=method, target=target, classes=classes, **options)
+
+
+def experiment_parser(
+    subparsers: argparse._SubParsersAction, name: str, help: str, doc: str, default_model: str, default_data: str
+) -> argparse.ArgumentParser:
+    """The subcommand ``name`` (description: ``doc``'s first paragraph) with the options of every experiment."""
+    parser = subparsers.add_parser(
+        name, help=help, description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_common_arguments(parser, default_model, default_data)
+    return parser
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_model: str, default_data: str) -> None:

@@ -41,7 +41,7 @@ from backprop_hooks.errors import UsageError, require
 from backprop_hooks.interop import Potentials, quantus_explain
 
 from . import report
-from .experiment import Setup, add_common_arguments, execute, method_options, prepare, target_of
+from .experiment import Setup, experiment_parser, execute, method_options, prepare, target_of
 from .runner import Process, Results, config_hash
 
 DEFAULT_MODEL = "digits_cnn"
@@ -281,7 +281,7 @@ def write_report(setup: Setup, results: Results, out: Path) -> None:
     report.write_json(out / "results.json", {"config": cfg, "rows": rows, "paired": pairs})
     samples = []
     for s in range(int(results["t"].numel())):
-        row = {"position": int(results["position"][s]), "label": int(results["label"][s]), "t": int(results["t"][s])}
+        row = setup.sample_row(results, s, t="t")
         row.update({k: float(v[s]) for k, v in results.items() if "|" in k})
         samples.append(row)
     report.write_csv(out / "samples.csv", samples)
@@ -290,15 +290,12 @@ def write_report(setup: Setup, results: Results, out: Path) -> None:
 # ---- command line ------------------------------------------------------------------------------------
 
 
+HELP = "Quantus faithfulness metrics of logit vs contrast explanations, measured on each potential"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``faithfulness`` subcommand; its ``func`` default is :func:`run`."""
-    parser = subparsers.add_parser(
-        "faithfulness",
-        help="Quantus faithfulness metrics of logit vs contrast explanations, measured on each potential",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_common_arguments(parser, DEFAULT_MODEL, DEFAULT_DATA)
+    parser = experiment_parser(subparsers, "faithfulness", HELP, __doc__, DEFAULT_MODEL, DEFAULT_DATA)
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="explanation methods")
     parser.add_argument("--layer", default=None, help="layer of the layer methods (default: the model's)")
     parser.add_argument("--explained", nargs="+", default=list(DEFAULT_EXPLAINED), help="explained targets")

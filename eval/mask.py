@@ -22,7 +22,6 @@ the masked images of both maps go through the model in one forward per baseline 
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -33,7 +32,7 @@ import backprop_hooks as bh
 from backprop_hooks.errors import UsageError
 
 from . import report
-from .experiment import Setup, add_common_arguments, execute, method_options, prepare
+from .experiment import Setup, experiment_parser, execute, explain_batch, method_options, prepare
 from .runner import Process, Results, config_hash
 
 DEFAULT_MODEL = "digits_cnn"
@@ -107,9 +106,7 @@ def explain_maps(
     model: nn.Module, x: torch.Tensor, method: str, target: str, classes: torch.Tensor, **options: Any
 ) -> torch.Tensor:
     """(B, H, W) signed maps at input resolution, one call for the whole batch."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
-        maps = bh.explain(model, x, method=method, target=target, classes=classes, **options).maps
+    maps = explain_batch(model, x, method, target, classes, **options).maps
     if maps.shape != (x.shape[0], *x.shape[-2:]):
         raise UsageError(
             f"method {method!r} gives maps of shape {tuple(maps.shape[1:])}, not the image's "
@@ -228,19 +225,9 @@ def sample_rows(setup: Setup, results: Results, methods, baselines, features) ->
     """Per-sample results: classes, p2, whether kept, before, and every masked value and count k."""
     rows = []
     for s in range(results["position"].numel()):
-        pos = int(results["position"][s])
-        row: Dict[str, Any] = {
-            "position": pos,
-            "index": int(results["index"][s]),
-            "name": setup.sample_name(pos),
-            "label": int(results["label"][s]),
-            "t1": int(results["t1"][s]),
-            "t2": int(results["t2"][s]),
-            "p2": float(results["p2"][s]),
-            "kept": int(results["kept"][s]),
-            "before_t1": float(results["before"][0, s]),
-            "before_t2": float(results["before"][1, s]),
-        }
+        row = setup.sample_row(results, s, t1="t1", t2="t2")
+        row["p2"], row["kept"] = float(results["p2"][s]), int(results["kept"][s])
+        row["before_t1"], row["before_t2"] = float(results["before"][0, s]), float(results["before"][1, s])
         if row["kept"]:
             for m, method in enumerate(methods):
                 for f, feature in enumerate(features):
@@ -368,15 +355,12 @@ def write_report(setup: Setup, results: Results, out: Path) -> str:
 # ---- command line ------------------------------------------------------------------------------------
 
 
+HELP = "masking experiment: keep positive/negative features of original vs weighted maps (paper §5.2)"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``mask`` subcommand; its ``func`` default is :func:`run`."""
-    parser = subparsers.add_parser(
-        "mask",
-        help="masking experiment: keep positive/negative features of original vs weighted maps (paper §5.2)",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_common_arguments(parser, DEFAULT_MODEL, DEFAULT_DATA)
+    parser = experiment_parser(subparsers, "mask", HELP, __doc__, DEFAULT_MODEL, DEFAULT_DATA)
     parser.add_argument(
         "--methods",
         nargs="+",

@@ -175,9 +175,7 @@ def test_tiny_image_warns_once_in_words(tmp_path, capsys, weights):
         capsys,
         "explain",
         tmp_path / "tiny.png",
-        "--model",
-        "digits_cnn",
-        "--weights",
+        *"--model digits_cnn --weights".split(),
         weights["digits_cnn"],
         "--out",
         tmp_path / "o",
@@ -205,13 +203,7 @@ def test_ctrl_c_keeps_the_images_already_explained(tmp_path, capsys, weights, mo
     out = tmp_path / "o"
     code, _, stderr = cli(
         capsys,
-        "explain",
-        "chelsea",
-        "coffee",
-        "rocket",
-        "--model",
-        "digits_cnn",
-        "--weights",
+        *"explain chelsea coffee rocket --model digits_cnn --weights".split(),
         weights["digits_cnn"],
         "--out",
         out,
@@ -232,14 +224,9 @@ def test_vit_gets_a_vit_method_by_default(tmp_path, capsys, weights):
     assert json.loads((out / "chelsea.json").read_text())["method"] == "grad_rollout"
     code, _, stderr = cli(
         capsys,
-        "explain",
-        "--model",
-        "digits_vit",
-        "--weights",
+        *"explain --model digits_vit --weights".split(),
         weights["digits_vit"],
-        "--method",
-        "gradcam",
-        "--out",
+        *"--method gradcam --out".split(),
         out,
     )
     assert code == 2 and len(stderr.strip().splitlines()) == 1
@@ -251,20 +238,9 @@ def test_mask_on_a_vit_uses_token_methods(tmp_path, capsys, weights):
     out = tmp_path / "mask"
     code, stdout, stderr = cli(
         capsys,
-        "mask",
-        "--model",
-        "digits_vit",
-        "--weights",
+        *"mask --model digits_vit --weights".split(),
         weights["digits_vit"],
-        "--limit",
-        "6",
-        "--threshold",
-        "0",
-        "--baselines",
-        "zeros",
-        "--examples",
-        "0",
-        "--out",
+        *"--limit 6 --threshold 0 --baselines zeros --examples 0 --out".split(),
         out,
         "--quiet",
     )
@@ -279,18 +255,9 @@ def test_topk_beyond_the_class_count_is_clamped_and_the_figure_capped(tmp_path, 
     out = tmp_path / "o"
     code, stdout, stderr = cli(
         capsys,
-        "explain",
-        "--model",
-        "digits_cnn",
-        "--weights",
+        *"explain --model digits_cnn --weights".split(),
         weights["digits_cnn"],
-        "--topk",
-        "1000",
-        "--rows",
-        "3",
-        "--target",
-        "weighted",
-        "--out",
+        *"--topk 1000 --rows 3 --target weighted --out".split(),
         out,
     )
     assert code == 0, stderr
@@ -312,16 +279,11 @@ def test_class_names_from_the_checkpoint_folder_and_classes_by_name(tmp_path, ca
     out = tmp_path / "o"
     code, stdout, stderr = cli(
         capsys,
-        "explain",
-        "--model",
-        "digits_cnn",
-        "--weights",
+        *"explain --model digits_cnn --weights".split(),
         folder / "best.pt",
         "--classes",
         "digit three",
-        "7",
-        "--target",
-        "logit",
+        *"7 --target logit".split(),
         "versus:digit five",
         "--out",
         out,
@@ -468,17 +430,9 @@ def test_two_class_finetune_then_explain_with_its_names_and_defaults(tmp_path, c
     assert code == 0 and "resuming digits_cnn" in stderr and len((run / "metrics.csv").read_text().splitlines()) == 3
     code, stdout, stderr = cli(
         capsys,
-        "explain",
-        "--model",
-        "digits_cnn",
-        "--weights",
+        *"explain --model digits_cnn --weights".split(),
         run / "best.pt",
-        "--classes",
-        "dog",
-        "--target",
-        "logit",
-        "versus:cat",
-        "--out",
+        *"--classes dog --target logit versus:cat --out".split(),
         tmp_path / "o1",
     )
     assert code == 0, stderr
