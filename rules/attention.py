@@ -178,6 +178,16 @@ class AttentionCapture(Rule):
         self.pending: dict = {}  # attention module -> A of the call in progress (from _TimmPath)
         self._tap = _Tap()
         self.recording_active = False
+        self._paused = False
+
+    @contextlib.contextmanager
+    def _unrecorded(self) -> Iterator[None]:
+        """The function-level capture ignores the calls of this block."""
+        paused, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = paused
 
     @contextlib.contextmanager
     def recording(self) -> Iterator["AttentionCapture"]:
@@ -236,7 +246,8 @@ class AttentionCapture(Rule):
                 raise RuleError(
                     "AttentionCapture does not handle masked nn.MultiheadAttention calls (key_padding_mask/attn_mask)"
                 )
-            path, attn = _mha_explicit(module, *inputs[:3])
+            with self._unrecorded():  # its softmax is this module's attention, recorded once below
+                path, attn = _mha_explicit(module, *inputs[:3])
             replaced: Optional[Any] = (_straight_through(output[0], path), output[1])
         else:
             if len(inputs) > 1 and isinstance(inputs[1], torch.Tensor):
@@ -357,6 +368,8 @@ class _AttentionMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.owner._paused:
+            return func(*args, **kwargs)
         if func is _SDPA:
             return self._sdpa(args, kwargs)
         out = func(*args, **kwargs)
