@@ -98,6 +98,10 @@ class TrainingModeWarning(BackpropHooksWarning):
     """The model is in training mode (dropout, batch statistics): explanations are not reproducible."""
 
 
+class CompiledModelWarning(BackpropHooksWarning):
+    """A method whose rules live in module hooks explains a compiled model by running its eager module."""
+
+
 class FunctionalReLUWarning(BackpropHooksWarning):
     """Some ReLUs are functional (``F.relu``): module rules cannot reach them, so they keep their gradient."""
 

@@ -11,7 +11,8 @@ GuidedReLU         ``relu(g) ⊙ [x > 0]``                  no (Springenberg et 
 DeconvReLU         ``relu(g)``                            no (Zeiler & Fergus 2014)
 =================  =====================================  =========================================
 
-They sit on ``nn.ReLU`` modules, in place or not. No activation is stored: GuidedReLU reads the mask from
+They sit on ``nn.ReLU`` and ``nn.ReLU6`` modules, in place or not (for ReLU6 the forward mask is
+``[0 < x < 6]``, the gradient autograd gives it). No activation is stored: GuidedReLU reads the mask from
 the gradient autograd already computed, ``grad_input = g ⊙ [y > 0]`` (the output's sign, so an in-place
 ReLU that overwrote its input is handled), and ``relu(g ⊙ [y > 0]) = relu(g) ⊙ [y > 0]``.
 Module hooks cannot see functional ``F.relu`` / ``torch.relu`` calls; the methods built from these rules
@@ -32,6 +33,9 @@ from backprop_hooks.errors import RuleError
 from backprop_hooks.rule import Grads, Rule
 
 
+RELU_TYPES = (nn.ReLU, nn.ReLU6)
+
+
 class ReLURule(Rule):
     """Base of the modified-ReLU rules: the nn.ReLU check, a call counter, the ``enabled`` switch, and
     ``rule(masked, grad)`` giving the new input gradient."""
@@ -41,9 +45,9 @@ class ReLURule(Rule):
         self.calls = 0  # module calls seen (lets a method spot ReLUs that bypassed the hooks)
 
     def check(self, module: nn.Module) -> None:
-        if not isinstance(module, nn.ReLU):
+        if not isinstance(module, RELU_TYPES):
             raise RuleError(
-                f"{type(self).__name__} handles nn.ReLU modules only, not {type(module).__name__}; "
+                f"{type(self).__name__} handles nn.ReLU and nn.ReLU6 modules only, not {type(module).__name__}; "
                 "select the ReLUs, e.g. attach(model, {nn.ReLU: rule})"
             )
 

@@ -42,7 +42,7 @@ def images(n=2, size=16, seed=0):
 
 # ------------------------------------------------------------------------------------------------ rules
 @pytest.mark.parametrize("rule", [ReLUPassThrough(), GuidedReLU(), DeconvReLU()])
-@pytest.mark.parametrize("module", [nn.Conv2d(1, 1, 1), nn.GELU(), nn.LeakyReLU(), nn.ReLU6()])
+@pytest.mark.parametrize("module", [nn.Conv2d(1, 1, 1), nn.GELU(), nn.LeakyReLU(), nn.Hardtanh(0.0, 6.0)])
 def test_rules_refuse_non_relu_modules(rule, module):
     with pytest.raises(RuleError, match="nn.ReLU"):
         bh.attach(nn.Sequential(module), {type(module): rule})
@@ -60,6 +60,24 @@ def test_rule_backwards_on_one_relu(inplace):
     for rule_class, expected in want.items():
         model = nn.Sequential(nn.Identity(), nn.ReLU(inplace=inplace))
         with bh.attach(model, {nn.ReLU: rule_class()}):
+            xg = x.clone().requires_grad_(True)
+            got = torch.autograd.grad(model(xg * 1), xg, g)[0]
+        assert torch.equal(got, expected), rule_class.__name__
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rule_backwards_on_one_relu6(inplace):
+    """nn.ReLU6 (EfficientNet-Lite, MobileNetV2): the forward mask is [0 < x < 6]."""
+    x = torch.tensor([[-1.0, 2.0, 7.0, 3.0, 8.0]], dtype=torch.float64)
+    g = torch.tensor([[5.0, -6.0, 7.0, 8.0, -9.0]], dtype=torch.float64)
+    want = {
+        ReLUPassThrough: g,
+        GuidedReLU: torch.tensor([[0.0, 0.0, 0.0, 8.0, 0.0]], dtype=torch.float64),
+        DeconvReLU: torch.tensor([[5.0, 0.0, 7.0, 8.0, 0.0]], dtype=torch.float64),
+    }
+    for rule_class, expected in want.items():
+        model = nn.Sequential(nn.Identity(), nn.ReLU6(inplace=inplace))
+        with bh.attach(model, {nn.ReLU6: rule_class()}):
             xg = x.clone().requires_grad_(True)
             got = torch.autograd.grad(model(xg * 1), xg, g)[0]
         assert torch.equal(got, expected), rule_class.__name__

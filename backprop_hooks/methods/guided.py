@@ -8,7 +8,8 @@ A contrast seed is back-propagated as is, but the clamp makes the result differ 
 composition: ``e.linear`` is ``False`` and a :class:`NonLinearContrastWarning` is emitted.
 
 Functional activations: the rules sit on ``nn.ReLU`` modules, and hooks cannot see ``F.relu`` /
-``torch.relu`` / ``Tensor.relu`` calls, whose backward would silently stay plain. The forward pass is
+``torch.relu`` / ``Tensor.relu`` calls, whose backward would silently stay plain (``nn.ReLU6`` modules get
+the rules too: the mask is then ``[0 < x < 6]``). The forward pass is
 therefore watched for such calls (a ``TorchFunctionMode`` that only counts them): a model with no
 ``nn.ReLU`` at all raises :class:`~backprop_hooks.errors.RuleError` before any work, and a model where
 some ReLUs are functional emits :class:`FunctionalReLUWarning`.
@@ -27,13 +28,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from backprop_hooks.rules.relu import DeconvReLU, GuidedReLU, ReLURule
+from backprop_hooks.rules.relu import RELU_TYPES, DeconvReLU, GuidedReLU, ReLURule
 
 from ..errors import FunctionalReLUWarning, RuleError
 from .base import Method, grad, register
 from .cam import GradCAM, upsample
 
-_RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+_RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu6}
+
+
+def _is_relu6(func, args, kwargs) -> bool:
+    """``F.hardtanh(x, 0, 6)``: what ``nn.ReLU6`` runs."""
+    if func is not F.hardtanh:
+        return False
+    low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+    high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+    return low == 0 and high == 6
 
 
 class _ReLUCalls(TorchFunctionMode):
@@ -44,7 +54,7 @@ class _ReLUCalls(TorchFunctionMode):
         self.count = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _RELU_FUNCTIONS:
+        if func in _RELU_FUNCTIONS or _is_relu6(func, args, kwargs or {}):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -56,14 +66,15 @@ class ModifiedReLU(Method):
     per_call = ("relu_rule",)
 
     def relu_rules(self):
-        if not any(isinstance(m, nn.ReLU) for m in self.model.modules()):
+        if not any(isinstance(m, RELU_TYPES) for m in self.model.modules()):
             raise RuleError(
-                f"{self.name} needs nn.ReLU modules, and {type(self.model).__name__} has none: functional "
+                f"{self.name} needs nn.ReLU (or nn.ReLU6) modules, and {type(self.model).__name__} has none: "
+                "functional "
                 "F.relu / torch.relu calls cannot be hooked, so the result would be the plain gradient. "
                 "Use nn.ReLU modules (e.g. self.act = nn.ReLU() in __init__, self.act(x) in forward)."
             )
         self.relu_rule = self.rule_class()
-        return [(nn.ReLU, self.relu_rule)]
+        return [(RELU_TYPES, self.relu_rule)]
 
     def rules(self, x):
         return self.relu_rules()
