@@ -23,7 +23,7 @@ from typing import Any, Iterator, List, Tuple
 import torch
 from torch import nn
 
-from .errors import ModelError
+from .errors import BackpropHooksError, ForwardError, ModelError
 
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -106,6 +106,22 @@ def explaining(model: nn.Module) -> Iterator[None]:
     """One explanation of ``model``: its lock held, gradients on and inference mode off inside only."""
     with model_lock(model), torch.inference_mode(False), torch.enable_grad():
         yield
+
+
+@contextlib.contextmanager
+def forward_errors(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
+    """Turn an exception raised by the model's forward pass on ``x`` into a :class:`ForwardError` that
+    names the input (errors of backprop_hooks itself, e.g. from a rule, pass unchanged)."""
+    try:
+        yield
+    except BackpropHooksError:
+        raise
+    except Exception as exc:
+        raise ForwardError(
+            f"{type(unwrap(model)).__name__}'s forward pass failed on the input of shape {tuple(x.shape)}, dtype "
+            f"{x.dtype}, device {x.device}: {type(exc).__name__}: {exc}. Give the input the shape, dtype and "
+            "device the model takes (e.g. x.to(next(model.parameters())))"
+        ) from exc
 
 
 def usable(x: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from ..errors import (
     choices,
 )
 from ..explanation import Explanation
-from ..runtime import check_parameters, eager_call, explaining, is_compiled, unwrap, usable
+from ..runtime import check_parameters, eager_call, explaining, forward_errors, is_compiled, unwrap, usable
 from ..validate import Classes, LogitsFn, check_classes, check_input, check_logits_fn, select_logits
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
@@ -114,6 +114,12 @@ class Method:
                 self.release()
                 self.logits_fn, self.run = None, self.model
 
+    def model_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the call's forward on ``x`` and select the (B, C) logits; typed errors for both steps."""
+        with forward_errors(self.model, x):
+            output = self.run(x)
+        return self.logits(output, x.shape[0])
+
     def logits(self, output: Any, batch: int) -> torch.Tensor:
         """The checked (B, C) logits in the model's ``output`` (see ``logits=`` in the module docstring)."""
         return select_logits(output, batch, self.logits_fn)
@@ -151,7 +157,7 @@ class Method:
 
     def forward(self, x: torch.Tensor, classes: Classes, target: _targets.Target):
         """Run the model on ``x``; return checked logits, resolved classes and the target's seed."""
-        logits = self.logits(self.run(x), x.shape[0])
+        logits = self.model_logits(x)
         target.check(logits.shape[1])
         classes = check_classes(usable(classes), logits)
         return logits, classes, target.seed(logits.detach(), classes)

@@ -83,7 +83,7 @@ class _ManyPoints(Method):
             spec = self.rules(x)
             self.run = self.runner(spec)
             with torch.no_grad():
-                logits = self.logits(self.run(x), batch)
+                logits = self.model_logits(x)
             target.check(logits.shape[1])
             classes = check_classes(usable(classes), logits)
             seed = target.seed(logits, classes)
@@ -94,7 +94,7 @@ class _ManyPoints(Method):
             for start, k in _chunks(k_total, per_chunk):
                 xs = self.points(x, start, k).reshape(k * batch, *x.shape[1:]).detach().requires_grad_(True)
                 with attach(self.model, self.rules(xs)):
-                    out = self.logits(self.run(xs), k * batch)
+                    out = self.model_logits(xs)
                     if self.pointwise:
                         s = target.seed(out.detach(), classes.repeat(k))
                     else:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import UnknownNameError, choices
-from ..runtime import clean_name, eager_call, named_modules, unwrap
+from ..runtime import clean_name, eager_call, forward_errors, named_modules, unwrap
 
 _DEFAULTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
@@ -55,7 +55,7 @@ def _last_spatial(model: nn.Module, x: torch.Tensor) -> str:
 
         handles.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forward_errors(model, x):
             eager_call(model, x)  # a compiled graph would not run the hooks
     finally:
         for h in handles:
