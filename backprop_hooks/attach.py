@@ -112,7 +112,11 @@ class _ModuleHook:
             return None
         for rule, ctx in zip(self.rules, call.ctxs):
             rule.ctx = ctx
-            replaced = rule.forward(module, args, output)
+            try:
+                replaced = rule.forward(module, args, output)
+            except Exception as exc:
+                mark_from_rule(exc)
+                raise
             if replaced is not None:
                 output = replaced
         if not self.gated:
@@ -276,6 +280,18 @@ def attach(model: nn.Module, rules: RuleSpec) -> Handle:
         handles = [module.register_forward_pre_hook(hook.pre), module.register_forward_hook(hook.post)]
         placed.append((name, hook, handles))
     return Handle(model, placed)
+
+
+def mark_from_rule(exc: BaseException) -> None:
+    """Mark an exception raised by a rule, so that it reaches the user unchanged (not as a ForwardError)."""
+    try:
+        exc.__backprop_hooks_rule__ = True
+    except AttributeError:  # an exception type with __slots__
+        pass
+
+
+def raised_by_rule(exc: BaseException) -> bool:
+    return getattr(exc, "__backprop_hooks_rule__", False)
 
 
 def is_framework_hook(fn: Any) -> bool:

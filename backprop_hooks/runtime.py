@@ -111,12 +111,16 @@ def explaining(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def forward_errors(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
     """Turn an exception raised by the model's forward pass on ``x`` into a :class:`ForwardError` that
-    names the input (errors of backprop_hooks itself, e.g. from a rule, pass unchanged)."""
+    names the input. Errors of backprop_hooks itself and anything a rule raised pass unchanged."""
+    from .attach import raised_by_rule  # attach imports this module
+
     try:
         yield
     except BackpropHooksError:
         raise
     except Exception as exc:
+        if raised_by_rule(exc):
+            raise
         raise ForwardError(
             f"{type(unwrap(model)).__name__}'s forward pass failed on the input of shape {tuple(x.shape)}, dtype "
             f"{x.dtype}, device {x.device}: {type(exc).__name__}: {exc}. Give the input the shape, dtype and "
