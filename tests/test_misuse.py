@@ -245,4 +245,4 @@ class HookLifecycle(RuleBasedStateMachine):
 
 
 TestHookLifecycle = HookLifecycle.TestCase
-TestHookLifecycle.settings = settings(stateful_step_count=12, suppress_health_check=[HealthCheck.too_slow])
+TestHookLifecycle.settings = settings(stateful_step_count=8, suppress_health_check=[HealthCheck.too_slow])
