@@ -21,6 +21,8 @@ from .validate import Classes, LogitsFn
 # Layers, lowest first: the core above, then the rules, the methods built from them, the test helpers.
 from . import rules
 from . import methods, testing
+from .text import explain_text
+from . import interop  # Captum, pytorch-grad-cam and Quantus adapters: imported only when used
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,7 @@ __all__ = [
     "attach",
     "Handle",
     "explain",
+    "explain_text",
     "Explanation",
     "targets",
     "errors",
@@ -56,4 +59,5 @@ __all__ = [
     "methods",
     "rules",
     "testing",
+    "interop",
 ]

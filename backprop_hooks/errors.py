@@ -107,6 +107,10 @@ class CompiledModelWarning(BackpropHooksWarning):
     """A method whose rules live in module hooks explains a compiled model by running its eager module."""
 
 
+class ImageUpsampledWarning(BackpropHooksWarning):
+    """An image smaller than the model's input is upsampled: its maps show interpolated, not real, detail."""
+
+
 class FunctionalReLUWarning(BackpropHooksWarning):
     """Some ReLUs are functional (``F.relu``): module rules cannot reach them, so they keep their gradient."""
 

@@ -19,6 +19,26 @@ Versus(s)      ``y_t - y_s``                        ``e_t - e_s``
 ``objective(logits, classes)`` returns the per-sample objective (``α`` and ``s*`` held constant); its
 gradient with respect to the logits is the seed, which the property tests check.
 
+Potentials. Every seed is also the gradient of a true scalar, ``potential(logits, classes) -> (B,)``, the value
+that perturbation methods, Captum's convergence deltas and Integrated Gradients' completeness are measured
+against:
+
+=============  =========================================================================
+name           potential
+=============  =========================================================================
+logit          ``y_t``
+softmax        ``p_t``
+log_softmax    ``log p_t``
+weighted       the log-odds ``log(p_t / (1 − p_t)) = y_t − logsumexp_{s≠t} y_s`` (nothing held)
+mean           ``y_t − mean_{s≠t} y_s``
+max            ``y_t − y_{s*}`` (``s*`` held: the potential is piecewise linear)
+Versus(s)      ``y_t − y_s``
+=============  =========================================================================
+
+The weighted seed ``e_t − α`` is exactly the gradient of the log-odds, ``α`` included: ``∂/∂y_s
+logsumexp_{r≠t} y_r = α_s``. The same fact gives ``φ(p_t) = p_t (1 − p_t) φ_weighted``, since
+``p_t = sigmoid(log-odds)``.
+
 The identities. Write ``φ_s`` for the logit explanation of class ``s``. For a method whose backward is
 linear in the seed (``Explanation.linear``), exactly:
 
@@ -61,7 +81,8 @@ def _runner_up(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
 
 class Target:
-    """A target: ``seed(logits, classes)`` and the ``objective`` it is the gradient of."""
+    """A target: ``seed(logits, classes)``, the ``objective`` it is the gradient of (weights held constant),
+    and its ``potential``, the true scalar whose gradient it is."""
 
     name: str = "target"
     contrastive: bool = True  # compares t with other classes (False only for the plain logit)
@@ -72,6 +93,20 @@ class Target:
 
     def objective(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def potential(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(B,) the scalar whose gradient with respect to the logits is :meth:`seed`, nothing held but what the
+        target itself holds (``s*`` of ``max``). Differentiable; computed stably (log-sum-exp, log-softmax)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no potential")
+
+    def potentials(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C): column ``c`` is :meth:`potential` with class ``c`` for every sample (for ``weighted``, the
+        log-odds of every class). Built-in targets compute it in O(B·C); this default evaluates the potential
+        of each class on a (B·C, C) stack."""
+        b, c = logits.shape
+        stacked = logits.unsqueeze(1).expand(b, c, c).reshape(b * c, c)
+        classes = torch.arange(c, device=logits.device).repeat(b)
+        return self.potential(stacked, classes).view(b, c)
 
     def check(self, num_classes: int) -> None:
         if num_classes < self.min_classes:
@@ -103,6 +138,12 @@ class Logit(Target):
     def objective(self, logits, classes):
         return _pick(logits, classes)
 
+    def potential(self, logits, classes):
+        return _pick(logits, classes)
+
+    def potentials(self, logits):
+        return logits
+
 
 class Softmax(Target):
     name, contrastive, min_classes = "softmax", True, 1
@@ -114,6 +155,12 @@ class Softmax(Target):
     def objective(self, logits, classes):
         return _pick(logits.softmax(dim=1), classes)
 
+    def potential(self, logits, classes):
+        return _pick(logits.log_softmax(dim=1), classes).exp()
+
+    def potentials(self, logits):
+        return logits.softmax(dim=1)
+
 
 class LogSoftmax(Target):
     name, contrastive, min_classes = "log_softmax", True, 1
@@ -124,9 +171,16 @@ class LogSoftmax(Target):
     def objective(self, logits, classes):
         return _pick(logits.log_softmax(dim=1), classes)
 
+    def potential(self, logits, classes):
+        return _pick(logits.log_softmax(dim=1), classes)
+
+    def potentials(self, logits):
+        return logits.log_softmax(dim=1)
+
 
 class Weighted(Target):
-    """The paper's weighted contrast: ``y_t − Σ_{s≠t} α_s y_s`` with ``α_s = p_s / (1 − p_t)``."""
+    """The paper's weighted contrast: ``y_t − Σ_{s≠t} α_s y_s`` with ``α_s = p_s / (1 − p_t)``; its potential is
+    the log-odds ``log(p_t / (1 − p_t))``."""
 
     name = "weighted"
 
@@ -136,6 +190,20 @@ class Weighted(Target):
     def objective(self, logits, classes):
         alpha = _others_softmax(logits.detach(), classes)
         return _pick(logits, classes) - (alpha * logits).sum(dim=1)
+
+    def potential(self, logits, classes):
+        masked = logits.scatter(1, classes[:, None], float("-inf"))
+        return _pick(logits, classes) - masked.logsumexp(dim=1)
+
+    def potentials(self, logits):
+        # logsumexp over s ≠ c for every c: the exp-sum relative to the maximum minus the class's own term (no
+        # cancellation, the maximum stays in the sum); for the argmax itself, the logsumexp with it masked
+        top = logits.argmax(dim=1, keepdim=True)
+        y_max = logits.gather(1, top)
+        shifted = (logits - y_max).exp()
+        others = y_max + (shifted.sum(dim=1, keepdim=True) - shifted).log()
+        others = others.scatter(1, top, logits.scatter(1, top, float("-inf")).logsumexp(dim=1, keepdim=True))
+        return logits - others
 
 
 class MeanContrast(Target):
@@ -150,6 +218,12 @@ class MeanContrast(Target):
         y_t = _pick(logits, classes)
         return y_t - (logits.sum(dim=1) - y_t) / (c - 1)
 
+    def potential(self, logits, classes):
+        return self.objective(logits, classes)
+
+    def potentials(self, logits):
+        return logits - (logits.sum(dim=1, keepdim=True) - logits) / (logits.shape[1] - 1)
+
 
 class MaxContrast(Target):
     name = "max"
@@ -159,6 +233,15 @@ class MaxContrast(Target):
 
     def objective(self, logits, classes):
         return _pick(logits, classes) - _pick(logits, _runner_up(logits.detach(), classes))
+
+    def potential(self, logits, classes):
+        return self.objective(logits, classes)
+
+    def potentials(self, logits):
+        top2 = logits.topk(2, dim=1)
+        best, second = top2.values[:, :1], top2.values[:, 1:]
+        is_top = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top2.indices[:, :1], True)
+        return logits - torch.where(is_top, second, best)
 
 
 class Versus(Target):
@@ -177,6 +260,12 @@ class Versus(Target):
 
     def objective(self, logits, classes):
         return _pick(logits, classes) - _pick(logits, self._other(logits, classes))
+
+    def potential(self, logits, classes):
+        return self.objective(logits, classes)
+
+    def potentials(self, logits):
+        return logits - _pick(logits, self._other(logits, None))[:, None]
 
     @property
     def key(self) -> str:

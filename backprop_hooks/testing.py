@@ -10,8 +10,8 @@ Users run these against the rules they write, exactly as the project's own tests
         testing.assert_contrast_identities(MyMethod(case.model), case.x)
 
 The oracle of :func:`assert_contrast_identities` is independent of :mod:`backprop_hooks.targets`: it
-explains every class's logit separately (C passes) and composes them with weights computed explicitly from
-the probabilities, e.g. ``φ_weighted = φ_t − Σ_{s≠t} p_s/(1−p_t) φ_s``.
+explains every class's logit separately (C passes) and composes them with weights written out explicitly,
+e.g. ``φ_weighted = φ_t − Σ_{s≠t} α_s φ_s`` with ``α_s = p_s/(1−p_t) = e^{y_s} / Σ_{r≠t} e^{y_r}``.
 """
 
 from __future__ import annotations
@@ -33,67 +33,52 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backw
 
 
 # --------------------------------------------------------------------------------------------- nets
-class MLP(nn.Module):
-    """Linear layers with an activation, optional BatchNorm1d and residual adds."""
+class _Net(nn.Module):
+    """What the random networks share: options ``act`` ("relu", "relu_inplace", "gelu"), ``batchnorm`` (a
+    BatchNorm after each block's layer) and ``residual`` (each block adds its input)."""
 
-    def __init__(
-        self,
-        features: int,
-        width: int,
-        depth: int,
-        classes: int,
-        act: str = "relu",
-        batchnorm: bool = False,
-        residual: bool = False,
-    ):
+    def __init__(self, input_shape, classes: int, act: str = "relu", batchnorm: bool = False, residual: bool = False):
         super().__init__()
-        self.input_shape, self.num_classes, self.residual = (features,), classes, residual
+        self.input_shape, self.num_classes = input_shape, classes
+        self.act_name, self.batchnorm, self.residual = act, batchnorm, residual
+
+    def block(self, layer: nn.Module, norm: nn.Module) -> nn.Sequential:
+        return nn.Sequential(layer, *([norm] if self.batchnorm else []), _act(self.act_name))
+
+    def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            h = h + block(h) if self.residual else block(h)
+        return h
+
+
+class MLP(_Net):
+    """Linear layers with an activation, optional BatchNorm1d and residual adds (options: see ``_Net``)."""
+
+    def __init__(self, features: int, width: int, depth: int, classes: int, **options: Any):
+        super().__init__((features,), classes, **options)
         self.stem = nn.Linear(features, width)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(width, width), *([nn.BatchNorm1d(width)] if batchnorm else []), _act(act))
-            for _ in range(depth)
-        )
-        self.act = _act(act)
+        self.blocks = nn.ModuleList(self.block(nn.Linear(width, width), nn.BatchNorm1d(width)) for _ in range(depth))
+        self.act = _act(self.act_name)
         self.head = nn.Linear(width, classes)
 
     def forward(self, x):
-        h = self.act(self.stem(x))
-        for block in self.blocks:
-            h = h + block(h) if self.residual else block(h)
-        return self.head(h)
+        return self.head(self.run_blocks(self.act(self.stem(x))))
 
 
-class CNN(nn.Module):
+class CNN(_Net):
     """3x3 convolutions with an activation, optional BatchNorm2d and residual adds, average pooling, a head."""
 
-    def __init__(
-        self,
-        channels: int,
-        size: int,
-        width: int,
-        depth: int,
-        classes: int,
-        act: str = "relu",
-        batchnorm: bool = False,
-        residual: bool = False,
-    ):
-        super().__init__()
-        self.input_shape, self.num_classes, self.residual = (channels, size, size), classes, residual
-        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), _act(act))
+    def __init__(self, channels: int, size: int, width: int, depth: int, classes: int, **options: Any):
+        super().__init__((channels, size, size), classes, **options)
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), _act(self.act_name))
         self.blocks = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(width, width, 3, padding=1), *([nn.BatchNorm2d(width)] if batchnorm else []), _act(act)
-            )
-            for _ in range(depth)
+            self.block(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)) for _ in range(depth)
         )
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.head = nn.Linear(width * 4, classes)
 
     def forward(self, x):
-        h = self.stem(x)
-        for block in self.blocks:
-            h = h + block(h) if self.residual else block(h)
-        return self.head(self.pool(h).flatten(1))
+        return self.head(self.pool(self.run_blocks(self.stem(x))).flatten(1))
 
 
 def _act(name: str) -> nn.Module:
@@ -154,19 +139,12 @@ def networks(
         res = draw(st.booleans()) if residual is None else residual
         classes = draw(st.integers(2, 6))
         depth = draw(st.integers(1, 3))
+        options = dict(act=act, batchnorm=bn, residual=res)
         if kind == "mlp":
-            net = MLP(draw(st.integers(2, 8)), draw(st.integers(2, 8)), depth, classes, act, bn, res)
+            net = MLP(draw(st.integers(2, 8)), draw(st.integers(2, 8)), depth, classes, **options)
         else:
-            net = CNN(
-                draw(st.integers(1, 3)),
-                draw(st.sampled_from([4, 6, 8])),
-                draw(st.integers(2, 5)),
-                depth,
-                classes,
-                act,
-                bn,
-                res,
-            )
+            channels, size, width = draw(st.integers(1, 3)), draw(st.sampled_from([4, 6, 8])), draw(st.integers(2, 5))
+            net = CNN(channels, size, width, depth, classes, **options)
         return randomize(net, draw(st.integers(0, 2**31 - 1)), dtype)
 
     return build()
@@ -188,6 +166,17 @@ def cases(batch: Tuple[int, int] = (1, 4), dtype: torch.dtype = torch.float64, *
     """Strategy: a :class:`Case` (random network and a matching input batch)."""
     _require_hypothesis()
     return networks(dtype=dtype, **network_options).flatmap(lambda m: inputs(m, batch, dtype).map(lambda x: Case(m, x)))
+
+
+def examples(n: int, reference: int = 25) -> int:
+    """A Hypothesis budget that follows the loaded profile: ``n`` examples where the profile's
+    ``max_examples`` is ``reference`` (the project's default profile), proportionally more under a larger
+    one (``HYPOTHESIS_PROFILE=thorough``), never fewer than one. Use it instead of a fixed
+    ``@settings(max_examples=n)`` for properties that are too costly for the full default budget."""
+    _require_hypothesis()
+    from hypothesis import settings
+
+    return max(1, round(n * settings.default.max_examples / reference))
 
 
 def logits(
@@ -222,26 +211,33 @@ def contrast_weights(
 ) -> torch.Tensor:
     """Explicit composition weights ``w[b, s]`` with ``φ_target = Σ_s w[b,s] φ_s`` (the test oracle).
 
-    Computed from the probabilities in float64, independently of :mod:`backprop_hooks.targets`.
+    Written out in float64 from exponentials of shifted logits, independently of
+    :mod:`backprop_hooks.targets`: ``α_s = p_s/(1−p_t) = e^{y_s−m} / Σ_{r≠t} e^{y_r−m}`` with
+    ``m = max_{r≠t} y_r``; ``p_t = e^{y_t−M} / Σ_r e^{y_r−M}`` and ``1−p_t = Σ_{s≠t} e^{y_s−M} / Σ_r e^{y_r−M}``
+    with ``M = max_r y_r``. Nothing is subtracted from 1, so the weights stay exact to float64 rounding
+    also when ``p_t → 1`` (``p_s/(1−p_t)`` from probabilities loses digits there).
     """
     y = logits_.detach().double()
     b, c = y.shape
     rows = torch.arange(b, device=y.device)
-    p = torch.softmax(y, dim=1)
-    p_t = p[rows, classes]
     e_t = torch.zeros_like(y)
     e_t[rows, classes] = 1.0
-    alpha = p / (1.0 - p_t)[:, None]
-    alpha[rows, classes] = 0.0
+    others = e_t == 0
+    m = torch.where(others, y, -float("inf")).max(dim=1, keepdim=True).values
+    exp_others = torch.where(others, torch.exp(y - m), torch.zeros_like(y))  # e^{y_s − m}, 0 at t
+    alpha = exp_others / exp_others.sum(dim=1, keepdim=True)
+    exp_all = torch.exp(y - y.max(dim=1, keepdim=True).values)
+    one_minus_p_t = (exp_all * others).sum(dim=1) / exp_all.sum(dim=1)
+    p_t = exp_all[rows, classes] / exp_all.sum(dim=1)
     weighted = e_t - alpha
     if target == "logit":
         return e_t
     if target == "weighted":
         return weighted
     if target == "softmax":
-        return (p_t * (1 - p_t))[:, None] * weighted
+        return (p_t * one_minus_p_t)[:, None] * weighted
     if target == "log_softmax":
-        return (1 - p_t)[:, None] * weighted
+        return one_minus_p_t[:, None] * weighted
     if target == "mean":
         return e_t - (1 - e_t) / (c - 1)
     if target == "max":
@@ -276,6 +272,10 @@ def assert_contrast_identities(
 
     Every contrast target's attributions must equal the explicit composition of the C per-class logit
     explanations. Tolerances are relative to the largest per-class attribution.
+
+    A case where every per-class attribution is zero (e.g. a ReLU network whose units are all inactive at
+    ``x``) tests nothing: inside a Hypothesis test the example is rejected (``assume``), so another is
+    drawn; called directly, the assertion fails and says so.
     """
     from . import targets as _targets
 
@@ -283,7 +283,12 @@ def assert_contrast_identities(
     y, t = base.logits, base.classes
     c = y.shape[1]
     phi = per_class(method, x, c).double()  # (C, B, ...)
-    scale = float(phi.abs().max()) or 1.0
+    scale = float(phi.abs().max())
+    if not scale > 0:
+        _degenerate(
+            f"{getattr(method, 'name', method)!r}: every per-class attribution is zero at this input, so the "
+            "contrast identities hold trivially and test nothing; choose another input or model"
+        )
     other = (t + 1) % c
     for name in targets:
         target = _targets.Versus(other) if name == "versus" else name
@@ -299,11 +304,26 @@ def assert_contrast_identities(
             )
 
 
+def _degenerate(message: str) -> None:
+    """Reject the example inside a Hypothesis test (another is drawn); fail anywhere else."""
+    try:
+        from hypothesis import assume
+        from hypothesis.control import currently_in_test_context
+    except ImportError:  # pragma: no cover
+        currently_in_test_context = None
+    if currently_in_test_context is not None and currently_in_test_context():
+        assume(False)
+    raise AssertionError(message)
+
+
 def assert_batch_equals_single(
     method: Callable, x: torch.Tensor, target: Any = "weighted", rtol: float = 1e-6, atol: float = 1e-9
 ) -> None:
-    """The attributions of a batch equal those of each sample explained alone."""
+    """The attributions of a batch equal those of each sample explained alone (an all-zero batch is
+    degenerate, as in :func:`assert_contrast_identities`)."""
     batch = method(x, target=target)
+    if not bool((batch.attributions != 0).any()):
+        _degenerate(f"{getattr(method, 'name', method)!r}: every attribution of the batch is zero; this tests nothing")
     for i in range(x.shape[0]):
         single = method(x[i : i + 1], classes=batch.classes[i : i + 1], target=target)
         torch.testing.assert_close(batch.attributions[i : i + 1], single.attributions, rtol=rtol, atol=atol)

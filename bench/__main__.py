@@ -30,7 +30,7 @@ import backprop_hooks as bh
 from . import peers as peer_lib
 from .memory import peak_mib
 from .timing import compare, forward, forward_backward, machine, markdown
-from .zoo import CNN_METHODS, METHOD_OPTIONS, VIT_METHODS, build
+from .zoo import CNN_METHODS, METHOD_OPTIONS, VIT_METHODS, build, make_input
 
 GOALS = {  # method -> (floor, maximum ratio) from the issues; contrast targets: <= 1.05 x logit
     "gradient": ("fwd+bwd", 1.05),
@@ -71,11 +71,11 @@ def bench_case(
     compile_backend: Optional[str] = None,
 ) -> List[Dict]:
     model, layer_name, num_classes, is_vit = build(model_name, device)
+    x = make_input(model_name, model, batch, size, device)
     if compile_backend is not None:  # floors and methods on the compiled model; no peers, no memory
         model = torch.compile(model, backend=compile_backend)
         model_name = f"{model_name}+compile:{compile_backend}"
         with_peers = with_memory = with_per_class = False
-    x = torch.rand(batch, 3, size, size, device=device)
     t = torch.arange(batch, device=device) % num_classes
     layer = bh.methods.get_module(model, layer_name) if layer_name else None
     candidates: Dict[str, Callable] = {"fwd": forward(model, x), "fwd+bwd": forward_backward(model, x, t)}
@@ -207,7 +207,10 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=None, help=f"default: all of {CNN_METHODS + VIT_METHODS}")
     p.add_argument("--targets", nargs="+", default=["logit", "weighted", "mean", "max"])
     p.add_argument(
-        "--models", nargs="+", default=None, help="resnet50 vgg16_bn resnet18 vit_tiny (a suffix @C sets C classes)"
+        "--models",
+        nargs="+",
+        default=None,
+        help="resnet50 vgg16_bn resnet18 vit_tiny hf_vit bert_small (a suffix @C sets C classes)",
     )
     p.add_argument("--batch", nargs="+", type=int, default=None)
     p.add_argument("--size", type=int, default=None)

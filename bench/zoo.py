@@ -29,11 +29,63 @@ LAYERS = {
 }
 
 
+HF_TEXT = {"bert_small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048)}
+
+
+class HFLogits(nn.Module):
+    """A Hugging Face model whose forward returns its ``.logits`` tensor (the floors need a tensor; the
+    explanation methods read ``.logits`` themselves). Text models take their input embeddings (B, L, D):
+    ``bh.explain_text`` runs them the same way, after one embedding lookup."""
+
+    def __init__(self, model: nn.Module, text: bool = False):
+        super().__init__()
+        self.model, self.text = model, text
+
+    def forward(self, x):
+        if self.text:
+            return self.model(inputs_embeds=x).logits
+        size = self.model.config.image_size
+        resize = tuple(x.shape[-2:]) != (size, size)  # as timm's dynamic_img_size: the position grid follows x
+        return self.model(pixel_values=x, interpolate_pos_encoding=resize).logits
+
+    def token_layout(self, x):
+        from backprop_hooks.methods.vit import TextLayout, token_layout
+
+        if self.text:
+            return TextLayout(torch.ones(x.shape[:2], dtype=torch.long, device=x.device))
+        return token_layout(self.model, x)
+
+
+def _hf(base: str, num_classes: int) -> nn.Module:
+    import transformers
+
+    if base == "hf_vit":  # ViT-Tiny's shape (as timm's vit_tiny_patch16_224), Hugging Face's default sdpa
+        config = transformers.ViTConfig(
+            hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, num_labels=num_classes
+        )
+        return HFLogits(transformers.ViTForImageClassification(config))
+    config = transformers.BertConfig(vocab_size=1000, num_labels=num_classes, **HF_TEXT[base])
+    return HFLogits(transformers.BertForSequenceClassification(config), text=True)
+
+
+def make_input(name: str, model: nn.Module, batch: int, size: int, device: torch.device) -> torch.Tensor:
+    """Images (B, 3, size, size) in [0, 1]; for a text model, input embeddings (B, L, D) with L = min(size, 512)."""
+    if isinstance(model, HFLogits) and model.text:
+        hidden = model.model.config.hidden_size
+        return 0.02 * torch.randn(batch, min(size, 512), hidden, device=device)
+    return torch.rand(batch, 3, size, size, device=device)
+
+
 def build(name: str, device: torch.device) -> Tuple[nn.Module, Optional[str], int, bool]:
-    """``name`` or ``name@C`` (C classes) -> (model in eval mode, CAM layer, number of classes, is a ViT)."""
+    """``name`` or ``name@C`` (C classes) -> (model in eval mode, CAM layer, number of classes, is a
+    transformer: the attention methods apply). ``hf_vit``: a Hugging Face ViT (sdpa); ``bert_small``: a
+    4-layer BERT classifier (sdpa) on input embeddings."""
     base, _, classes = name.partition("@")
     num_classes = int(classes) if classes else 1000
     torch.manual_seed(0)
+    if base == "hf_vit" or base in HF_TEXT:
+        num_classes = num_classes if classes or base == "hf_vit" else 2  # a text classifier: 2 classes
+        return _hf(base, num_classes).eval().to(device), None, num_classes, True
     if base == "vit_tiny":
         import timm
 

@@ -19,7 +19,9 @@ Evaluation sets named on the command line (`from_spec`), each a :class:`SampleSe
                train_test_split.txt, images/); transform Resize((s, s)).
 ``food101:P``  Food-101 test split: ``P/meta/classes.txt``, ``P/meta/test.txt`` (``class/id`` lines),
                ``P/images/class/id.jpg``; transform Resize(⌊s/0.875⌋) → CenterCrop(s).
-``folder:P``   any torchvision ImageFolder ``P/<class>/*``; transform Resize(⌊s/0.875⌋) → CenterCrop(s).
+``folder:P``   any torchvision ImageFolder ``P/<class>/*``, or the layout ``finetune`` reads (``P/train/``,
+               ``P/val/`` or ``P/test/``), of which ``val/`` (else ``test/``) is evaluated; images decoded
+               as a photo viewer shows them; transform Resize(⌊s/0.875⌋) → CenterCrop(s).
 ``digits``     the held-out digits test split (450 images, 32 px).
 ``photos``     the four bundled photos, with the model's own resize-and-crop. They have no ground
                truth: the label is -1 and the experiments use the model's prediction as t.
@@ -37,8 +39,6 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
-from torchvision import datasets as tv_datasets
-from torchvision import transforms
 
 from backprop_hooks.models import digits, load_image, photos
 from backprop_hooks.models.data import DataSpecError, ImageListDataset
@@ -88,6 +88,8 @@ class SampleSet:
 
 def center_crop_transform(size: int, crop_pct: float = IMAGENET_CROP_PCT, interpolation: str = "bilinear") -> Callable:
     """Resize the shorter side to ⌊size / crop_pct⌋, centre-crop ``size`` × ``size``, to [0, 1] tensor."""
+    from torchvision import transforms
+
     mode = transforms.InterpolationMode(interpolation)
     return transforms.Compose(
         [
@@ -202,15 +204,36 @@ def food101(root: str | Path, size: int = 224) -> SampleSet:
     )
 
 
+def evaluation_folder(root: Path) -> Path:
+    """The class folders to evaluate in ``root``: ``root`` itself (``root/<class>/<image>``), or, for the
+    layout ``finetune`` reads (``root/train/<class>``, ``root/val/<class>`` or ``root/test/<class>``), its
+    ``val/`` (else ``test/``) split: never the training images, never ``train``/``val`` taken as classes."""
+    splits = [name for name in ("val", "test") if (root / name).is_dir()]
+    if splits and ((root / "train").is_dir() or len(splits) == 2 or len(list(root.iterdir())) == 1):
+        return root / splits[0]
+    if (root / "train").is_dir():
+        raise DataSpecError(
+            f"{root} holds train/ but no val/ or test/ split: evaluating the training images would overstate "
+            f"the results; give folder:{root}/val (a held-out split, one folder per class)"
+        )
+    return root
+
+
 def folder(root: str | Path, size: int = 224) -> SampleSet:
-    """A torchvision ImageFolder ``root/<class>/<image>``; classes in sorted folder order."""
+    """Class folders ``root/<class>/<image>``, classes in sorted folder order; for the fine-tuning layout
+    (``root/train/``, ``root/val/``) the ``val/`` (else ``test/``) split (:func:`evaluation_folder`)."""
+    from torchvision import datasets as tv_datasets
+
+    from backprop_hooks.models.images import open_rgb
+
     root = Path(root)
     if not root.is_dir():
         raise DataSpecError(f"folder {root} does not exist")
+    images = evaluation_folder(root)
     try:
-        data = tv_datasets.ImageFolder(str(root), transform=center_crop_transform(size))
+        data = tv_datasets.ImageFolder(str(images), transform=center_crop_transform(size), loader=open_rgb)
     except (FileNotFoundError, RuntimeError) as error:
-        raise DataSpecError(f"{root} is not an ImageFolder (<class>/<image> files): {error}") from None
+        raise DataSpecError(f"{images} is not an ImageFolder (<class>/<image> files): {error}") from None
     names = [str(Path(p).relative_to(root).with_suffix("")) for p, _ in data.samples]
     return SampleSet(data, list(data.classes), f"folder:{root}", sample_names=names)
 

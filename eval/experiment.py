@@ -8,6 +8,8 @@ resumable chunks) and lets rank 0 write the report.
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -43,6 +45,34 @@ class Setup:
         index = self.positions[position]
         names = self.samples.sample_names
         return names[index] if names else f"#{index}"
+
+    def sample_row(self, results: Dict[str, torch.Tensor], s: int, **ints: str) -> Dict[str, Any]:
+        """The start of sample ``s``'s row in samples.csv: who it is (position, dataset index, name, label),
+        then ``ints`` (column -> results key) as integers."""
+        pos = int(results["position"][s])
+        row: Dict[str, Any] = {"position": pos, "index": int(results["index"][s]), "name": self.sample_name(pos)}
+        row["label"] = int(results["label"][s])
+        row.update({column: int(results[key][s]) for column, key in ints.items()})
+        return row
+
+
+def explain_batch(model: nn.Module, x: torch.Tensor, method: str, target: str, classes: torch.Tensor, **options):
+    """``bh.explain`` for one batch of an experiment, without the non-linear-contrast warning (the report
+    says which methods are linear)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
+        return bh.explain(model, x, method=method, target=target, classes=classes, **options)
+
+
+def experiment_parser(
+    subparsers: argparse._SubParsersAction, name: str, help: str, doc: str, default_model: str, default_data: str
+) -> argparse.ArgumentParser:
+    """The subcommand ``name`` (description: ``doc``'s first paragraph) with the options of every experiment."""
+    parser = subparsers.add_parser(
+        name, help=help, description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_common_arguments(parser, default_model, default_data)
+    return parser
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_model: str, default_data: str) -> None:
@@ -135,12 +165,44 @@ def execute(
     setup: Setup,
     args: argparse.Namespace,
     process: runner.Process,
-    write_report: Callable[[Setup, runner.Results, Path], None],
+    write_report: Callable[[Setup, runner.Results, Path], Optional[str]],
     desc: str,
 ) -> int:
     """Run ``process`` over the samples (resumable, sharded) and let rank 0 write the report into --out."""
     store = runner.ChunkStore(Path(args.out) / "chunks", setup.config)
-    results = runner.run_chunks(
+    try:
+        results = _run_chunks(setup, args, process, store, desc)
+    except KeyboardInterrupt:
+        if setup.processes.main and store.folder.is_dir():
+            print(
+                f"{desc}: interrupted; the finished batches are kept in {store.folder}/: rerun the same command to "
+                "resume",
+                file=sys.stderr,
+            )
+        raise
+    code = 0
+    if setup.processes.main:
+        skipped = results.pop(runner.SKIPPED, torch.zeros(0, dtype=torch.long))
+        if "position" not in results:
+            raise UsageError(f"none of the {len(setup.positions)} samples of {args.data!r} could be read")
+        results["index"] = torch.tensor(setup.positions, dtype=torch.long)[results["position"]]
+        headline = write_report(setup, results, Path(args.out))
+        if headline:
+            print(headline + "\n")
+        print(f"wrote {args.out}/results.md, results.csv, results.json, samples.csv and figures")
+        if skipped.numel():
+            print(
+                f"backprop-hooks {desc}: error: {skipped.numel()} of {len(setup.positions)} samples could not be read "
+                "and were left out (see above)",
+                file=sys.stderr,
+            )
+            code = 2
+    setup.processes.barrier()
+    return code
+
+
+def _run_chunks(setup: Setup, args: argparse.Namespace, process: runner.Process, store, desc: str):
+    return runner.run_chunks(
         setup.samples.dataset,
         setup.positions,
         process,
@@ -154,12 +216,6 @@ def execute(
         workers=args.workers,
         desc=desc,
     )
-    if setup.processes.main:
-        results["index"] = torch.tensor(setup.positions, dtype=torch.long)[results["position"]]
-        write_report(setup, results, Path(args.out))
-        print(f"wrote {args.out}/results.md, results.csv, results.json, samples.csv and figures")
-    setup.processes.barrier()
-    return 0
 
 
 def target_of(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> tuple:

@@ -22,24 +22,23 @@ the masked images of both maps go through the model in one forward per baseline 
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
-from torchvision.transforms import functional as TF
 
 import backprop_hooks as bh
 from backprop_hooks.errors import UsageError
 
 from . import report
-from .experiment import Setup, add_common_arguments, execute, method_options, prepare
+from .experiment import Setup, experiment_parser, execute, explain_batch, method_options, prepare
 from .runner import Process, Results, config_hash
 
 DEFAULT_MODEL = "digits_cnn"
 DEFAULT_DATA = "digits"
 DEFAULT_METHODS = ("linear_approx", "gradcam", "xgradcam")
+VIT_METHODS = ("vit_gradcam", "grad_rollout")  # the defaults on vision transformers (token grids)
 BASELINES = ("blur", "zeros", "mean")
 FEATURES = ("positive", "negative")
 DEFAULT_THRESHOLD = 0.1
@@ -88,6 +87,8 @@ def baseline(x: torch.Tensor, kind: str) -> torch.Tensor:
     """The replacement image of each sample of ``x`` (B, C, H, W): ``blur``, ``zeros`` or ``mean``."""
     if kind == "blur":
         kernel, sigma = blur_parameters(min(x.shape[-2:]))
+        from torchvision.transforms import functional as TF
+
         return TF.gaussian_blur(x, [kernel, kernel], [sigma, sigma])
     if kind == "zeros":
         return torch.zeros_like(x)
@@ -105,9 +106,7 @@ def explain_maps(
     model: nn.Module, x: torch.Tensor, method: str, target: str, classes: torch.Tensor, **options: Any
 ) -> torch.Tensor:
     """(B, H, W) signed maps at input resolution, one call for the whole batch."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
-        maps = bh.explain(model, x, method=method, target=target, classes=classes, **options).maps
+    maps = explain_batch(model, x, method, target, classes, **options).maps
     if maps.shape != (x.shape[0], *x.shape[-2:]):
         raise UsageError(
             f"method {method!r} gives maps of shape {tuple(maps.shape[1:])}, not the image's "
@@ -226,19 +225,9 @@ def sample_rows(setup: Setup, results: Results, methods, baselines, features) ->
     """Per-sample results: classes, p2, whether kept, before, and every masked value and count k."""
     rows = []
     for s in range(results["position"].numel()):
-        pos = int(results["position"][s])
-        row: Dict[str, Any] = {
-            "position": pos,
-            "index": int(results["index"][s]),
-            "name": setup.sample_name(pos),
-            "label": int(results["label"][s]),
-            "t1": int(results["t1"][s]),
-            "t2": int(results["t2"][s]),
-            "p2": float(results["p2"][s]),
-            "kept": int(results["kept"][s]),
-            "before_t1": float(results["before"][0, s]),
-            "before_t2": float(results["before"][1, s]),
-        }
+        row = setup.sample_row(results, s, t1="t1", t2="t2")
+        row["p2"], row["kept"] = float(results["p2"][s]), int(results["kept"][s])
+        row["before_t1"], row["before_t2"] = float(results["before"][0, s]), float(results["before"][1, s])
         if row["kept"]:
             for m, method in enumerate(methods):
                 for f, feature in enumerate(features):
@@ -318,8 +307,9 @@ def example_maps(setup: Setup, results: Results, method: str, options: Dict[str,
     )
 
 
-def write_report(setup: Setup, results: Results, out: Path) -> None:
-    """results.md (review layout), results.csv, results.json (config, rows), samples.csv, figures."""
+def write_report(setup: Setup, results: Results, out: Path) -> str:
+    """results.md (review layout), results.csv, results.json (config, rows), samples.csv, figures.
+    Returns the headline: how many samples passed the threshold, and the review's table."""
     cfg = setup.config
     methods, baselines, features = list(cfg["methods"]), cfg["baselines"], cfg["features"]
     pixels = cfg["input_size"] ** 2
@@ -356,22 +346,27 @@ def write_report(setup: Setup, results: Results, out: Path) -> None:
         grid = example_maps(setup, results, first, cfg["methods"][first], setup.examples) if setup.examples else None
         if grid is not None:
             report.save_figure(grid, out / "example_maps.png", dpi=report.EXAMPLE_DPI)
+    counts = f"{n} of {n_all} samples have p_2 > {cfg['threshold']}"
+    return f"{cfg['model']} on {cfg['data']}: {counts}\n" + (
+        review_table(rows, baselines) if n else "no sample passed the threshold: lower --threshold or add samples"
+    )
 
 
 # ---- command line ------------------------------------------------------------------------------------
 
 
+HELP = "masking experiment: keep positive/negative features of original vs weighted maps (paper §5.2)"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``mask`` subcommand; its ``func`` default is :func:`run`."""
-    parser = subparsers.add_parser(
-        "mask",
-        help="masking experiment: keep positive/negative features of original vs weighted maps (paper §5.2)",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_common_arguments(parser, DEFAULT_MODEL, DEFAULT_DATA)
+    parser = experiment_parser(subparsers, "mask", HELP, __doc__, DEFAULT_MODEL, DEFAULT_DATA)
     parser.add_argument(
-        "--methods", nargs="+", default=list(DEFAULT_METHODS), help="map methods: " + ", ".join(bh.methods.available())
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"map methods (default: {' '.join(DEFAULT_METHODS)}; on vision transformers {' '.join(VIT_METHODS)}): "
+        + ", ".join(bh.methods.available()),
     )
     parser.add_argument("--layer", default=None, help="layer of the CAM methods (default: the model's default_layer)")
     parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=BASELINES)
@@ -383,7 +378,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Run ``backprop-hooks mask``; returns the exit code."""
-    for method in args.methods:
+    for method in args.methods or ():
         bh.methods.get(method)
     if not 0 <= args.threshold < 0.5:
         raise UsageError(f"--threshold must lie in [0, 0.5) (p_2 cannot exceed 0.5), got {args.threshold}")
@@ -394,7 +389,15 @@ def run(args: argparse.Namespace) -> int:
         "methods": {},
     }
     setup = prepare(args, "mask", params)
-    methods = {m: method_options(m, setup.model, args.layer) for m in dict.fromkeys(args.methods)}
+    from .explain import applicable_methods, is_transformer, unfit_reason
+
+    chosen = args.methods or (VIT_METHODS if is_transformer(setup.model) else DEFAULT_METHODS)
+    for method in chosen:
+        reason = unfit_reason(method, setup.model)
+        if reason is not None:
+            fits = applicable_methods(setup.model)
+            raise UsageError(f"--methods {method}: {reason}; map methods that fit {args.model}: {', '.join(fits)}")
+    methods = {m: method_options(m, setup.model, args.layer) for m in dict.fromkeys(chosen)}
     setup.config["methods"] = methods
     first, _ = setup.samples.dataset[setup.positions[0]]
     for method, options in methods.items():  # spatial-map check, before the run

@@ -16,7 +16,6 @@ Batching: all ε values are stacked into one batch, so each step of a mode is on
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -27,7 +26,7 @@ import backprop_hooks as bh
 from backprop_hooks.errors import UsageError
 
 from . import report
-from .experiment import Setup, add_common_arguments, execute, prepare, target_of
+from .experiment import Setup, experiment_parser, execute, explain_batch, prepare, target_of
 from .runner import Process, Results, config_hash
 
 DEFAULT_MODEL = "digits_cnn"
@@ -54,9 +53,7 @@ def explain_input(
     model: nn.Module, x: torch.Tensor, method: str, target: str, classes: torch.Tensor, **options: Any
 ) -> torch.Tensor:
     """φ: the input-space explanation (same shape as ``x``) of ``target`` for ``classes``, in one call."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
-        phi = bh.explain(model, x, method=method, target=target, classes=classes, **options).attributions
+    phi = explain_batch(model, x, method, target, classes, **options).attributions
     if phi.shape != x.shape:
         raise UsageError(
             f"method {method!r} explains in a space of shape {tuple(phi.shape[1:])}, not the input's "
@@ -229,14 +226,7 @@ def sample_rows(setup: Setup, results: Results, targets, eps, steps) -> List[Dic
     """Per-sample results: base values and, per (mode, ε, n_tot), the values after perturbation."""
     rows = []
     for s in range(results["position"].numel()):
-        pos = int(results["position"][s])
-        row: Dict[str, Any] = {
-            "position": pos,
-            "index": int(results["index"][s]),
-            "name": setup.sample_name(pos),
-            "label": int(results["label"][s]),
-            "t": int(results["t"][s]),
-        }
+        row = setup.sample_row(results, s, t="t")
         row.update({f"base_{k}": float(results[f"base_{k}"][s]) for k, _ in METRICS})
         for i, target in enumerate(targets):
             for j, e in enumerate(eps):
@@ -292,8 +282,9 @@ def example_maps(setup: Setup, method: str, targets: Sequence[str], count: int, 
     )
 
 
-def write_report(setup: Setup, results: Results, out: Path) -> None:
-    """results.md (review layout + CIs), results.csv, results.json (config, rows), samples.csv, figures."""
+def write_report(setup: Setup, results: Results, out: Path) -> str:
+    """results.md (review layout + CIs), results.csv, results.json (config, rows), samples.csv, figures.
+    Returns the headline: the sample count and the review's table."""
     cfg = setup.config
     targets, eps, steps = cfg["targets"], cfg["eps"], cfg["steps"]
     rows = summarize(results, targets, eps, steps)
@@ -336,6 +327,9 @@ def write_report(setup: Setup, results: Results, out: Path) -> None:
             out / "example_maps.png",
             dpi=report.EXAMPLE_DPI,
         )
+    return f"{cfg['model']} on {cfg['data']}, {cfg['method']}: n = {rows[0]['n']} samples\n" + review_table(
+        rows, targets
+    )
 
 
 # ---- command line ------------------------------------------------------------------------------------
@@ -351,15 +345,12 @@ def canonical_targets(targets: Sequence[str]) -> List[str]:
     return out
 
 
+HELP = "perturbation experiment: Δacc, Δp_t, Δy_t along explanations (paper §5.1)"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``perturb`` subcommand; its ``func`` default is :func:`run`."""
-    parser = subparsers.add_parser(
-        "perturb",
-        help="perturbation experiment: Δacc, Δp_t, Δy_t along explanations (paper §5.1)",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_common_arguments(parser, DEFAULT_MODEL, DEFAULT_DATA)
+    parser = experiment_parser(subparsers, "perturb", HELP, __doc__, DEFAULT_MODEL, DEFAULT_DATA)
     parser.add_argument(
         "--method", default=DEFAULT_METHOD, help="input-space method: gradient, input_x_gradient, smoothgrad, ..."
     )

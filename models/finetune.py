@@ -25,10 +25,11 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +37,51 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from . import data as data_sources
-from backprop_hooks.errors import ResumeError
+from backprop_hooks.errors import OptionError, ResumeError
 from .normalized import Normalized
 from .zoo import available, create, network_from_checkpoint, num_outputs, replace_head, spec, wrap
 
 TensorPair = tuple[torch.Tensor, torch.Tensor]
 DataSource = Union[Dataset, TensorPair]
+LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The training recipe; the defaults are the paper's (SGD, lr 1e-3, momentum 0.9, weight decay 5e-4,
+    batch 128, 200 epochs, constant learning rate, seed 0, from the architecture's pretrained weights)."""
+
+    epochs: int = 200
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    seed: int = 0
+    lr_schedule: str = "constant"  # or "cosine" (per step, to zero), after warmup_epochs of linear warm-up
+    warmup_epochs: int = 0
+    optimizer: str = "sgd"  # or "adamw" (betas 0.9, 0.999)
+    augment_shift: int = 0  # random shifts of training images by up to this many pixels
+    pretrained: bool = True  # start from the architecture's pretrained weights (else random init)
+    weights: Optional[str] = None  # start from this local checkpoint instead (its head replaced if needed)
+    num_workers: int = 0  # DataLoader workers (does not change the result)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1:
+            raise OptionError(f"epochs must be >= 0 and batch_size >= 1, got {self.epochs} and {self.batch_size}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise OptionError(f"unknown lr_schedule {self.lr_schedule!r}; expected one of {LR_SCHEDULES}")
+        if self.optimizer not in OPTIMIZERS:
+            raise OptionError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", str(self.weights))
+
+    def updated(self, **changes: Any) -> "FinetuneConfig":
+        """A copy with ``changes`` (OptionError naming the accepted fields for an unknown one)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise OptionError(f"unknown finetune option(s) {unknown}; accepted: {[f.name for f in fields(self)]}")
+        return replace(self, **changes)
 
 
 @dataclass
@@ -91,14 +131,8 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
-LR_SCHEDULES = ("constant", "cosine")
-OPTIMIZERS = ("sgd", "adamw")
-
-
 def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
     """The learning-rate multiplier at optimisation step `step` of `total_steps` (linear warm-up first)."""
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule {schedule!r}; expected one of {LR_SCHEDULES}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -112,7 +146,7 @@ def make_optimizer(name: str, parameters, lr: float, momentum: float, weight_dec
         return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+    raise OptionError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
 
 
 def accuracy(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
@@ -178,6 +212,30 @@ def _train_epoch(
     return loss_sum / max(seen, 1)
 
 
+def _start_line(arch: str, cfg: "FinetuneConfig", from_pretrained: bool, checkpoint, num_classes: int, last) -> str:
+    """Where training starts from, in one line."""
+    if checkpoint is not None:
+        return f"resuming {arch} from {last} after epoch {checkpoint['epoch']} of {cfg.epochs}"
+    if cfg.weights is not None:
+        origin = f"the checkpoint {cfg.weights}"
+    elif from_pretrained:
+        origin = "its pretrained ImageNet weights (new classifier)"
+    elif cfg.pretrained:
+        origin = "random init (this architecture always trains from scratch)"
+    else:
+        origin = "random init (--no-pretrained)"
+    return f"training {arch} for {num_classes} classes from {origin}, {cfg.epochs} epochs"
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    """`metrics.csv`: one row per epoch, written through a temporary file."""
+    lines = ["epoch,loss,val_acc,seconds"]
+    lines += [f"{h['epoch']},{h['loss']:.6g},{h['val_acc']:.6g},{h['seconds']:.3f}" for h in history]
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("\n".join(lines) + "\n")
+    os.replace(temporary, path)
+
+
 def _resume_checkpoint(last_path: Path, config: dict) -> dict | None:
     """The checkpoint in `last_path`, if any; ResumeError if it was written with other settings."""
     if not last_path.is_file():
@@ -195,42 +253,27 @@ def finetune(
     arch: str,
     train_data: DataSource,
     val_data: DataSource,
+    config: Optional[FinetuneConfig] = None,
     *,
-    epochs: int = 200,
-    lr: float = 1e-3,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    batch_size: int = 128,
-    seed: int = 0,
     out_dir: str | os.PathLike,
     resume: bool = True,
     device: str | torch.device = "cpu",
-    pretrained: bool = True,
     progress: bool = True,
     class_names: Sequence[str] | None = None,
-    augment_shift: int = 0,
-    lr_schedule: str = "constant",
-    warmup_epochs: int = 0,
-    optimizer: str = "sgd",
-    weights: str | os.PathLike | None = None,
-    num_workers: int = 0,
+    log: Callable[[str], None] | None = None,
+    **changes: Any,
 ) -> FinetuneResult:
     """Train `arch` on `train_data` with cross-entropy, validating on `val_data` after every epoch.
 
-    Data: a Dataset of (pixel image in [0, 1], label) or an (images, labels) tensor pair. Classes:
-    `class_names`, else the dataset's `classes` (ImageFolder), else 0 .. largest training label.
-    `augment_shift` > 0 shifts training images randomly by up to that many pixels. `lr_schedule`
-    ("constant" or "cosine", after `warmup_epochs` of linear warm-up) and `optimizer` ("sgd" or "adamw")
-    default to the paper's recipe. `weights=PATH` starts from a local checkpoint instead of the
-    architecture's pretrained weights (its classifier is replaced if its size differs). With `resume`, an
-    existing `out_dir/last.pt` is continued (ResumeError if its settings differ). Seeds the global
-    torch RNG with `seed`.
+    The recipe is `config` (default: :class:`FinetuneConfig`, the paper's), updated by keyword `changes`
+    (`finetune(..., epochs=5, lr=0.05)`). Data: a Dataset of (pixel image in [0, 1], label) or an
+    (images, labels) tensor pair. Classes: `class_names`, else the dataset's `classes` (ImageFolder), else
+    0 .. largest training label. With `resume`, an existing `out_dir/last.pt` is continued (ResumeError if
+    its settings differ). Seeds the global torch RNG with the recipe's `seed`. `log` receives one line
+    saying where training starts from (pretrained weights, a checkpoint, random init, or a resumed run).
+    Besides the checkpoints, `metrics.csv` gets one row per epoch (epoch, loss, val_acc, seconds).
     """
-    if epochs < 0 or batch_size < 1:
-        raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
-    lr_factor(lr_schedule, 0, 1)  # validates the name
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+    cfg = (config or FinetuneConfig()).updated(**changes)
     arch_spec = spec(arch)
     train_set, val_set = as_dataset(train_data, "train_data"), as_dataset(val_data, "val_data")
     class_names = class_names if class_names is not None else getattr(train_set, "classes", None)
@@ -238,33 +281,36 @@ def finetune(
     device = torch.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from_pretrained = pretrained and not arch_spec.finetune_from_scratch
-    config = {
+    from_pretrained = cfg.pretrained and not arch_spec.finetune_from_scratch
+    saved = {  # the settings a resumed run must share (written into last.pt)
         "arch": arch,
         "num_classes": num_classes,
-        "lr": lr,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "batch_size": batch_size,
-        "seed": seed,
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
         "pretrained": from_pretrained,
-        "augment_shift": augment_shift,
+        "augment_shift": cfg.augment_shift,
         "train_size": len(train_set),
         "val_size": len(val_set),
-        "lr_schedule": lr_schedule,
-        "warmup_epochs": warmup_epochs,
-        "optimizer": optimizer,
-        "weights": None if weights is None else str(weights),
+        "lr_schedule": cfg.lr_schedule,
+        "warmup_epochs": cfg.warmup_epochs,
+        "optimizer": cfg.optimizer,
+        "weights": cfg.weights,
     }
-    if lr_schedule != "constant":  # the schedule depends on the total length
-        config["epochs"] = epochs
+    if cfg.lr_schedule != "constant":  # the schedule depends on the total length
+        saved["epochs"] = cfg.epochs
     last_path = out_dir / "last.pt"
-    checkpoint = _resume_checkpoint(last_path, config) if resume else None
+    checkpoint = _resume_checkpoint(last_path, saved) if resume else None
 
-    torch.manual_seed(seed)
-    generators = {"loader": torch.Generator().manual_seed(seed), "augment": torch.Generator().manual_seed(seed + 1)}
-    if weights is not None and checkpoint is None:
-        network = network_from_checkpoint(arch_spec, weights, None)
+    torch.manual_seed(cfg.seed)
+    generators = {
+        "loader": torch.Generator().manual_seed(cfg.seed),
+        "augment": torch.Generator().manual_seed(cfg.seed + 1),
+    }
+    if cfg.weights is not None and checkpoint is None:
+        network = network_from_checkpoint(arch_spec, cfg.weights, None)
         if num_outputs(network) != num_classes:
             network = replace_head(network, num_classes)
         model = wrap(network, arch_spec, class_names).to(device)
@@ -272,7 +318,7 @@ def finetune(
         model = create(
             arch, pretrained=from_pretrained and checkpoint is None, num_classes=num_classes, class_names=class_names
         ).to(device)
-    opt = make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
+    opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     start_epoch, best_acc, history = 0, -1.0, []
     if checkpoint is not None:
         model.model.load_state_dict(checkpoint["model"])
@@ -280,23 +326,32 @@ def finetune(
         _set_rng_state(checkpoint["rng"], generators, device)
         start_epoch, best_acc, history = checkpoint["epoch"], checkpoint["best_acc"], list(checkpoint["history"])
     (out_dir / "class_names.json").write_text(json.dumps(model.class_names))
+    if log is not None:
+        log(_start_line(arch, cfg, from_pretrained, checkpoint, num_classes, last_path))
 
     train_loader = DataLoader(
-        train_set, batch_size=batch_size, shuffle=True, generator=generators["loader"], num_workers=num_workers
+        train_set, batch_size=cfg.batch_size, shuffle=True, generator=generators["loader"], num_workers=cfg.num_workers
     )
-    val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     steps = len(train_loader)
     bar = tqdm(
-        total=epochs * steps, initial=start_epoch * steps, disable=not progress, desc=f"finetune {arch}", unit="batch"
+        total=cfg.epochs * steps,
+        initial=start_epoch * steps,
+        disable=not progress,
+        desc=f"finetune {arch}",
+        unit="batch",
     )
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         loss = _train_epoch(
             model,
             train_loader,
             opt,
-            lambda batch: lr * lr_factor(lr_schedule, epoch * steps + batch, epochs * steps, warmup_epochs * steps),
-            augment_shift,
+            lambda batch: (
+                cfg.lr
+                * lr_factor(cfg.lr_schedule, epoch * steps + batch, cfg.epochs * steps, cfg.warmup_epochs * steps)
+            ),
+            cfg.augment_shift,
             generators["augment"],
             device,
             bar,
@@ -304,6 +359,7 @@ def finetune(
         val_acc = accuracy(model, val_loader, device)
         history.append({"epoch": epoch + 1, "loss": loss, "val_acc": val_acc, "seconds": time.perf_counter() - started})
         bar.set_postfix(loss=f"{loss:.4f}", val_acc=f"{val_acc:.4f}")
+        _write_metrics(out_dir / "metrics.csv", history)
         if val_acc > best_acc:
             best_acc = val_acc
             _save(model.model.state_dict(), out_dir / "best.pt")
@@ -314,7 +370,7 @@ def finetune(
                 "epoch": epoch + 1,
                 "best_acc": best_acc,
                 "rng": _rng_state(generators, device),
-                "config": config,
+                "config": saved,
                 "history": history,
             },
             last_path,
@@ -327,24 +383,48 @@ def finetune(
 # ---- command line: `backprop-hooks finetune ...` ----
 
 
+RECIPE_HELP = {
+    "epochs": "training epochs",
+    "lr": "learning rate",
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay",
+    "batch_size": "images per batch",
+    "seed": "seed of initialisation, data order and augmentation",
+    "lr_schedule": "learning-rate schedule",
+    "warmup_epochs": "epochs of linear warm-up (cosine schedule)",
+    "optimizer": "optimizer",
+    "augment_shift": "random shifts of training images, in pixels",
+    "num_workers": "data-loading worker processes",
+}
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--arch", required=True, choices=available(), help="architecture to train")
     parser.add_argument("--data", required=True, help=data_sources.DATA_SPEC_HELP)
-    parser.add_argument("--out", required=True, type=Path, help="output folder (last.pt, best.pt, class_names.json)")
-    parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder (last.pt, best.pt, class_names.json, metrics.csv)"
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--augment-shift", type=int, default=0, help="random shifts of up to N pixels")
-    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
-    parser.add_argument("--warmup-epochs", type=int, default=0)
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--weights", type=Path, help="start from this local checkpoint instead of downloading")
-    parser.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="start from random init")
+    recipe = parser.add_argument_group("recipe (defaults: the paper's)")
+    choices = {"lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS}
+    for f in fields(FinetuneConfig):
+        if f.name in ("pretrained", "weights"):
+            continue
+        recipe.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            choices=choices.get(f.name),
+            help=RECIPE_HELP.get(f.name, f.name.replace("_", " ")),
+        )
+    recipe.add_argument("--weights", type=Path, help="start from this local checkpoint instead of downloading")
+    recipe.add_argument(
+        "--no-pretrained",
+        dest="pretrained",
+        action="store_false",
+        help="start from random init (default: the architecture's pretrained weights; the digits networks always "
+        "train from scratch)",
+    )
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing last.pt")
     parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(func=run)
@@ -358,6 +438,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "finetune",
             help="fine-tune a model on CUB-200-2011, an image folder or the digits",
             description=__doc__.splitlines()[0],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
     )
 
@@ -366,28 +447,18 @@ def run(args: argparse.Namespace) -> int:
     """Run the `finetune` subcommand; prints one summary line and returns the exit code."""
     size = spec(args.arch).preprocessing().input_size[0]
     splits = data_sources.from_spec(args.data, size)
+    config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
     result = finetune(
         args.arch,
         splits.train,
         splits.val,
-        epochs=args.epochs,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        seed=args.seed,
+        config,
         out_dir=args.out,
         resume=args.resume,
         device=args.device,
-        pretrained=args.pretrained,
         progress=args.progress,
         class_names=splits.class_names,
-        augment_shift=args.augment_shift,
-        lr_schedule=args.lr_schedule,
-        warmup_epochs=args.warmup_epochs,
-        optimizer=args.optimizer,
-        weights=args.weights,
-        num_workers=args.num_workers,
+        log=lambda line: print(line, file=sys.stderr),
     )
     print(
         f"{args.arch}: final val acc {result.final_acc:.4f}, best {result.best_acc:.4f}; "

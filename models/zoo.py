@@ -8,17 +8,29 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
-import timm
-import torchvision
 from torch import nn
 
 from . import digits_data
 from . import digits_nets, efficientnet_lite
-from backprop_hooks.errors import UnknownArchitectureError, WeightsUnavailableError
+from backprop_hooks.errors import UnknownArchitectureError, WeightsMismatchError, WeightsUnavailableError
 from .normalized import Normalized
 from .weights import download, hf_hub_cached_file, load_into, read_state_dict, torch_hub_cached
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def _torchvision_lib():
+    """torchvision, imported on first use (it takes seconds: ``--help`` and the model list do without it)."""
+    import torchvision
+
+    return torchvision
+
+
+def _timm_lib():
+    """timm, imported on first use."""
+    import timm
+
+    return timm
 
 
 @dataclass(frozen=True)
@@ -49,12 +61,12 @@ class ArchSpec:
 @lru_cache(maxsize=None)
 def imagenet_classes() -> list[str]:
     """The 1000 ImageNet-1k class names in index order, as torchvision ships them (no download)."""
-    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+    return list(_torchvision_lib().models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 def _torchvision(name: str, default_layer: str) -> ArchSpec:
     def default_weights():
-        return torchvision.models.get_model_weights(name).DEFAULT
+        return _torchvision_lib().models.get_model_weights(name).DEFAULT
 
     def build_pretrained() -> nn.Module:
         weights = default_weights()
@@ -62,7 +74,7 @@ def _torchvision(name: str, default_layer: str) -> ArchSpec:
             f"torchvision {weights}",
             weights.url,
             torch_hub_cached(weights.url),
-            lambda: torchvision.models.get_model(name, weights=weights),
+            lambda: _torchvision_lib().models.get_model(name, weights=weights),
         )
 
     def preprocessing() -> Preprocessing:
@@ -72,7 +84,7 @@ def _torchvision(name: str, default_layer: str) -> ArchSpec:
 
     return ArchSpec(
         name,
-        lambda n: torchvision.models.get_model(name, weights=None, num_classes=n),
+        lambda n: _torchvision_lib().models.get_model(name, weights=None, num_classes=n),
         build_pretrained,
         preprocessing,
         imagenet_classes,
@@ -82,7 +94,7 @@ def _torchvision(name: str, default_layer: str) -> ArchSpec:
 
 def _timm(name: str, default_layer: str) -> ArchSpec:
     def build_pretrained() -> nn.Module:
-        cfg = timm.models.get_pretrained_cfg(name)
+        cfg = _timm_lib().models.get_pretrained_cfg(name)
         url = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
         cached = hf_hub_cached_file(cfg.hf_hub_id) if cfg.hf_hub_id else None
         overlay = {"pretrained_cfg_overlay": {"file": cached}} if cached else {}
@@ -90,18 +102,18 @@ def _timm(name: str, default_layer: str) -> ArchSpec:
             f"timm {name} weights",
             url,
             cached is not None,
-            lambda: timm.create_model(name, pretrained=True, **overlay),
+            lambda: _timm_lib().create_model(name, pretrained=True, **overlay),
         )
 
     def preprocessing() -> Preprocessing:
-        cfg = timm.models.get_pretrained_cfg(name)
+        cfg = _timm_lib().models.get_pretrained_cfg(name)
         return Preprocessing(
             tuple(cfg.mean), tuple(cfg.std), tuple(cfg.input_size[1:]), cfg.crop_pct, cfg.interpolation
         )
 
     return ArchSpec(
         name,
-        lambda n: timm.create_model(name, pretrained=False, num_classes=n),
+        lambda n: _timm_lib().create_model(name, pretrained=False, num_classes=n),
         build_pretrained,
         preprocessing,
         imagenet_classes,
@@ -110,13 +122,17 @@ def _timm(name: str, default_layer: str) -> ArchSpec:
 
 
 def _efficientnet_lite0() -> ArchSpec:
-    cfg = timm.models.get_pretrained_cfg(efficientnet_lite.TIMM_NAME)
-    prep = Preprocessing(tuple(cfg.mean), tuple(cfg.std), tuple(cfg.input_size[1:]), cfg.crop_pct, cfg.interpolation)
+    def preprocessing() -> Preprocessing:
+        cfg = _timm_lib().models.get_pretrained_cfg(efficientnet_lite.TIMM_NAME)
+        return Preprocessing(
+            tuple(cfg.mean), tuple(cfg.std), tuple(cfg.input_size[1:]), cfg.crop_pct, cfg.interpolation
+        )
+
     return ArchSpec(
         "efficientnet_lite0",
         efficientnet_lite.build,
         efficientnet_lite.build_pretrained,
-        lambda: prep,
+        preprocessing,
         imagenet_classes,
         "bn2",
     )
@@ -201,9 +217,53 @@ def replace_head(network: nn.Module, num_classes: int) -> nn.Module:
     return network
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """`read_state_dict(path)`, with every way a file can fail to be a checkpoint (text, empty, truncated, a
+    whole pickled model, another format) turned into a WeightsMismatchError that says what was found."""
+    import pickle
+
+    path = Path(path)
+    if path.is_dir():
+        raise WeightsMismatchError(f"--weights {str(path)!r} is a folder; give the checkpoint file (e.g. best.pt)")
+    if path.is_file() and path.stat().st_size == 0:
+        raise WeightsMismatchError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        return read_state_dict(path)
+    except (WeightsMismatchError, FileNotFoundError):
+        raise
+    except pickle.UnpicklingError as error:
+        text = str(error).splitlines()[0] if str(error) else ""
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            raise WeightsMismatchError(
+                f"{path} holds a whole pickled model, not a state dict; only state dicts load safely: re-save it "
+                "with torch.save(model.state_dict(), PATH)"
+            ) from None
+        raise WeightsMismatchError(f"{path} is not a PyTorch checkpoint ({text or 'unreadable pickle'})") from None
+    except Exception as error:  # EOFError, BadZipFile, RuntimeError, IndexError, ...: not a readable file
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise WeightsMismatchError(
+            f"{path} is not a readable PyTorch checkpoint (truncated, or another format): {text}"
+        ) from None
+
+
+def class_names_beside(path: str | os.PathLike, num_classes: int) -> list[str] | None:
+    """The class names in `class_names.json` next to a checkpoint (as `models.finetune` writes it), when that
+    file holds a list of `num_classes` strings; else None."""
+    import json
+
+    names_file = Path(path).resolve().parent / "class_names.json"
+    try:
+        names = json.loads(names_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return names
+    return None
+
+
 def network_from_checkpoint(arch: ArchSpec, path: str | os.PathLike, num_classes: int | None) -> nn.Module:
     """The network with the local checkpoint `path` loaded (strict); None classes: as many as the checkpoint's head."""
-    state = read_state_dict(path)
+    state = read_checkpoint(path)
     network = arch.build(num_classes or arch.num_classes)
     if num_classes is None:  # take the number of classes from the checkpoint's classifier
         head_weight = state.get(f"{head_name(network)}.weight")
@@ -223,7 +283,8 @@ def create(
     """Build architecture `name` as a `Normalized` model in eval mode that takes pixel-space input in [0, 1].
 
     Weights: `weights=PATH` loads a local state dict (`pretrained` is then ignored; the number of classes
-    is read from the checkpoint unless given); else `pretrained=True` loads the architecture's default
+    is read from the checkpoint unless given; a `class_names.json` next to it names the classes); else
+    `pretrained=True` loads the architecture's default
     weights (torchvision/timm download, the bundled EfficientNet-Lite0, the shipped digits networks) and,
     if `num_classes` differs from the default, replaces the classifier by a fresh one; else random init.
 
@@ -234,6 +295,8 @@ def create(
     arch = spec(name)
     if weights is not None:
         network = network_from_checkpoint(arch, weights, num_classes)
+        if class_names is None:
+            class_names = class_names_beside(weights, num_outputs(network))
     elif pretrained:
         network = arch.build_pretrained()
         if num_classes is not None and num_classes != arch.num_classes:

@@ -16,31 +16,47 @@ tap ``qkv``, ``q_norm`` and ``k_norm``) and joins the model at ``norm``, before 
 core runs twice, no projection does. On ``nn.MultiheadAttention`` (no submodules to tap) the whole path,
 projections included, is recomputed from the module's inputs and joins at its output.
 
-Supported modules: timm's ``Attention`` (ViT, DeiT, register-token ViTs; ``q_norm``/``k_norm``, ``norm``
-and ``gate`` included) and ``nn.MultiheadAttention`` (no masks, no ``bias_k``/``add_zero_attn``).
-Masks passed as keyword arguments are invisible to forward hooks: explain models that run their
-attention unmasked (the classification path of every ViT).
+As a module rule (``attach(model, {is_attention: capture})``) it supports timm's ``Attention`` (ViT, DeiT,
+register-token ViTs; ``q_norm``/``k_norm``, ``norm`` and ``gate`` included) and ``nn.MultiheadAttention``
+(no masks, no ``bias_k``/``add_zero_attn``).
+
+Per function, independent of any library's classes: inside ``with capture.recording():`` every call of
+``F.scaled_dot_product_attention`` (timm's fused path, Hugging Face's ``sdpa`` implementation, any model
+that calls it) is captured with its own arguments, masks included (boolean or additive ``attn_mask``,
+``is_causal``, ``scale``, grouped-query heads), and every softmax over the last axis of a 4-d tensor
+(explicit attention: Hugging Face's ``eager`` implementation, timm with ``fused_attn=False``) is recorded
+as it is. A ``TorchFunctionMode`` does it (thread-local, active only for the explained forward); nothing on
+the model changes: no attribute, no ``config._attn_implementation``, no module. The explicit path starts
+from the ``q``, ``k``, ``v`` the kernel received, so no projection runs twice, and the straight-through sum
+keeps the output bit-identical; ``hold_attention`` acts on a gate between ``A`` and the scores. The rollout
+methods use this, with ``nn.MultiheadAttention`` (whose functional core the mode cannot see) per module.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+import contextlib
+import sys
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from backprop_hooks.rule import Rule
 from backprop_hooks.errors import RuleError
 
-try:  # timm is a dependency, but keep the rule importable without it
-    from timm.layers import Attention as _TimmAttention
-except ImportError:  # pragma: no cover
-    _TimmAttention = None
+
+def _timm_attention_class():
+    """timm's ``Attention`` if timm is imported (a timm module cannot exist otherwise), else None: importing
+    timm here would double the start-up time of everything that imports backprop_hooks."""
+    layers = sys.modules.get("timm.layers")
+    return getattr(layers, "Attention", None) if layers is not None else None
 
 
 def is_timm_attention(module: nn.Module) -> bool:
     """timm's ``Attention`` with its own ``forward`` (subclasses that override it, e.g. RoPE, are not)."""
+    _TimmAttention = _timm_attention_class()
     return (
         _TimmAttention is not None
         and isinstance(module, _TimmAttention)
@@ -126,6 +142,8 @@ class _TimmPath(Rule):
     def forward(self, module, inputs, output):
         m, taps = self.attention, self.tap.outputs
         qkv, q, k = (taps.pop(part, None) for part in (m.qkv, m.q_norm, m.k_norm))
+        if self.owner.recording_active:
+            return None  # the function-level capture has this call's attention already
         if qkv is None or q is None or k is None or not isinstance(output, torch.Tensor):
             return None  # not the expected call sequence: AttentionCapture recomputes the whole path instead
         b, n, _ = qkv.shape
@@ -138,9 +156,11 @@ class _TimmPath(Rule):
 
 
 class AttentionCapture(Rule):
-    """Records the attention probabilities of every call of the modules it sits on, in forward order.
+    """Records the attention probabilities of every call of the modules it sits on, in forward order, and,
+    inside ``with capture.recording():``, of every attention function call (see the module docstring).
 
-    ``attentions[i]``: (B, heads, N, N), part of the autograd graph; ``modules[i]``: the module of call i.
+    ``attentions[i]``: (B, heads, N, N), part of the autograd graph; ``modules[i]``: the module of call i
+    (``None`` for a function-level capture).
     The model's output values are unchanged (see the module docstring).
 
     ``hold_attention=True`` (the "AH-rule" of Ali et al. 2022, used for relevance passes): the gradient
@@ -157,6 +177,25 @@ class AttentionCapture(Rule):
         self.modules: List[nn.Module] = []
         self.pending: dict = {}  # attention module -> A of the call in progress (from _TimmPath)
         self._tap = _Tap()
+        self.recording_active = False
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator["AttentionCapture"]:
+        """Capture attention per function call for the duration of the block (see the module docstring):
+        ``F.scaled_dot_product_attention`` and softmaxes over the last axis of 4-d tensors, appended to
+        ``attentions`` in call order (``modules`` gets ``None`` for them)."""
+        if self.recording_active:
+            raise RuleError("AttentionCapture.recording() is already active")
+        self.recording_active = True
+        try:
+            with _AttentionMode(self):
+                yield self
+        finally:
+            self.recording_active = False
+
+    def _record(self, attn: torch.Tensor, module: Optional[nn.Module] = None) -> None:
+        self.attentions.append(attn)
+        self.modules.append(module)
 
     def parts(self, module: nn.Module):
         """timm Attention: taps on ``qkv``, ``q_norm``, ``k_norm`` and the path on ``norm`` (see _TimmPath)."""
@@ -190,6 +229,8 @@ class AttentionCapture(Rule):
                 f"{type(module).__name__} has active dropout: "
                 "put the model in eval mode (model.eval()) to capture attention"
             )
+        if self.recording_active and not isinstance(module, nn.MultiheadAttention):
+            return None  # captured per function call (scaled_dot_product_attention or the explicit softmax)
         if isinstance(module, nn.MultiheadAttention):
             if any(isinstance(a, torch.Tensor) for a in inputs[3:]):
                 raise RuleError(
@@ -238,3 +279,116 @@ def _value_path_grad(m: nn.Module, attn: torch.Tensor, g_out: torch.Tensor) -> t
     g = (g_out @ w_proj).view(b, n, heads, -1).transpose(1, 2)
     g = (attn.transpose(-2, -1) @ g).transpose(1, 2).reshape(b, n, -1) @ w_v
     return g.transpose(0, 1) if mha and not m.batch_first else g
+
+
+# --------------------------------------------------------------------------------- per function call
+class _Hold(torch.autograd.Function):
+    """Identity on the attention probabilities; in the backward pass it lets the gradient through to the
+    scores, or, while ``owner.hold_attention`` is set (AH-rule), stops it there: the gradient reaching the
+    attention's inputs then flows through the values only. ``∂f/∂A`` itself is the same in both modes."""
+
+    @staticmethod
+    def forward(ctx, attn: torch.Tensor, owner: "AttentionCapture") -> torch.Tensor:
+        ctx.owner = owner
+        return attn.view_as(attn)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (torch.zeros_like(grad) if ctx.owner.hold_attention else grad), None
+
+
+_SDPA = F.scaled_dot_product_attention
+_SOFTMAXES = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax}
+
+
+def sdpa_explicit(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    wrap=None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``F.scaled_dot_product_attention``'s math, written out: ``(A v, A)`` with
+    ``A = softmax(q kᵀ · scale + mask)`` (B..., heads, Lq, Lk).
+
+    Boolean masks (True: attend) and ``is_causal`` (top-left aligned, as SDPA's) exclude keys; a float mask
+    is added to the scores. Excluded scores are ``finfo.min``, not ``−inf``, as in Hugging Face's eager
+    attention: a query row with no key left gets uniform weights rather than NaN, and every gradient stays
+    finite. ``enable_gqa``: key/value heads are repeated to the query heads. ``wrap``: applied to ``A``
+    before it meets ``v`` (the capture's hold gate).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    scores = (q * scale) @ k.transpose(-2, -1)
+    lowest = torch.finfo(scores.dtype).min
+    if is_causal:
+        lq, lk = scores.shape[-2:]
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, lowest)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, lowest)
+        else:
+            scores = (scores + attn_mask).clamp_min(lowest)
+    attn = scores.softmax(dim=-1)
+    if wrap is not None:
+        attn = wrap(attn)
+    return attn @ v, attn
+
+
+def _sdpa_arguments(args: tuple, kwargs: dict) -> dict:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+class _AttentionMode(TorchFunctionMode):
+    """The function-level capture of :meth:`AttentionCapture.recording`."""
+
+    def __init__(self, owner: AttentionCapture) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            return self._sdpa(args, kwargs)
+        out = func(*args, **kwargs)
+        if func in _SOFTMAXES and isinstance(out, torch.Tensor) and out.dim() == 4 and out.is_floating_point():
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            if dim in (-1, 3):
+                if not torch.is_grad_enabled():
+                    self.owner._record(out)
+                    return out
+                held = _Hold.apply(out, self.owner)
+                self.owner._record(held)
+                return held
+        return out
+
+    def _sdpa(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        a = _sdpa_arguments(args, kwargs)
+        if a.get("dropout_p", 0.0):
+            raise RuleError(
+                f"scaled_dot_product_attention was called with dropout_p={a['dropout_p']}: "
+                "put the model in eval mode (model.eval()) to capture attention"
+            )
+        fused = _SDPA(*args, **kwargs)
+        grad = torch.is_grad_enabled()
+        path, attn = sdpa_explicit(
+            a["query"],
+            a["key"],
+            a["value"],
+            a.get("attn_mask"),
+            bool(a.get("is_causal", False)),
+            a.get("scale"),
+            bool(a.get("enable_gqa", False)),
+            wrap=(lambda t: _Hold.apply(t, self.owner)) if grad else None,
+        )
+        self.owner._record(attn)
+        return _straight_through(fused, path) if grad else fused

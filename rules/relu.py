@@ -11,10 +11,17 @@ GuidedReLU         ``relu(g) ⊙ [x > 0]``                  no (Springenberg et 
 DeconvReLU         ``relu(g)``                            no (Zeiler & Fergus 2014)
 =================  =====================================  =========================================
 
-They sit on ``nn.ReLU`` and ``nn.ReLU6`` modules, in place or not (for ReLU6 the forward mask is
-``[0 < x < 6]``, the gradient autograd gives it). No activation is stored: GuidedReLU reads the mask from
-the gradient autograd already computed, ``grad_input = g ⊙ [y > 0]`` (the output's sign, so an in-place
-ReLU that overwrote its input is handled), and ``relu(g ⊙ [y > 0]) = relu(g) ⊙ [y > 0]``.
+They sit on ReLU-like modules (:func:`is_relu_like`): ``nn.ReLU``, ``nn.ReLU6`` and any ``nn.Hardtanh`` clipping
+at 0 (``min_val == 0``), in place or not. No activation is stored: GuidedReLU reads the mask from the
+gradient autograd already computed, ``grad_input = g ⊙ m`` with the module's own local gradient mask
+``m`` (``[x > 0]`` for ReLU, ``[0 < x < 6]`` for ReLU6; an in-place module that overwrote its input is
+handled, autograd reads its output), and ``relu(g ⊙ m) = relu(g) ⊙ m``. So on ReLU6 Guided Backprop is
+``relu(g) ⊙ [0 < x < 6]``: the module's local gradient, plus the positive-gradient clamp. Deconvnet ignores
+the forward mask on every ReLU-like module: ``relu(g)``.
+
+Smooth activations (``Hardswish``, ``SiLU``, ``GELU``, ``Mish``, ...) are not ReLU-like: they have no on/off
+mask, Guided Backprop and Deconvnet define no rule for them, and the methods leave their backward plain
+(:mod:`backprop_hooks.methods.guided` refuses a model with no ReLU-like module and warns about a mix).
 Module hooks cannot see functional ``F.relu`` / ``torch.relu`` calls; the methods built from these rules
 (:mod:`backprop_hooks.methods.guided`) detect them and refuse or warn.
 
@@ -33,11 +40,24 @@ from backprop_hooks.errors import RuleError
 from backprop_hooks.rule import Grads, Rule
 
 
-RELU_TYPES = (nn.ReLU, nn.ReLU6)
+RELU_LIKE = (nn.ReLU, nn.Hardtanh)  # Hardtanh: ReLU6 and other clips at 0, see is_relu_like
+
+
+def is_relu_like(module: nn.Module) -> bool:
+    """``nn.ReLU``, ``nn.ReLU6``, or an ``nn.Hardtanh`` whose lower clip is 0: a piecewise-linear unit whose
+    local gradient is an on/off mask, which the modified-ReLU rules can clamp."""
+    if isinstance(module, nn.ReLU):
+        return True
+    return isinstance(module, nn.Hardtanh) and float(module.min_val) == 0.0
+
+
+def relu_like_selector(name: str, module: nn.Module) -> bool:
+    """Selector for :func:`backprop_hooks.attach`: the modules :func:`is_relu_like` accepts."""
+    return is_relu_like(module)
 
 
 class ReLURule(Rule):
-    """Base of the modified-ReLU rules: the nn.ReLU check, a call counter, the ``enabled`` switch, and
+    """Base of the modified-ReLU rules: the ReLU-like check, a call counter, the ``enabled`` switch, and
     ``rule(masked, grad)`` giving the new input gradient."""
 
     def __init__(self) -> None:
@@ -45,10 +65,10 @@ class ReLURule(Rule):
         self.calls = 0  # module calls seen (lets a method spot ReLUs that bypassed the hooks)
 
     def check(self, module: nn.Module) -> None:
-        if not isinstance(module, RELU_TYPES):
+        if not is_relu_like(module):
             raise RuleError(
-                f"{type(self).__name__} handles nn.ReLU and nn.ReLU6 modules only, not {type(module).__name__}; "
-                "select the ReLUs, e.g. attach(model, {nn.ReLU: rule})"
+                f"{type(self).__name__} handles ReLU-like modules only (nn.ReLU, nn.ReLU6, nn.Hardtanh clipping at "
+                f"0), not {type(module).__name__}; select them, e.g. attach(model, {{relu_like_selector: rule}})"
             )
 
     def forward(self, module, inputs, output):
@@ -78,7 +98,8 @@ class ReLUPassThrough(ReLURule):
 
 
 class GuidedReLU(ReLURule):
-    """``∂f/∂x = relu(g) ⊙ [x > 0]`` (Guided Backprop): only positive gradient through active units."""
+    """``∂f/∂x = relu(g) ⊙ [x > 0]`` (Guided Backprop): only positive gradient through active units
+    (``relu(g) ⊙ [0 < x < 6]`` on ReLU6: the module's own mask)."""
 
     linear = False
 

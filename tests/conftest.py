@@ -9,6 +9,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 settings.register_profile(
     "default", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
+# A slower run outside CI: HYPOTHESIS_PROFILE=thorough pytest (or .ci/thorough); 12x the examples, and the
+# budgets pinned with testing.examples(n) scale alike.
 settings.register_profile(
     "thorough",
     deadline=None,

@@ -1,5 +1,7 @@
 """The benchmark harness runs end to end on a tiny case (no timing is asserted: only that it measures)."""
 
+import json
+
 import pytest
 import torch
 
@@ -105,3 +107,117 @@ def test_peers_run_side_by_side():
         ["fullgrad:pytorch-grad-cam"],
     )
     assert not any(r["impl"] == "pytorch-grad-cam" for r in skipped)
+
+
+@pytest.mark.parametrize("name", ["hf_vit@5", pytest.param("bert_small@3", marks=pytest.mark.slow)])
+def test_bench_case_on_hugging_face_models(name, monkeypatch):
+    """The harness runs the attention methods on a Hugging Face ViT (sdpa) and a small BERT on its input
+    embeddings (shrunk here to 2 layers: only that it measures is checked)."""
+    import transformers
+
+    from bench import zoo
+
+    monkeypatch.setitem(
+        zoo.HF_TEXT, "bert_small", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8)
+    )
+    monkeypatch.setattr(
+        transformers, "ViTConfig", lambda **kw: transformers.models.vit.ViTConfig(**dict(kw, num_hidden_layers=1))
+    )
+    rows = harness.bench_case(
+        name, 2, 32, ["grad_rollout", "vit_gradcam"], ["logit", "weighted"], torch.device("cpu"), 1, False, False, False
+    )
+    keys = {(r["method"], r["target"]) for r in rows}
+    assert {("fwd+bwd", ""), ("grad_rollout", "logit"), ("grad_rollout", "weighted"), ("vit_gradcam", "logit")} <= keys
+    assert all(r["seconds"] > 0 for r in rows)
+
+
+# ---- bench.targets: what is timed computes what the table says it does; the ratios are the times' ----
+def test_bench_targets_times_the_right_computations(monkeypatch):
+    """`python -m bench.targets` on a tiny 1000-class net: the plain-autograd floor is the logit gradient,
+    every target candidate is that target's explanation, the C per-class passes compose to the seed's
+    explanation, and each row's ratio / speed-up is its own times' quotient."""
+    import torchvision
+    from torch import nn
+
+    from bench import targets as bench_targets
+
+    def tiny(weights=None):
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 1000)
+        )
+
+    monkeypatch.setattr(torchvision.models, "tiny_for_tests", tiny, raising=False)
+    outputs, real_compare = {}, bench_targets.compare
+
+    def recorded(name, fn):
+        def run():
+            out = fn()
+            outputs[name] = out.attributions if hasattr(out, "attributions") else out
+            return out
+
+        return run
+
+    def recording_compare(candidates, device, **kw):
+        return real_compare({name: recorded(name, fn) for name, fn in candidates.items()}, device, **kw)
+
+    monkeypatch.setattr(bench_targets, "compare", recording_compare)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2,000 tiny backward passes: one thread, no OpenMP spinning on a busy machine
+    try:
+        rows = bench_targets.run(quick=True, model_name="tiny_for_tests", batch=2, size=8)
+    finally:
+        torch.set_num_threads(threads)
+
+    overhead = [r for r in rows if r["bench"] == "target overhead"]
+    assert [r["target"] for r in overhead] == ["plain autograd (logit)", *bench_targets.TARGETS]
+    base = overhead[0]["seconds"]
+    assert all(r["ratio"] == r["seconds"] / base for r in overhead) and overhead[0]["ratio"] == 1.0
+    per_class = [r for r in rows if r["bench"] == "seed vs C=1000 per-class passes"]
+    assert [r["target"] for r in per_class] == ["weighted", "mean"]
+    assert all(r["speedup"] == r["per_class_seconds"] / r["seconds"] for r in per_class)
+
+    # the floor is the logit explanation, and each target row explains that target
+    torch.testing.assert_close(outputs["plain autograd (logit)"], outputs["logit"])
+    assert not torch.allclose(outputs["weighted"], outputs["logit"])
+    # the per-class composition (the earlier code's way) equals the one seeded pass (last recorded: "mean")
+    torch.testing.assert_close(outputs["per-class"], outputs["seed"], rtol=1e-4, atol=1e-6)
+    assert outputs["seed"].abs().amax() > 0
+
+
+def test_scaling_sweeps_and_report(monkeypatch, tmp_path):
+    """`python -m bench --scaling`: batch, resolution and class-count sweeps tagged as such, kept out of the
+    goals, reported in their own table (bench_case stubbed: no timing here)."""
+    calls = []
+
+    def fake_case(model_name, batch, size, methods, targets, device, repeats, peers, memory, per_class, skip=()):
+        calls.append((model_name, batch, size, tuple(methods), tuple(targets)))
+        return [
+            dict(model=model_name, batch=batch, size=size, method=m, target=t, impl="backprop_hooks", seconds=1.0)
+            | dict(x_fwd=1.0, x_fwd_bwd=1.0, x_logit=1.0)
+            for m in ["fwd", "fwd+bwd", *methods]
+            for t in ([""] if m.startswith("fwd") else targets)
+        ]
+
+    monkeypatch.setattr(harness, "bench_case", fake_case)
+    rows = harness.scaling(torch.device("cpu"), quick=True, repeats=1)
+    sweeps = {(r["sweep"], r["model"], r["batch"], r["size"]) for r in rows}
+    for model in ("resnet18", "vit_tiny"):
+        assert {("batch", model, b, 224) for b in (1, 4, 16)} <= sweeps
+        assert {("size", model, 4, s) for s in (112, 224)} <= sweeps
+    classes = [r for r in rows if r["sweep"] == "classes"]
+    assert {(r["model"], r["classes"]) for r in classes} == {(f"resnet18@{c}", c) for c in (10, 100, 1000)}
+    assert {r["target"] for r in classes if r["method"] == "gradient"} == {"logit", "weighted", "mean", "max"}
+    assert all("sweep" in r for r in rows)
+
+    calls.clear()
+    out = tmp_path / "bench"
+    argv = ["--quick", "--models", "resnet18@10", "--methods", "gradient", "--batch", "2"]
+    assert harness.main([*argv, "--no-peers", "--no-memory", "--scaling", "--out", str(out)]) == 0
+    assert calls[0][:2] == ("resnet18@10", 2)  # the main case first, then the sweeps
+    report = json.loads((out / "results.json").read_text())
+    assert sum("sweep" in r for r in report["rows"]) == len(rows)
+    assert all(g["model"] == "resnet18@10" for g in report["goals"])  # sweeps never enter the goals
+    text = (out / "results.md").read_text()
+    assert "Scaling:" in text and text.index("Goals:") < text.index("Scaling:")
+    assert text.count("| classes | resnet18@1000 |") >= 1

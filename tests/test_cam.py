@@ -78,7 +78,7 @@ def manual_cam(model, layer, x, seed_fn, kind):
 
 
 # ------------------------------------------------------------------------------------------ identities
-@settings(max_examples=15)
+@settings(max_examples=testing.examples(15))
 @given(testing.cases(kinds=("cnn",)), st.sampled_from(CAMS), st.sampled_from([None, "stem"]))
 def test_contrast_identities_signed_cams(case, name, layer):
     """Signed CAMs are linear in the seed: every contrast equals the per-class composition."""

@@ -195,7 +195,7 @@ BAD_INPUTS = {
     "class out of range": (lambda t, w: ["--classes", "3", "10"], ["10", "0 to 9"]),
     "negative class": (lambda t, w: ["--classes", "-1"], ["-1", "0 to 9"]),
     "versus class out of range": (lambda t, w: ["--target", "versus:12"], ["12", "0 to 9"]),
-    "topk too large": (lambda t, w: ["--topk", "11"], ["--topk", "10"]),
+    "topk zero": (lambda t, w: ["--topk", "0"], ["--topk", ">= 1"]),
     "weights of another architecture": (lambda t, w: ["--weights", str(w["digits_vit"])], ["digits_vit_random.pt"]),
     "missing weights file": (lambda t, w: ["--weights", str(t / "nope.pt")], ["nope.pt"]),
     "unknown device": (lambda t, w: ["--device", "gpu7"], ["gpu7", "cpu"]),
@@ -218,15 +218,24 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, small, weig
     assert stdout == ""
 
 
-def test_failure_midway_leaves_out_folder_unchanged(tmp_path, capsys, small, photo_files):
+def test_unreadable_image_midway_is_skipped_and_the_others_are_written(tmp_path, capsys, small, photo_files):
+    """One corrupt image among good ones: the good ones are written, the corrupt one gets one line, exit 2;
+    a file already in --out that this command did not write is never replaced."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "photo.png").write_bytes(b"old figure")
-    code, _, stderr = run_cli(capsys, *small, str(photo_files[0]), "chelsea", _corrupt(tmp_path), "--out", str(out))
+    code, stdout, stderr = run_cli(
+        capsys, *small, str(photo_files[0]), _corrupt(tmp_path), "chelsea", "--out", str(out)
+    )
     assert code == 2
-    assert "broken.jpg" in [line for line in stderr.splitlines() if line.strip()][-1]
-    assert [p.name for p in out.iterdir()] == ["photo.png"] and (out / "photo.png").read_bytes() == b"old figure"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "broken.jpg", "out"]  # no staging folder left
+    lines = [line for line in stderr.splitlines() if "error" in line]
+    assert any("broken.jpg" in line and "skipped" in line for line in lines), stderr
+    assert "1 of 3 images" in lines[-1]
+    assert (out / "photo.png").read_bytes() == b"old figure"
+    assert {p.name for p in out.iterdir()} == {"photo.png"} | {
+        f"{n}.{s}" for n in ("photo_2", "chelsea") for s in ("png", "pt", "json")
+    }
+    assert "photo_2" in stdout and not [p for p in out.iterdir() if p.name.endswith(".partial")]
 
 
 def test_explain_classes_is_reusable(small_model):

@@ -7,9 +7,9 @@ from backprop_hooks import cli
 
 
 def test_usage_error_is_one_line_and_exit_2(capsys):
-    assert cli.main(["explain", "--classes", "abc"]) == 2
+    assert cli.main(["explain", "--topk", "abc"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["backprop-hooks explain: error: argument --classes: invalid int value: 'abc'"]
+    assert err == ["backprop-hooks explain: error: argument --topk: invalid int value: 'abc'"]
     assert cli.main(["no-such-command"]) == 2
 
 

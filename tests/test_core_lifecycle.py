@@ -99,5 +99,7 @@ class Lifecycle(RuleBasedStateMachine):
         testing.assert_same_state(self.model, self.before)
 
 
-Lifecycle.TestCase.settings = __import__("hypothesis").settings(max_examples=15, stateful_step_count=12, deadline=None)
+Lifecycle.TestCase.settings = __import__("hypothesis").settings(
+    max_examples=testing.examples(15), stateful_step_count=12, deadline=None
+)
 TestLifecycle = Lifecycle.TestCase

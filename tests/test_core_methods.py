@@ -37,23 +37,21 @@ def test_batch_equals_single(case, name, target):
     )
 
 
-@settings(max_examples=10)
+@settings(max_examples=testing.examples(10))
 @given(testing.cases(acts=("gelu",)), st.sampled_from(["logit", "softmax", "log_softmax", "weighted"]))
 @pytest.mark.filterwarnings("ignore::backprop_hooks.errors.NonLinearContrastWarning")
 def test_integrated_gradients_completeness(case, target):
-    """Σ IG = f(x) − f(x0): with fixed seeds f = v·y (v the seed at x); pointwise, f is the objective itself.
-
-    Pointwise completeness needs a true objective (logit, softmax, log_softmax): the weighted seed holds α
-    constant at every point, which is not the gradient field of any function. Smooth (GELU) networks, so
-    that Gauss–Legendre quadrature converges (kinks of ReLU nets limit it)."""
+    """Σ IG = f(x) − f(x0): with fixed seeds f = v·y (v the seed at x); pointwise, f is the target's potential
+    (for weighted, the log-odds: its seed at every point is the gradient of log(p_t/(1−p_t))). Smooth (GELU)
+    networks, so that Gauss–Legendre quadrature converges (kinks of ReLU nets limit it)."""
     x = case.x
     tgt = bh.targets.get(target)
     with torch.no_grad():
         y, y0 = case.model(x), case.model(torch.zeros_like(x))
-    for pointwise in (False, True) if target != "weighted" else (False,):
+    for pointwise in (False, True):
         e = bh.explain(case.model, x, "integrated_gradients", target, n_steps=96, pointwise=pointwise)
         if pointwise:
-            want = tgt.objective(y, e.classes) - tgt.objective(y0, e.classes)
+            want = tgt.potential(y, e.classes) - tgt.potential(y0, e.classes)
         else:
             want = (tgt.seed(y, e.classes) * (y - y0)).sum(1)
         got = e.attributions.flatten(1).sum(1)
@@ -83,7 +81,10 @@ def test_smoothgrad_is_reproducible_and_averages_noisy_gradients():
 
 
 # ------------------------------------------------------------------------------------- Captum oracles
-captum_attr = pytest.importorskip("captum.attr")
+@pytest.fixture(scope="module")
+def captum_attr():
+    """Captum is an oracle: without it only the tests that use it are skipped, not the properties above."""
+    return pytest.importorskip("captum.attr")
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +94,13 @@ def cnn_case():
     return model, x, torch.tensor([0, 3, 5, 1])
 
 
-def test_gradient_equals_captum_saliency(cnn_case):
+def test_gradient_equals_captum_saliency(cnn_case, captum_attr):
     model, x, t = cnn_case
     want = captum_attr.Saliency(model).attribute(x, target=t, abs=False)
     torch.testing.assert_close(bh.explain(model, x, "gradient", classes=t).attributions, want, rtol=1e-10, atol=1e-12)
 
 
-def test_input_x_gradient_equals_captum(cnn_case):
+def test_input_x_gradient_equals_captum(cnn_case, captum_attr):
     model, x, t = cnn_case
     want = captum_attr.InputXGradient(model).attribute(x, target=t)
     torch.testing.assert_close(
@@ -110,7 +111,7 @@ def test_input_x_gradient_equals_captum(cnn_case):
 @pytest.mark.parametrize(
     "rule", ["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"]
 )
-def test_integrated_gradients_equals_captum(cnn_case, rule):
+def test_integrated_gradients_equals_captum(cnn_case, rule, captum_attr):
     model, x, t = cnn_case
     baseline = torch.full_like(x, 0.25)
     want = captum_attr.IntegratedGradients(model).attribute(x, baselines=baseline, target=t, n_steps=20, method=rule)
@@ -133,7 +134,7 @@ def test_gauss_legendre_nodes_and_weights(n):
     torch.testing.assert_close(w, torch.from_numpy(weights / 2), rtol=0, atol=1e-14)
 
 
-def test_pointwise_softmax_ig_equals_captum_on_softmax_output(cnn_case):
+def test_pointwise_softmax_ig_equals_captum_on_softmax_output(cnn_case, captum_attr):
     model, x, t = cnn_case
     probs = nn.Sequential(model, nn.Softmax(dim=1))
     want = captum_attr.IntegratedGradients(probs).attribute(x, target=t, n_steps=16)
@@ -143,7 +144,7 @@ def test_pointwise_softmax_ig_equals_captum_on_softmax_output(cnn_case):
     assert not got.linear
 
 
-def test_gradient_contrast_equals_captum_on_a_contrast_head(cnn_case):
+def test_gradient_contrast_equals_captum_on_a_contrast_head(cnn_case, captum_attr):
     """Captum needs a model whose output is the contrast; the seed gives it from the plain model."""
     model, x, t = cnn_case
 

@@ -28,7 +28,7 @@ def explained_output(e):
     return (seed * e.logits).sum(1)
 
 
-@settings(max_examples=15)
+@settings(max_examples=testing.examples(15))
 @given(
     RELU_CNNS,
     st.sampled_from(["logit", "weighted", "softmax", "mean", "max"]),
@@ -38,15 +38,11 @@ def test_completeness_on_relu_networks(case, target, post):
     """Σ x⊙∇x + Σ_l Σ b_l⊙∂f/∂y_l = f(x) for piecewise-linear nets (BatchNorm in eval mode is affine and
     counted with its effective bias; the classifier head's bias is a non-spatial part)."""
     e = FullGrad(case.model, post=post)(case.x, target=target)
-    parts = e.extras["input"].flatten(1).sum(1) + sum(
-        p.reshape(p.shape[0], -1).sum(1) for p in e.extras["bias"].values()
-    )
-    torch.testing.assert_close(parts, e.extras["total"], rtol=1e-12, atol=1e-12)
-    want = explained_output(e)
+    want = explained_output(e)  # the parts themselves: test_maps_and_every_raw_part_equal_an_autograd_oracle
     torch.testing.assert_close(e.extras["total"], want, rtol=1e-9, atol=1e-9 * (1 + float(want.abs().max())))
 
 
-@settings(max_examples=6)
+@settings(max_examples=testing.examples(6))
 @given(testing.cases(kinds=("cnn",)))
 def test_raw_signed_sum_is_linear_in_the_seed(case):
     method = FullGrad(case.model, post=None)
@@ -54,7 +50,7 @@ def test_raw_signed_sum_is_linear_in_the_seed(case):
     testing.assert_contrast_identities(method, case.x, rtol=1e-9, atol=1e-12)
 
 
-@settings(max_examples=6)
+@settings(max_examples=testing.examples(6))
 @given(testing.cases(kinds=("cnn",), batch=(2, 4)), st.sampled_from(["abs", "signed", None]))
 def test_batch_equals_single(case, post):
     testing.assert_batch_equals_single(
@@ -169,6 +165,8 @@ def test_leaves_model_untouched_also_after_an_exception():
 
 
 # --------------------------------------------------------------------------------- pytorch-grad-cam
+# Its per-channel min-max normalisation divides every bias value out (|b_c g_c| normalised per channel is
+# |g_c| normalised): these comparisons check the gradient maps, positions and resizing, not the biases.
 def _pgc_fullgrad(model, x, classes):
     pgc = pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -245,3 +243,88 @@ def test_batchnorm_effective_bias_is_the_offset_of_its_affine_map(affine, batch_
         torch.testing.assert_close(zero_in, c.expand_as(x))
     a = (y - c) / x  # per channel constant
     torch.testing.assert_close(a, a[:1, :, :1, :1].expand_as(a), rtol=1e-8, atol=1e-8)
+
+
+# ------------------------------------------------------------------ an oracle that shares nothing with the code
+def _fullgrad_oracle(model, x, seed, post, eps=1e-6):
+    """FullGrad written out with plain autograd: ``x ⊙ ∂f/∂x`` and, for every biased module, the bias
+    contribution ``b_c ∂f/∂y_c`` read as the gradient of ``f`` with respect to a zero field ``s`` added to
+    the module's output as ``y + s·b`` (BatchNorm's ``b`` measured as its output on a zero input)."""
+    fields, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
+            bias = module.bias.detach()
+        elif isinstance(module, nn.BatchNorm2d):
+            assert not module.training
+            with torch.no_grad():
+                bias = module(torch.zeros(1, module.num_features, 1, 1, dtype=x.dtype)).flatten()
+        else:
+            continue
+
+        def add_field(mod, inputs, output, name=name, bias=bias):
+            channel_last = isinstance(mod, nn.Linear) and output.dim() == 4
+            shape = (1, 1, 1, -1) if channel_last else (1, -1, *([1] * (output.dim() - 2)))
+            s = torch.zeros_like(output, requires_grad=True)
+            fields[name] = (s, bias, channel_last)
+            return output + s * bias.view(shape)
+
+        hooks.append(module.register_forward_hook(add_field))
+    try:
+        xg = x.detach().clone().requires_grad_(True)
+        f = (model(xg) * seed).sum()
+        grads = torch.autograd.grad(f, [xg] + [s for s, _, _ in fields.values()])
+    finally:
+        for h in hooks:
+            h.remove()
+    parts = {}
+    for (name, (_, _, channel_last)), contribution in zip(fields.items(), grads[1:]):  # ∂f/∂s = b ⊙ ∂f/∂y
+        parts[name] = contribution.movedim(-1, 1) if channel_last else contribution  # channels on dim 1
+    input_part = x * grads[0]
+
+    def reduce(p):
+        if post is None:
+            return p.sum(1)
+        if post == "signed":
+            s = p.sum(1)
+            return s / (s.flatten(1).abs().max(1).values.view(-1, 1, 1) + eps)
+        m = p.abs()  # "abs": min-max per sample over channels and positions, then the channel sum
+        lo, hi = m.flatten(1).min(1).values.view(-1, 1, 1, 1), m.flatten(1).max(1).values.view(-1, 1, 1, 1)
+        return ((m - lo) / (hi - lo + eps)).sum(1)
+
+    size = x.shape[2:]
+    heat = reduce(input_part)
+    for p in parts.values():
+        if p.dim() == 4:
+            heat = (
+                heat
+                + torch.nn.functional.interpolate(reduce(p)[:, None], size=size, mode="bilinear", align_corners=False)[
+                    :, 0
+                ]
+            )
+    raw = {n: p.sum(1) if p.dim() == 4 else p.flatten(1).sum(1) for n, p in parts.items()}
+    return heat, input_part, raw
+
+
+@pytest.mark.parametrize("post", [None, "signed", "abs"])
+@pytest.mark.parametrize("net", ["cnn_bn_pool", "channels_last"])
+def test_maps_and_every_raw_part_equal_an_autograd_oracle(net, post):
+    """The map, the input part and every layer's bias part (values, signs, positions, layer names) equal the
+    oracle above; ``total`` is their sum and equals ``f(x)`` (the nets are piecewise linear)."""
+    if net == "cnn_bn_pool":
+        model = testing.randomize(testing.CNN(3, 8, 4, 2, 5, batchnorm=True, act="relu_inplace"), seed=11)
+        model.pool = nn.Sequential(nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(2))  # a part at half resolution
+        x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    else:
+        model = testing.randomize(ChannelsLast(), seed=12)
+        x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    e = bh.explain(model, x, "fullgrad", "weighted", post=post)
+    seed = bh.targets.Weighted().seed(e.logits, e.classes)
+    heat, input_part, raw = _fullgrad_oracle(model, x, seed, post)
+    torch.testing.assert_close(e.attributions, heat, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(e.extras["input"], input_part, rtol=1e-9, atol=1e-12)
+    assert list(e.extras["bias"]) == list(raw)  # forward order, qualified names
+    for name, want in raw.items():
+        torch.testing.assert_close(e.extras["bias"][name], want, rtol=1e-9, atol=1e-12, msg=name)
+    total = input_part.flatten(1).sum(1) + sum(r.flatten(1).sum(1) if r.dim() > 1 else r for r in raw.values())
+    torch.testing.assert_close(e.extras["total"], total, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(total, (e.logits * seed).sum(1), rtol=1e-9, atol=1e-9)

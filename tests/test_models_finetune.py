@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from backprop_hooks.models import data, finetune as finetune_module
-from backprop_hooks.models.finetune import ResumeError, finetune
+from backprop_hooks.errors import OptionError, ResumeError
+from backprop_hooks.models.finetune import finetune
 from backprop_hooks.models.digits_data import digits
 
 
@@ -63,8 +64,21 @@ def test_cosine_schedule_with_warmup():
     factors = [finetune_module.lr_factor("cosine", s, 10, 2) for s in range(10)]
     assert factors[:3] == [0.5, 1.0, 1.0] and factors[-1] > 0
     assert factors[2:] == sorted(factors[2:], reverse=True)
-    with pytest.raises(ValueError, match="lr_schedule"):
-        finetune_module.lr_factor("step", 0, 1)
+    with pytest.raises(OptionError, match="lr_schedule"):
+        finetune_module.FinetuneConfig(lr_schedule="step")
+
+
+def test_config_is_the_recipe_and_keywords_update_it(tiny_digits, tmp_path):
+    config = finetune_module.FinetuneConfig(epochs=1, batch_size=16, lr=0.05)
+    assert finetune_module.FinetuneConfig().lr == 1e-3 and finetune_module.FinetuneConfig().epochs == 200
+    assert config.updated(lr=0.1) == finetune_module.FinetuneConfig(epochs=1, batch_size=16, lr=0.1)
+    with pytest.raises(OptionError, match="unknown finetune option.*'lrr'"):
+        config.updated(lrr=0.1)
+    (x, y), val = tiny_digits
+    result = finetune("digits_cnn", (x, y), val, config, out_dir=tmp_path, progress=False, epochs=2)
+    assert len(result.history) == 2
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["config"]
+    assert saved["lr"] == 0.05 and saved["batch_size"] == 16
 
 
 def test_tensor_pairs_are_checked(tiny_digits, tmp_path):

@@ -1,15 +1,54 @@
-"""The README's API walkthrough runs as written."""
+"""The README's Python blocks run as written, each in its own namespace, from an empty folder."""
 
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
-def test_readme_python_block_runs():
-    block = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
-    namespace: dict = {}
-    exec(compile(block, str(README), "exec"), namespace)
+def run_block(index: int) -> dict:
+    namespace: dict = {"__name__": f"readme_block_{index}"}
+    exec(compile(BLOCKS[index], f"{README}:block{index}", "exec"), namespace)
+    return namespace
+
+
+def block_with(text: str) -> int:
+    (index,) = [i for i, block in enumerate(BLOCKS) if text in block]
+    return index
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # blocks that write files write them here
+
+
+def test_the_api_walkthrough():
+    namespace = run_block(0)
     assert namespace["e"].maps.shape == (1, 224, 224)
     assert tuple(namespace["capture"].output.shape) == (1, 1280, 7, 7)
     assert namespace["why_not"].target == "versus"
+
+
+def test_the_text_and_hugging_face_section(tmp_path):
+    namespace = run_block(block_with("bh.explain_text"))
+    assert namespace["e"].attributions.shape == namespace["ids"].shape
+    assert namespace["why"].attributions.shape == (1, 8)
+    assert namespace["r"].attributions.shape == (1, 4, 4)
+    assert (tmp_path / "out" / "tokens.html").is_file()
+
+
+@pytest.mark.parametrize("index", [i for i in range(1, len(BLOCKS)) if "bh.explain_text" not in BLOCKS[i]])
+def test_every_other_block_runs(index):
+    run_block(index)
+
+
+def test_the_own_rule_example_can_fail():
+    """The rule example's property test is real: a rule whose backward is not linear in the gradient fails it."""
+    namespace = run_block(block_with("class LeakyReLUGradient"))
+    rule = namespace["LeakyReLUGradient"]
+    rule.backward = lambda self, module, grad_input, grad_output: (grad_output[0].clamp(min=0),)  # guided-style
+    with pytest.raises(AssertionError):
+        namespace["test_leaky_gradient_is_contrastive"]()

@@ -52,13 +52,11 @@ def small_deit_distilled(seed: int = 0, dtype=torch.float64) -> nn.Module:
 
 def small_torchvision_vit(seed: int = 0, dtype=torch.float64) -> nn.Module:
     torch.manual_seed(seed)
-    return (
-        torchvision.models.VisionTransformer(
-            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5
-        )
-        .to(dtype)
-        .eval()
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5
     )
+    nn.init.normal_(model.heads.head.weight, std=0.2)  # torchvision zeroes the head: every gradient would be 0
+    return model.to(dtype).eval()
 
 
 def inputs(b: int = 3, h: int = 32, w: int = 32, dtype=torch.float64, seed: int = 1) -> torch.Tensor:
@@ -185,7 +183,9 @@ def test_capture_on_multihead_attention_matches_need_weights():
     capture = AttentionCapture()
     with bh.attach(model, {is_attention: capture}):
         y = model(x)
-    assert torch.equal(y.detach(), plain)
+    # the capture computes the attention explicitly (not PyTorch's fused path): equal to rounding
+    assert plain.abs().amax() > 0.1
+    torch.testing.assert_close(y.detach(), plain, rtol=0, atol=1e-12)
     # oracle: nn.MultiheadAttention's own weights (need_weights=True, per head) on the same block input
     block = model.encoder.layers[0]
     with torch.no_grad():
@@ -357,8 +357,15 @@ def test_transformer_attribution_is_blind_to_the_seed_sign_and_grad_rollout_is_n
 def test_transformer_attribution_switches_its_relevance_rules_back_off():
     model, x = small_vit(depth=2), inputs()
     method = TransformerAttribution(model)
+    seen, release = {}, method.release
+
+    def keep_then_release():  # the per-call state is dropped when the call returns: look at it just before
+        seen.update(capture=method._capture, held=method._held)
+        release()
+
+    method.release = keep_then_release
     method(x)
-    assert not method._capture.hold_attention and not any(r.enabled for r in method._held)
+    assert not seen["capture"].hold_attention and not any(r.enabled for r in seen["held"])
     testing.assert_no_hooks_left(model)
 
 
@@ -478,3 +485,120 @@ def test_timm_architectures_full_size(name):
 def test_torchvision_vit_b_16():
     model = torchvision.models.vit_b_16(weights=None, num_classes=10).eval()
     _check_all_methods(model, torch.rand(2, 3, 224, 224), (14, 14))
+
+
+# ------------------------------------------------------------------- read-outs: values, not shapes
+def reference_readout_rollout(mats, prefix, readout, discard_ratio=0.0):
+    """Rollout of fused (B, N, N) layer matrices read out as the classifier reads the tokens: the mean of
+    the ``readout`` rows, or of every patch row (``None``: average-pooled heads); patch columns only."""
+    joint = None
+    for a in mats:
+        if discard_ratio:
+            a = a.clone()
+            n = a.shape[-1]
+            k = int(discard_ratio * n * n)
+            for b in range(a.shape[0]):
+                magnitude = a[b].abs().flatten().clone()
+                magnitude[:: n + 1] = float("inf")  # the diagonal is kept
+                a[b].view(-1)[torch.argsort(magnitude, stable=True)[:k]] = 0.0
+        a = (a + torch.eye(a.shape[-1], dtype=a.dtype)) / 2
+        a = a / a.abs().sum(dim=-1, keepdim=True)
+        joint = a if joint is None else a @ joint
+    rows = list(range(prefix, joint.shape[1])) if readout is None else list(readout)
+    return joint[:, rows, prefix:].mean(1)
+
+
+def tokens_gradcam(model, x, layer_module, seed_of, prefix):
+    """GradCAM on a block's tokens written out: patch-token gradients averaged over the grid weight the
+    patch tokens' features."""
+    found = []
+    h = layer_module.register_forward_hook(lambda m, i, o: found.append(o))
+    y = model(x)
+    h.remove()
+    g = torch.autograd.grad(y, found[0], seed_of(y.detach()))[0]
+    return (g[:, prefix:].mean(1, keepdim=True) * found[0][:, prefix:]).sum(-1).detach()
+
+
+def torchvision_attentions(model, x):
+    """Per-head attention of each torchvision encoder layer, asked of nn.MultiheadAttention itself."""
+    ref = copy.deepcopy(model)
+    found = []
+    for layer in ref.encoder.layers:
+        mha = layer.self_attention
+
+        def forward(q, k, v, need_weights=False, mha=mha, **kw):
+            out, w = nn.MultiheadAttention.forward(mha, q, k, v, need_weights=True, average_attn_weights=False, **kw)
+            found.append(w.detach())
+            return out, None
+
+        mha.forward = forward
+    with torch.no_grad():
+        y = ref(x)
+    return y, found
+
+
+@pytest.mark.parametrize(
+    "kind, prefix, readout",
+    [("avg_no_class_token", 0, None), ("avg_with_class_token", 1, None), ("deit_distilled", 2, (0, 1))],
+)
+def test_timm_read_outs_equal_references(kind, prefix, readout):
+    """Average-pooled heads read the mean of the patch rows (class token excluded), the distilled DeiT the
+    mean of its class and distillation rows: rollout and grad_rollout against references; vit_gradcam
+    against GradCAM on the tokens written out (with the right prefix)."""
+    if kind == "deit_distilled":
+        model = small_deit_distilled()
+    else:
+        model = small_vit(global_pool="avg", class_token=kind == "avg_with_class_token")
+    x = inputs()
+    layout = bh.methods.token_layout(model, x)
+    assert (layout.prefix, layout.readout) == (prefix, readout)
+    y, a_ref, _ = explicit_oracle(model, x)
+    got = Rollout(model)(x).attributions
+    want = reference_readout_rollout([a.mean(1) for a in a_ref], prefix, readout).reshape(3, 4, 4)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+    e = GradRollout(model)(x, target="weighted")
+
+    def seed_fn(y):
+        return bh.targets.Weighted().seed(y, e.classes)
+
+    _, a_ref, g_ref = explicit_oracle(model, x, seed_fn)
+    torch.testing.assert_close(e.logits, y, rtol=1e-12, atol=1e-12)
+    mats = [(g * a).mean(1) for a, g in zip(a_ref, g_ref)]
+    want = reference_readout_rollout(mats, prefix, readout).reshape(3, 4, 4)
+    torch.testing.assert_close(e.attributions, want, rtol=1e-9, atol=1e-12)
+
+    e = ViTGradCAM(model, layer="blocks.0")(x, target="max")
+    want = tokens_gradcam(model, x, model.blocks[0], lambda y: bh.targets.MaxContrast().seed(y, e.classes), prefix)
+    assert want.abs().amax() > 1e-3 and mats[0].abs().amax() > 1e-6  # not a vacuous 0 = 0
+    torch.testing.assert_close(e.attributions, want.reshape(3, 4, 4), rtol=1e-10, atol=1e-12)
+
+
+def test_torchvision_vit_read_outs_equal_references():
+    """torchvision's ViT (nn.MultiheadAttention, class token first): rollout against the attention the
+    module returns with need_weights=True, vit_gradcam against GradCAM on the tokens written out."""
+    model, x = small_torchvision_vit(), inputs()
+    y, attentions = torchvision_attentions(model, x)
+    got = Rollout(model)(x)
+    torch.testing.assert_close(got.logits, y, rtol=1e-12, atol=1e-12)
+    want = reference_readout_rollout([a.mean(1) for a in attentions], 1, (0,)).reshape(3, 4, 4)
+    torch.testing.assert_close(got.attributions, want, rtol=1e-10, atol=1e-12)
+    block = model.encoder.layers.encoder_layer_0
+    e = ViTGradCAM(model, layer="encoder.layers.encoder_layer_0")(x, target="weighted")
+    want = tokens_gradcam(model, x, block, lambda y: bh.targets.Weighted().seed(y, e.classes), 1)
+    assert want.abs().amax() > 1e-3  # not a vacuous 0 = 0
+    torch.testing.assert_close(e.attributions, want.reshape(3, 4, 4), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.9])
+@pytest.mark.parametrize("fusion", ["mean", "max"])
+def test_discard_ratio_equals_reference(ratio, fusion):
+    """discard_ratio zeroes int(ratio·N²) entries of smallest magnitude of each fused matrix, the diagonal
+    kept, before the residual and the row normalisation."""
+    model, x = small_vit(), inputs()
+    _, a_ref, _ = explicit_oracle(model, x)
+    fused = [{"mean": a.mean(1), "max": a.amax(1)}[fusion] for a in a_ref]
+    got = Rollout(model, discard_ratio=ratio, head_fusion=fusion)(x).attributions
+    want = reference_readout_rollout(fused, 1, (0,), discard_ratio=ratio).reshape(3, 4, 4)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(got, reference_readout_rollout(fused, 1, (0,)).reshape(3, 4, 4))

@@ -4,11 +4,18 @@ SmoothGrad and Integrated Gradients evaluate the gradient at many points (noisy 
 those points are stacked into one batch, so an explanation is one forward and one backward pass
 (``internal_batch_size`` bounds the memory by splitting the stack into chunks).
 
-Seeds at many points. With ``pointwise=False`` (default) the target's seed is computed once, on the
+Seeds at many points. With ``pointwise=False`` (default) the target's seed ``v`` is computed once, on the
 explained input, and reused at every point: the method is then linear in the seed and the contrast
-identities hold exactly (the weights ``α`` of the weighted contrast are constants, as in the paper).
-With ``pointwise=True`` the seed is recomputed at every point: SmoothGrad/IG of the target's objective
-itself (e.g. IG of ``p_t`` satisfies completeness ``Σ φ = p_t(x) − p_t(x0)``), not linear in the seed.
+identities hold exactly (the weights ``α`` of the weighted contrast are constants, as in the paper); IG's
+completeness holds against the linearised objective ``v · y``: ``Σ φ = v · (y(x) − y(x0))``.
+
+With ``pointwise=True`` the seed is recomputed at every point. The seed at a point is the gradient of the
+target's *potential* ``P`` there (:meth:`backprop_hooks.targets.Target.potential`), so this is SmoothGrad/IG of
+the potential itself, for every target: IG satisfies completeness ``Σ φ = P(x) − P(x0)`` against ``p_t``,
+``log p_t``, and, for ``weighted``, the log-odds ``log(p_t / (1 − p_t))`` (``max`` holds ``s*`` per point, so
+its potential is only piecewise smooth). Not linear in the seed: the identities do not hold.
+
+``Explanation.extras["potential"]`` is ``P`` at the explained input, (B,).
 """
 
 from __future__ import annotations
@@ -42,6 +49,14 @@ class InputXGradient(Gradient):
 
     def attribute(self, x, logits, seed):
         return x.detach() * grad(logits, x, seed)
+
+
+def _potential(target, logits: torch.Tensor, classes: torch.Tensor) -> dict:
+    """``{"potential": P(x)}``, or nothing for a user's target that defines no potential."""
+    try:
+        return {"potential": target.potential(logits, classes)}
+    except NotImplementedError:
+        return {}
 
 
 def _chunks(total: int, per_chunk: int) -> Iterator[Tuple[int, int]]:
@@ -95,13 +110,14 @@ class _ManyPoints(Method):
                 xs = self.points(x, start, k).reshape(k * batch, *x.shape[1:]).detach().requires_grad_(True)
                 with attach(self.model, self.rules(xs)):
                     out = self.model_logits(xs)
-                    if self.pointwise:
+                    if self.pointwise:  # the gradient of the potential at each point
                         s = target.seed(out.detach(), classes.repeat(k))
                     else:
                         s = seed.repeat(k, 1)
                     g = grad(out, xs, s)
                 total = total + self.combine(x, g.view(k, batch, *x.shape[1:]), start)
-        return self.result(total, logits, classes, target, self.linear, x)
+        extras = _potential(target, logits, classes)
+        return self.result(total, logits, classes, target, self.linear, x, **extras)
 
 
 @register

@@ -1,18 +1,24 @@
 r"""Modified-ReLU methods: Guided Backprop, Deconvnet and Guided Grad-CAM (none is linear in the seed).
 
-* ``guided_backprop``: ``∂f/∂x`` with every ``nn.ReLU``'s backward replaced by ``relu(g) ⊙ [x > 0]``;
+* ``guided_backprop``: ``∂f/∂x`` with every ReLU-like module's backward replaced by ``relu(g) ⊙ [x > 0]``
+  (``nn.ReLU``; on ``nn.ReLU6`` ``relu(g) ⊙ [0 < x < 6]``, its own mask, see :mod:`backprop_hooks.rules.relu`);
 * ``deconvnet``:       the same with ``relu(g)`` (:mod:`backprop_hooks.rules.relu`);
 * ``guided_gradcam``:  ``guided_backprop ⊙ upsample(gradcam)`` (Selvaraju et al. 2017), input-shaped.
 
 A contrast seed is back-propagated as is, but the clamp makes the result differ from the per-class
 composition: ``e.linear`` is ``False`` and a :class:`NonLinearContrastWarning` is emitted.
 
-Functional activations: the rules sit on ``nn.ReLU`` modules, and hooks cannot see ``F.relu`` /
-``torch.relu`` / ``Tensor.relu`` calls, whose backward would silently stay plain (``nn.ReLU6`` modules get
-the rules too: the mask is then ``[0 < x < 6]``). The forward pass is
-therefore watched for such calls (a ``TorchFunctionMode`` that only counts them): a model with no
-``nn.ReLU`` at all raises :class:`~backprop_hooks.errors.RuleError` before any work, and a model where
-some ReLUs are functional emits :class:`FunctionalReLUWarning`.
+Which activations: the rules sit on ReLU-like modules (``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh`` clipping
+at 0). Smooth activations (``Hardswish``, ``SiLU``, ``GELU``, ...) have no on/off mask and no guided rule:
+their backward stays plain. A model with no ReLU-like module at all raises
+:class:`~backprop_hooks.errors.RuleError` before any work (the message names the activations it found); a
+model that mixes ReLU-like and smooth activations (MobileNetV3: ReLU and Hardswish) emits
+:class:`FunctionalReLUWarning` saying that the smooth ones keep their plain backward.
+
+Functional activations: hooks cannot see ``F.relu`` / ``torch.relu`` / ``Tensor.relu`` / ``F.relu6`` calls,
+whose backward would silently stay plain. The forward pass is therefore watched for such calls (a
+``TorchFunctionMode`` that only counts them); a model where some ReLUs are functional emits
+:class:`FunctionalReLUWarning`.
 
 Guided Grad-CAM runs one forward and two backward passes: a partial one to the layer with the rules
 switched off (the CAM weights need the unmodified gradient there), then the guided one to the input.
@@ -28,22 +34,38 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from backprop_hooks.rules.relu import RELU_TYPES, DeconvReLU, GuidedReLU, ReLURule
+from backprop_hooks.rules.relu import DeconvReLU, GuidedReLU, ReLURule, is_relu_like, relu_like_selector
 
 from ..errors import FunctionalReLUWarning, RuleError
 from .base import Method, grad, register
 from .cam import GradCAM, upsample
 
 _RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu6}
+_CLIP_FUNCTIONS = {F.hardtanh, F.hardtanh_}  # ReLU-like when the lower clip is 0 (nn.ReLU6 calls F.hardtanh)
+SMOOTH_ACTIVATIONS = (nn.Hardswish, nn.SiLU, nn.GELU, nn.Mish, nn.ELU, nn.SELU, nn.Softplus, nn.LeakyReLU)
 
 
-def _is_relu6(func, args, kwargs) -> bool:
-    """``F.hardtanh(x, 0, 6)``: what ``nn.ReLU6`` runs."""
-    if func is not F.hardtanh:
-        return False
-    low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-    high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
-    return low == 0 and high == 6
+def _model_name(model: nn.Module) -> str:
+    """The name users know the model by: its architecture (``efficientnet_lite0``), else its class."""
+    return str(getattr(model, "arch", None) or type(model).__name__)
+
+
+def activation_summary(model: nn.Module) -> Optional[str]:
+    """None if ``model`` has ReLU-like modules the modified-ReLU rules can reach; else why not, in words
+    that name the activations it has."""
+    if any(is_relu_like(m) for m in model.modules()):
+        return None
+    smooth = sorted({type(m).__name__ for m in model.modules() if isinstance(m, SMOOTH_ACTIVATIONS)})
+    name = _model_name(model)
+    if smooth:
+        return (
+            f"guided backprop and deconvnet modify ReLU-like activations (ReLU, ReLU6), and {name} uses "
+            f"{', '.join(smooth)}, which have no on/off mask to guide"
+        )
+    return (
+        f"guided backprop and deconvnet modify ReLU and ReLU6 modules, and {name} has none (functional relu calls "
+        "cannot be reached), so the result would be the plain gradient"
+    )
 
 
 class _ReLUCalls(TorchFunctionMode):
@@ -54,27 +76,34 @@ class _ReLUCalls(TorchFunctionMode):
         self.count = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _RELU_FUNCTIONS or _is_relu6(func, args, kwargs or {}):
+        if func in _RELU_FUNCTIONS:
             self.count += 1
+        elif func in _CLIP_FUNCTIONS:
+            lower = args[1] if len(args) > 1 else (kwargs or {}).get("min_val", -1.0)
+            self.count += float(lower) == 0.0
         return func(*args, **(kwargs or {}))
 
 
 class ModifiedReLU(Method):
-    """Input gradient with ``rule`` on every ``nn.ReLU`` (``rule_class``: a :mod:`backprop_hooks.rules.relu` rule)."""
+    """Input gradient with ``rule`` on every ReLU-like module (``rule_class``: a rule of ``rules.relu``)."""
 
     rule_class: Type[ReLURule]
     per_call = ("relu_rule",)
 
     def relu_rules(self):
-        if not any(isinstance(m, RELU_TYPES) for m in self.model.modules()):
-            raise RuleError(
-                f"{self.name} needs nn.ReLU (or nn.ReLU6) modules, and {type(self.model).__name__} has none: "
-                "functional "
-                "F.relu / torch.relu calls cannot be hooked, so the result would be the plain gradient. "
-                "Use nn.ReLU modules (e.g. self.act = nn.ReLU() in __init__, self.act(x) in forward)."
+        reason = activation_summary(self.model)
+        if reason is not None:
+            raise RuleError(f"{self.name}: {reason}; use a method without modified activations (e.g. gradient)")
+        smooth = sorted({type(m).__name__ for m in self.model.modules() if isinstance(m, SMOOTH_ACTIVATIONS)})
+        if smooth:
+            warnings.warn(
+                f"{self.name}: {_model_name(self.model)} also uses {', '.join(smooth)}, which have no guided rule: "
+                "their backward stays plain",
+                FunctionalReLUWarning,
+                stacklevel=5,
             )
         self.relu_rule = self.rule_class()
-        return [(RELU_TYPES, self.relu_rule)]
+        return [(relu_like_selector, self.relu_rule)]
 
     def rules(self, x):
         return self.relu_rules()
@@ -85,9 +114,9 @@ class ModifiedReLU(Method):
         missed = seen.count - self.relu_rule.calls
         if missed > 0:
             warnings.warn(
-                f"{self.name}: {missed} of {seen.count} ReLU calls in {type(self.model).__name__}'s forward are "
-                "functional (F.relu / torch.relu / Tensor.relu) and keep their plain backward; only nn.ReLU "
-                "modules get the modified rule",
+                f"{self.name}: {missed} of {seen.count} ReLU calls in {_model_name(self.model)}'s forward are "
+                "functional (F.relu / torch.relu / Tensor.relu) and keep their plain backward; only ReLU and "
+                "ReLU6 modules get the modified rule",
                 FunctionalReLUWarning,
                 stacklevel=4,
             )

@@ -1,0 +1,89 @@
+"""`backprop-hooks explain-text [SENTENCE ...]`: why a text classifier chose its class and not the others.
+
+The bundled classifier (:mod:`backprop_hooks.models.text_topics`, a 2-layer BERT trained here on the help
+text that ships with CPython) sorts sentences into exceptions, strings, numbers and containers. Each
+sentence is explained with ``--method`` and every ``--target`` (``versus:CLASS`` for "and not CLASS") in one
+batched call per target; the token heat-maps are printed in colour (``--no-color`` for plain text) and, with
+``--html FILE``, written to a self-contained HTML page. Sentences come first:
+
+    backprop-hooks explain-text "Return a copy of the string." --target weighted versus:numbers --html out.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import List
+
+import backprop_hooks as bh
+from backprop_hooks.errors import UsageError, choices
+from backprop_hooks.text import TEXT_METHODS
+
+from . import tokens as render
+
+DEFAULT_SENTENCES = (
+    "The integer division of x by y is rounded toward minus infinity.",
+    "Return a copy of the string with leading characters removed.",
+)
+
+
+def _target(spec: str, class_names: List[str]):
+    if spec.startswith("versus:"):
+        name = spec.split(":", 1)[1]
+        if name not in class_names:
+            raise UsageError(f"unknown class {name!r} in {spec!r}; classes: {choices(class_names)}")
+        return bh.targets.Versus(class_names.index(name))
+    return spec
+
+
+def run(args: argparse.Namespace) -> int:
+    from backprop_hooks.models import text_topics
+
+    model, tokenizer = text_topics.load()
+    class_names = list(text_topics.CLASSES)
+    if args.cls is not None and args.cls not in class_names:
+        raise UsageError(f"unknown class {args.cls!r}; classes: {choices(class_names)}")
+    sentences = args.sentences or list(DEFAULT_SENTENCES)
+    ids, mask = tokenizer(sentences)
+    toks = [tokenizer.tokens(s) for s in sentences]
+    classes = None if args.cls is None else class_names.index(args.cls)
+    options = {"n_steps": args.n_steps} if args.method == "integrated_gradients" else {}
+    all_rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
+        for spec in args.target:
+            e = bh.explain_text(model, ids, mask, args.method, _target(spec, class_names), classes, **options)
+            probs = e.probabilities
+            for i, row in enumerate(render.rows(e, toks, class_names)):
+                c = int(e.classes[i])
+                why = f"and not {spec.split(':', 1)[1]}" if spec.startswith("versus:") else spec
+                if spec.startswith("versus:") and class_names.index(spec.split(":", 1)[1]) == c:
+                    why += " (the class itself: zero by definition)"
+                caption = f"{class_names[c]} (p={float(probs[i, c]):.2f}) · {why} · {args.method}"
+                all_rows.append((row[0], row[1], caption))
+                print(caption)
+                print("  " + render.terminal(row[0], row[1], color=not args.no_color))
+    if args.html:
+        path = render.save_html(args.html, all_rows, title="Why this topic and not the others?")
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "explain-text",
+        help="token heat-maps of the bundled text classifier",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("sentences", nargs="*", help="sentences to explain (default: two examples)")
+    p.add_argument("--method", default="integrated_gradients", choices=TEXT_METHODS)
+    p.add_argument(
+        "--target", nargs="+", default=["logit", "weighted"], help="logit, weighted, mean, max, versus:CLASS, ..."
+    )
+    p.add_argument("--class", dest="cls", default=None, help="the class to explain (default: the predicted one)")
+    p.add_argument("--n-steps", type=int, default=32, help="Integrated Gradients' steps")
+    p.add_argument("--html", default=None, metavar="FILE", help="also write a self-contained HTML page")
+    p.add_argument("--no-color", action="store_true", help="plain text: token(score)")
+    p.set_defaults(func=run)
