@@ -13,6 +13,12 @@ The gates return detached aliases (no copies), so in-place modules (``nn.ReLU(in
 in-place ops after the module work. A fresh gate per call pairs every ``grad_input`` with its own
 ``grad_output`` when a module runs several times in one forward pass.
 
+Threads: the rules act on the forward passes of the thread that attached them; the same modules run by
+other threads meanwhile (a serving loop, another explanation of a model that shares a backbone) see no
+rule and are not recorded. Names are those of the original model, also for a ``torch.compile``d model
+(no ``_orig_mod``); a compiled graph does not run hooks added after it was traced, so run a compiled
+model's rules on its eager forward (:func:`backprop_hooks.runtime.eager_call`), as the methods do.
+
 Removing a handle releases its rules and their per-call state (the graph and the rules' captures would
 otherwise keep each other alive); run the backward pass while the rules are attached: a backward through a
 graph recorded under rules that have since been removed raises :class:`RuleError`.
@@ -20,6 +26,7 @@ graph recorded under rules that have since been removed raises :class:`RuleError
 
 from __future__ import annotations
 
+import threading
 import weakref
 from fnmatch import fnmatchcase
 from types import SimpleNamespace
@@ -31,6 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import ModelError, RuleError, SelectorError, choices
 from .rule import Rule
+from .runtime import clean_name, named_modules
 
 Selector = Union[type, Tuple[type, ...], str, Callable[[str, nn.Module], bool]]
 RuleSpec = Union[Mapping[Selector, Union[Rule, Sequence[Rule]]], Sequence[Tuple[Selector, Union[Rule, Sequence[Rule]]]]]
@@ -72,8 +80,11 @@ class _ModuleHook:
         self.gated = any(rule.needs_backward for rule in rules)
         self.calls: List[Optional[_Call]] = []  # stack: a module may (rarely) call itself
         self.live: "weakref.WeakSet[_Call]" = weakref.WeakSet()  # calls whose graph may still exist
+        self.thread = threading.get_ident()  # the rules act in the attaching thread only
 
     def pre(self, module: nn.Module, args: Tuple[Any, ...]):
+        if threading.get_ident() != self.thread:
+            return None
         if not torch.is_grad_enabled():
             self.calls.append(None)
             return None
@@ -94,12 +105,18 @@ class _ModuleHook:
         return tuple(args)
 
     def post(self, module: nn.Module, args: Tuple[Any, ...], output: Any):
+        if threading.get_ident() != self.thread:
+            return None
         call = self.calls.pop() if self.calls else None
         if call is None:
             return None
         for rule, ctx in zip(self.rules, call.ctxs):
             rule.ctx = ctx
-            replaced = rule.forward(module, args, output)
+            try:
+                replaced = rule.forward(module, args, output)
+            except Exception as exc:
+                mark_from_rule(exc)
+                raise
             if replaced is not None:
                 output = replaced
         if not self.gated:
@@ -206,7 +223,7 @@ def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
     if isinstance(selector, type) or (isinstance(selector, tuple) and all(isinstance(s, type) for s in selector)):
         return isinstance(module, selector)
     if isinstance(selector, str):
-        return fnmatchcase(name, selector)
+        return fnmatchcase(name, clean_name(selector))
     if callable(selector):
         return bool(selector(name, module))
     raise SelectorError(
@@ -226,7 +243,7 @@ def _items(rules: RuleSpec) -> Iterable[Tuple[Selector, Any]]:
 
 
 def _describe(model: nn.Module) -> str:
-    names = [n for n, _ in model.named_modules() if n][:8]
+    names = [n for n, _ in named_modules(model) if n][:8]
     types = sorted({type(m).__name__ for m in model.modules()})
     return f"module names look like {choices(names, 8)}; module types present: {choices(types, 10)}"
 
@@ -239,7 +256,7 @@ def attach(model: nn.Module, rules: RuleSpec) -> Handle:
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"attach needs an nn.Module, got {type(model).__name__}")
-    named = list(model.named_modules())
+    named = named_modules(model)
     names = {id(module): name for name, module in named}
     per_module: dict = {}
     parts: List[Tuple[str, nn.Module, List[Rule]]] = []
@@ -263,6 +280,18 @@ def attach(model: nn.Module, rules: RuleSpec) -> Handle:
         handles = [module.register_forward_pre_hook(hook.pre), module.register_forward_hook(hook.post)]
         placed.append((name, hook, handles))
     return Handle(model, placed)
+
+
+def mark_from_rule(exc: BaseException) -> None:
+    """Mark an exception raised by a rule, so that it reaches the user unchanged (not as a ForwardError)."""
+    try:
+        exc.__backprop_hooks_rule__ = True
+    except AttributeError:  # an exception type with __slots__
+        pass
+
+
+def raised_by_rule(exc: BaseException) -> bool:
+    return getattr(exc, "__backprop_hooks_rule__", False)
 
 
 def is_framework_hook(fn: Any) -> bool:

@@ -32,6 +32,11 @@ class ModelOutputError(BackpropHooksError, ValueError):
     """The model's output is not a (B, C) tensor of logits matching the input's batch."""
 
 
+class ForwardError(BackpropHooksError, RuntimeError):
+    """The model's forward pass raised on the given input (most often: a shape, dtype or device the model does
+    not take). The original exception is the ``__cause__``."""
+
+
 class UnknownNameError(BackpropHooksError, ValueError):
     """A method, target, layer, rule, composite or architecture name that does not exist."""
 
@@ -96,6 +101,10 @@ class NonLinearContrastWarning(BackpropHooksWarning):
 
 class TrainingModeWarning(BackpropHooksWarning):
     """The model is in training mode (dropout, batch statistics): explanations are not reproducible."""
+
+
+class CompiledModelWarning(BackpropHooksWarning):
+    """A method whose rules live in module hooks explains a compiled model by running its eager module."""
 
 
 class ImageUpsampledWarning(BackpropHooksWarning):

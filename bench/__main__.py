@@ -5,8 +5,11 @@ every method x target as a ratio to those floors, the peers' time for the same e
 pytorch-grad-cam, Zennit, and the earlier code's C per-class backward passes for contrast targets, and a
 batch-size-1 loop for ViT rollouts), and peak tensor memory (CUDA allocator; CPU allocator events).
 Everything within one model x batch is measured interleaved, so the ratios are side by side in one run.
-``--scaling`` adds time vs batch size, input resolution and number of classes. Output: ``DIR/results.json``
-and ``DIR/results.md``.
+``--scaling`` adds time vs batch size, input resolution and number of classes. ``--compile BACKEND`` adds
+every model compiled with ``torch.compile(model, backend=BACKEND)`` (rows ``MODEL+compile:BACKEND``), each
+method's time as a ratio to the *compiled* model's own forward and forward+backward: the gradient family
+runs the compiled graph; methods with rules run the eager module (their ratio shows the cost).
+Output: ``DIR/results.json`` and ``DIR/results.md``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import platform
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -65,9 +68,14 @@ def bench_case(
     with_memory: bool,
     with_per_class: bool,
     skip_peers: Sequence[str] = (),
+    compile_backend: Optional[str] = None,
 ) -> List[Dict]:
     model, layer_name, num_classes, is_vit = build(model_name, device)
     x = make_input(model_name, model, batch, size, device)
+    if compile_backend is not None:  # floors and methods on the compiled model; no peers, no memory
+        model = torch.compile(model, backend=compile_backend)
+        model_name = f"{model_name}+compile:{compile_backend}"
+        with_peers = with_memory = with_per_class = False
     t = torch.arange(batch, device=device) % num_classes
     layer = bh.methods.get_module(model, layer_name) if layer_name else None
     candidates: Dict[str, Callable] = {"fwd": forward(model, x), "fwd+bwd": forward_backward(model, x, t)}
@@ -215,6 +223,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--per-class", action="store_true", help="also time the earlier code's C per-class backward passes (batch 1)"
     )
+    p.add_argument(
+        "--compile",
+        default=None,
+        metavar="BACKEND",
+        help="also measure every model compiled with torch.compile(backend=BACKEND), e.g. inductor",
+    )
     a = p.parse_args(argv)
     device = torch.device(a.device)
     warnings.simplefilter("ignore")
@@ -241,6 +255,11 @@ def main(argv=None) -> int:
                 a.skip_peers,
             )
             print(f"done: {model_name} batch {b}", file=sys.stderr)
+            if a.compile and b in batches:
+                rows += bench_case(
+                    model_name, b, size, ms, a.targets, device, repeats, False, False, False, (), a.compile
+                )
+                print(f"done: {model_name}+compile:{a.compile} batch {b}", file=sys.stderr)
     if a.scaling:
         rows += scaling(device, a.quick, repeats)
     goals = check_goals([r for r in rows if "sweep" not in r])

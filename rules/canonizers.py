@@ -11,6 +11,10 @@ happens **inside the rules** and the model is never written to:
   and links the two; its backward then passes the gradient through unchanged (``g_in = g_out``);
 * in backward, the layer's rule redistributes the BatchNorm's output relevance with ``W', b'``.
 
+A BatchNorm subclass that does more in its forward (timm's ``BatchNormAct2d``: the BatchNorm, then an
+activation) is merged too: its backward hands down autograd's input gradient divided by the per-channel
+scale ``s``, i.e. the gradient at the affine output, the activation's own gradient kept (as everywhere).
+
 The pairing follows the actual data flow, not module order or names, so it works for torchvision's
 Conv→BN pairs, ``nn.Sequential`` stacks and functional forwards alike. A BatchNorm in training mode (batch
 statistics) or fed by anything else keeps its ordinary gradient: LRP-0 with its shift absorbing relevance.
@@ -107,7 +111,14 @@ class MergeBatchNorm(Rule):
     def backward(self, module, grad_input, grad_output):
         if not self.ctx.merged or grad_input[0] is None:
             return None
-        return (grad_output[0],) + tuple(grad_input[1:])
+        if type(module).forward is nn.modules.batchnorm._BatchNorm.forward:
+            return (grad_output[0],) + tuple(grad_input[1:])
+        # more than the affine map in forward (an activation after it): the gradient at the affine output is
+        # autograd's input gradient without the scale s (a channel with s = 0 carries nothing: 0)
+        scale, _ = bn_affine(module)
+        g = grad_input[0]
+        inverse = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1), 0).to(g.dtype)
+        return (g * inverse.view(-1, *([1] * (g.dim() - 2))),) + tuple(grad_input[1:])
 
 
 __all__ = ["MergeBatchNorm", "merged_params", "bn_affine", "mergeable", "BN_TYPES"]

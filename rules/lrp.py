@@ -34,6 +34,7 @@ weights ``W·s, (b − μ)·s + β`` when its output feeds an eval-mode BatchNor
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -118,10 +119,34 @@ def _conv_geometry(module: nn.Module):
     return list(module.stride), list(padding), list(module.dilation), [0] * n, module.groups
 
 
+def is_conv2d_same(module: nn.Module) -> bool:
+    """timm's ``Conv2dSame``: a Conv2d that pads its input TensorFlow-style ("SAME", possibly asymmetric,
+    computed from the input size) and then convolves without padding."""
+    cls = type(module)
+    return cls.__name__ == "Conv2dSame" and cls.__module__.startswith("timm.") and isinstance(module, nn.Conv2d)
+
+
+def same_padding(module: nn.Module, x: Tensor) -> Optional[Tuple[int, ...]]:
+    """``F.pad`` amounts (left, right, top, bottom) of a ``Conv2dSame`` for the input ``x``; ``None`` for
+    any other layer (its padding is part of the convolution)."""
+    if not is_conv2d_same(module):
+        return None
+    pads: Tuple[int, ...] = ()
+    for size, k, s, d in zip(
+        reversed(x.shape[-2:]), reversed(module.kernel_size), reversed(module.stride), reversed(module.dilation)
+    ):
+        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads += (total // 2, total - total // 2)
+    return pads
+
+
 def layer_forward(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``W x + b`` for a Linear or ConvNd module, with the given parameters."""
     if isinstance(module, nn.Linear):
         return torch.nn.functional.linear(x, weight, bias)
+    pads = same_padding(module, x)
+    if pads is not None:
+        x = torch.nn.functional.pad(x, pads)
     stride, padding, dilation, out_pad, groups = _conv_geometry(module)
     return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, out_pad, groups)
 
@@ -131,13 +156,20 @@ def layer_vjp(module: nn.Module, x: Tensor, weight: Tensor, s: Tensor) -> Tensor
     if isinstance(module, nn.Linear):
         return s.matmul(weight.to(s.dtype))
     stride, padding, dilation, out_pad, groups = _conv_geometry(module)
-    return torch.ops.aten.convolution_backward(
-        s, x, weight, None, stride, padding, dilation, False, out_pad, groups, [True, False, False]
+    pads = same_padding(module, x)
+    padded = x if pads is None else torch.nn.functional.pad(x, pads)
+    v = torch.ops.aten.convolution_backward(
+        s, padded, weight, None, stride, padding, dilation, False, out_pad, groups, [True, False, False]
     )[0]
+    if pads is None:
+        return v
+    h, w = x.shape[-2:]
+    return v[..., pads[2] : pads[2] + h, pads[0] : pads[0] + w].contiguous()  # the padding gets no relevance
 
 
 def check_layer(rule: Rule, module: nn.Module) -> None:
-    """Raise :class:`RuleError` unless ``module`` is a plain Linear or zero-padded ConvNd."""
+    """Raise :class:`RuleError` unless ``module`` is a plain Linear, a zero-padded ConvNd or timm's
+    ``Conv2dSame`` (zero "SAME" padding)."""
     name = type(rule).__name__
     if not isinstance(module, LAYER_TYPES):
         raise RuleError(
@@ -145,7 +177,7 @@ def check_layer(rule: Rule, module: nn.Module) -> None:
             f"{type(module).__name__}. Select layers by type, e.g. {{nn.Conv2d: {name}()}}"
         )
     base = nn.Linear if isinstance(module, nn.Linear) else next(t for t in CONV_TYPES if isinstance(module, t))
-    if type(module).forward is not base.forward:
+    if type(module).forward is not base.forward and not is_conv2d_same(module):
         raise RuleError(f"{name} cannot handle {type(module).__name__}: it overrides {base.__name__}.forward")
     if isinstance(module, CONV_TYPES):
         if module.padding_mode != "zeros":

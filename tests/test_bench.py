@@ -26,6 +26,31 @@ def test_bench_case_and_goals_on_a_tiny_model():
     assert any(g["goal"] == "gradient peak memory <= 1.2x fwd+bwd" for g in goals)
 
 
+def test_bench_case_on_a_compiled_model():
+    """The compiled-model row: floors and methods measured on torch.compile(model), labelled as such."""
+    rows = harness.bench_case(
+        "resnet18@10",
+        1,
+        32,
+        ["gradient", "lrp"],
+        ["logit", "weighted"],
+        torch.device("cpu"),
+        1,
+        True,
+        True,
+        True,
+        compile_backend="eager",
+    )
+    assert {r["model"] for r in rows} == {"resnet18@10+compile:eager"}
+    keys = {(r["method"], r["target"], r["impl"]) for r in rows}
+    assert {
+        ("fwd+bwd", "", "backprop_hooks"),
+        ("gradient", "weighted", "backprop_hooks"),
+        ("lrp", "logit", "backprop_hooks"),
+    } <= keys
+    assert all(r["seconds"] > 0 and r["x_fwd_bwd"] > 0 and "peak_mib" not in r for r in rows)
+
+
 def test_cpu_peak_memory_of_known_allocations():
     """Oracle: 4 MiB + 8 MiB live, the 4 freed, 4 MiB more, both freed, 12 MiB returned: the peak is 12 MiB.
     Blocks allocated before the call, even under an earlier measurement, do not count when freed in it."""

@@ -11,6 +11,9 @@ from backprop_hooks import errors, testing
 pytestmark = pytest.mark.filterwarnings("ignore::backprop_hooks.errors.NonLinearContrastWarning")
 
 CNN_METHODS = [m for m in bh.methods.available() if bh.methods.get(m).space != "tokens"]
+# one of each call path (the base template, many points, a layer, two backwards, rules with state)
+FEW = ["gradient", "smoothgrad", "gradcam", "guided_gradcam", "lrp", "fullgrad"]
+SLOW_REST = [pytest.param(m, marks=pytest.mark.slow) for m in CNN_METHODS if m not in FEW]
 OPTIONS = {"smoothgrad": {"n_samples": 2, "seed": 0}, "integrated_gradients": {"n_steps": 3}}
 
 
@@ -44,7 +47,7 @@ def net():
     return testing.randomize(testing.CNN(3, 8, 5, 2, 4), seed=1)
 
 
-@pytest.mark.parametrize("name", CNN_METHODS)
+@pytest.mark.parametrize("name", FEW + SLOW_REST)
 def test_every_method_reads_logits_from_any_output(net, name):
     pytest.importorskip("transformers")
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64)

@@ -12,23 +12,42 @@ Face ``ModelOutput``) or its ``"logits"`` key (a dict). Any other output needs `
 (B, C) logits), a per-call option of every method: ``method(x, classes, target, logits=fn)``, and
 ``bh.explain(..., logits=fn)``. Examples: ``lambda out: out[0]`` (a tuple), ``lambda out: out.logits[:, -1]``
 (a causal language model's next token), ``lambda out: out["scores"]`` (a detection head's class scores).
+
+Where it runs: every call enables gradients and leaves inference mode inside the call only (so it works
+under ``torch.no_grad()`` and ``torch.inference_mode()``, on inference tensors, with the same numbers),
+holds the model's lock (one model explained from several threads: one call at a time), and on a compiled
+model (``torch.compile(model)``, ``model.compile()``) runs the compiled graph when the method attaches no
+rules (the gradient family: the contrast is only the seed) and the eager module otherwise, with a
+:class:`~backprop_hooks.errors.CompiledModelWarning` once per model and method. Layer names are those of
+the original model. See :mod:`backprop_hooks.runtime`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
+import weakref
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
 
 from .. import targets as _targets
 from ..attach import RuleSpec, attach
-from ..errors import ModelError, NonLinearContrastWarning, TrainingModeWarning, UnknownNameError, choices
+from ..errors import (
+    CompiledModelWarning,
+    ModelError,
+    NonLinearContrastWarning,
+    TrainingModeWarning,
+    UnknownNameError,
+    choices,
+)
 from ..explanation import Explanation
+from ..runtime import check_parameters, eager_call, explaining, forward_errors, is_compiled, unwrap, usable
 from ..validate import Classes, LogitsFn, check_classes, check_input, check_logits_fn, select_logits
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
+_WARNED_EAGER: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
 
 
 def register(cls: Type["Method"]) -> Type["Method"]:
@@ -60,9 +79,46 @@ class Method:
     def __init__(self, model: nn.Module, check_finite: bool = True):
         if not isinstance(model, nn.Module):
             raise ModelError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.original = model  # what the user passed: maybe a compiled wrapper
+        self.model = unwrap(model)  # the module itself: names as in the original model
         self.check_finite = check_finite
         self.logits_fn: Optional[LogitsFn] = None  # the call's logits= selector
+        self.run: Callable[..., Any] = self.model  # the call's forward: compiled graph or eager module
+
+    def runner(self, spec: RuleSpec) -> Callable[..., Any]:
+        """The forward of one call: the compiled graph when no rules are attached, else the eager module."""
+        if not is_compiled(self.original):
+            return self.model
+        if not spec:
+            return self.original
+        warned = _WARNED_EAGER.setdefault(self.model, set())
+        if self.name not in warned:
+            warned.add(self.name)
+            warnings.warn(
+                f"{self.name} on a compiled {type(self.model).__name__}: its backward rules live in module hooks, "
+                "which a compiled graph does not run, so the eager module runs (same answer, eager speed); "
+                "gradient, input_x_gradient, smoothgrad and integrated_gradients run the compiled graph",
+                CompiledModelWarning,
+                stacklevel=4,
+            )
+        return lambda *args, **kwargs: eager_call(self.model, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def session(self, logits: Optional[LogitsFn]) -> Iterator[None]:
+        """One call: the model's lock, gradients on, inference mode off; per-call state dropped at the end."""
+        with explaining(self.model):
+            self.logits_fn = check_logits_fn(logits)
+            try:
+                yield
+            finally:
+                self.release()
+                self.logits_fn, self.run = None, self.model
+
+    def model_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the call's forward on ``x`` and select the (B, C) logits; typed errors for both steps."""
+        with forward_errors(self.model, x):
+            output = self.run(x)
+        return self.logits(output, x.shape[0])
 
     def logits(self, output: Any, batch: int) -> torch.Tensor:
         """The checked (B, C) logits in the model's ``output`` (see ``logits=`` in the module docstring)."""
@@ -96,13 +152,14 @@ class Method:
                 TrainingModeWarning,
                 stacklevel=3,
             )
-        return check_input(x, self.check_finite), _targets.get(target)
+        check_parameters(self.model)
+        return usable(check_input(x, self.check_finite)), _targets.get(target)
 
     def forward(self, x: torch.Tensor, classes: Classes, target: _targets.Target):
         """Run the model on ``x``; return checked logits, resolved classes and the target's seed."""
-        logits = self.logits(self.model(x), x.shape[0])
+        logits = self.model_logits(x)
         target.check(logits.shape[1])
-        classes = check_classes(classes, logits)
+        classes = check_classes(usable(classes), logits)
         return logits, classes, target.seed(logits.detach(), classes)
 
     def __call__(
@@ -110,16 +167,15 @@ class Method:
     ) -> Explanation:
         """Explain ``classes`` (``None``: the predicted ones) of ``x`` with ``target``; ``logits=fn`` selects
         the (B, C) logits from a model output that is not one (see the module docstring)."""
-        self.logits_fn = check_logits_fn(logits)
-        x, target = self.prepare(x, target)
-        try:
-            with attach(self.model, self.rules(x)) as handle:
+        with self.session(logits):
+            x, target = self.prepare(x, target)
+            spec = self.rules(x)
+            self.run = self.runner(spec)
+            with attach(self.model, spec) as handle:
                 xg = x.detach().requires_grad_(True)
                 logits, classes, seed = self.forward(xg, classes, target)
                 out = self.attribute(xg, logits, seed)
                 linear = self.linear and handle.linear
-        finally:
-            self.release()
         attributions, extras = out if isinstance(out, tuple) else (out, {})
         return self.result(attributions, logits, classes, target, linear, x, **extras)
 

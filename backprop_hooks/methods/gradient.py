@@ -26,7 +26,8 @@ import torch
 
 from ..attach import attach
 from ..errors import InputError, OptionError
-from ..validate import Classes, LogitsFn, check_classes, check_logits_fn
+from ..runtime import usable
+from ..validate import Classes, LogitsFn, check_classes
 from .base import Method, grad, register
 
 
@@ -91,15 +92,16 @@ class _ManyPoints(Method):
         raise NotImplementedError
 
     def __call__(self, x: torch.Tensor, classes: Classes = None, target="logit", logits: Optional[LogitsFn] = None):
-        self.logits_fn = check_logits_fn(logits)
-        x, target = self.prepare(x, target)
-        batch = x.shape[0]
-        with torch.no_grad():
-            logits = self.logits(self.model(x), batch)
-        target.check(logits.shape[1])
-        classes = check_classes(classes, logits)
-        seed = target.seed(logits, classes)
-        try:
+        with self.session(logits):
+            x, target = self.prepare(x, target)
+            batch = x.shape[0]
+            spec = self.rules(x)
+            self.run = self.runner(spec)
+            with torch.no_grad():
+                logits = self.model_logits(x)
+            target.check(logits.shape[1])
+            classes = check_classes(usable(classes), logits)
+            seed = target.seed(logits, classes)
             self.begin(x)
             k_total = self.num_points()
             per_chunk = k_total if self.internal_batch_size is None else max(1, self.internal_batch_size // batch)
@@ -107,15 +109,13 @@ class _ManyPoints(Method):
             for start, k in _chunks(k_total, per_chunk):
                 xs = self.points(x, start, k).reshape(k * batch, *x.shape[1:]).detach().requires_grad_(True)
                 with attach(self.model, self.rules(xs)):
-                    out = self.logits(self.model(xs), k * batch)
+                    out = self.model_logits(xs)
                     if self.pointwise:  # the gradient of the potential at each point
                         s = target.seed(out.detach(), classes.repeat(k))
                     else:
                         s = seed.repeat(k, 1)
                     g = grad(out, xs, s)
                 total = total + self.combine(x, g.view(k, batch, *x.shape[1:]), start)
-        finally:
-            self.release()
         extras = _potential(target, logits, classes)
         return self.result(total, logits, classes, target, self.linear, x, **extras)
 

@@ -10,24 +10,30 @@ import torch
 from torch import nn
 
 from ..errors import UnknownNameError, choices
+from ..runtime import clean_name, eager_call, forward_errors, named_modules, unwrap
 
 _DEFAULTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name`` (``""`` is the model itself); a clear error with close matches."""
-    modules = dict(model.named_modules())
+    """The submodule called ``name`` (``""`` is the model itself); a clear error with close matches. Names are
+    those of the original model, also for a ``torch.compile``d one (no ``_orig_mod``)."""
+    if not isinstance(name, str):
+        raise UnknownNameError(f"a layer is named by a string (e.g. 'layer4'), got {type(name).__name__}")
+    modules = dict(named_modules(model))
+    name = clean_name(name)
     if name in modules:
         return modules[name]
     close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
     hint = f"close matches: {choices(close)}" if close else f"names look like {choices([n for n in modules if n][:10])}"
-    raise UnknownNameError(f"layer {name!r} is not a module of {type(model).__name__}; {hint}")
+    raise UnknownNameError(f"layer {name!r} is not a module of {type(unwrap(model)).__name__}; {hint}")
 
 
 def default_layer(model: nn.Module, x: torch.Tensor) -> str:
     """The model's recorded ``default_layer`` attribute, else the last module (in execution order) whose
     output is a spatial map ``(B, C, h, w)`` with ``h·w > 1``, found by one no-grad pass on ``x[:1]``
     (cached per model and input size)."""
+    model = unwrap(model)
     recorded = getattr(model, "default_layer", None)
     if isinstance(recorded, str):
         return recorded
@@ -41,7 +47,7 @@ def default_layer(model: nn.Module, x: torch.Tensor) -> str:
 def _last_spatial(model: nn.Module, x: torch.Tensor) -> str:
     found: list = []
     handles = []
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
 
         def hook(module, inputs, output, name=name):
             if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1:
@@ -49,8 +55,8 @@ def _last_spatial(model: nn.Module, x: torch.Tensor) -> str:
 
         handles.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad():
-            model(x)
+        with torch.no_grad(), forward_errors(model, x):
+            eager_call(model, x)  # a compiled graph would not run the hooks
     finally:
         for h in handles:
             h.remove()
@@ -65,4 +71,4 @@ def _last_spatial(model: nn.Module, x: torch.Tensor) -> str:
 def resolve_layer(model: nn.Module, layer: Optional[str], x: torch.Tensor) -> str:
     name = default_layer(model, x) if layer is None else layer
     get_module(model, name)
-    return name
+    return clean_name(name)
