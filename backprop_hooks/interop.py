@@ -40,28 +40,11 @@ import torch
 from torch import nn
 
 from . import targets as _targets
-from .errors import InputError, ModelError, ModelOutputError, require
-from .validate import Classes, check_classes, check_input, check_logits
+from .errors import InputError, ModelError, require
+from .validate import Classes, check_classes, check_input, select_logits
 
 EXTRA = "interop"
 LogitsFn = Optional[Callable[[Any], torch.Tensor]]
-
-
-def _logits_of(output: Any, logits: LogitsFn) -> torch.Tensor:
-    """The (B, C) logits in a model's output: a tensor, a ``.logits`` attribute or a ``"logits"`` key."""
-    if logits is not None:
-        return logits(output)
-    if isinstance(output, torch.Tensor):
-        return output
-    found = getattr(output, "logits", None)
-    if found is None and isinstance(output, dict):
-        found = output.get("logits")
-    if isinstance(found, torch.Tensor):
-        return found
-    raise ModelOutputError(
-        f"the model returned {type(output).__name__}, not a (B, C) tensor of logits; pass logits=fn "
-        "(output -> (B, C) tensor)"
-    )
 
 
 def _check_model(model: object) -> nn.Module:
@@ -135,7 +118,7 @@ class Contrast(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's (B, C) logits at ``x`` (with autograd, as the model computes them)."""
-        return check_logits(_logits_of(self.model(x), self.logits_fn), x.shape[0])
+        return select_logits(self.model(x), x.shape[0], self.logits_fn)
 
     @torch.no_grad()
     def seed(self, x: torch.Tensor, classes: Classes = None) -> torch.Tensor:
@@ -173,7 +156,7 @@ class Potentials(nn.Module):
         _mirror_mode(self, self.model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = check_logits(_logits_of(self.model(x), self.logits_fn), x.shape[0])
+        logits = select_logits(self.model(x), x.shape[0], self.logits_fn)
         self.target.check(logits.shape[1])
         return self.target.potentials(logits)
 
