@@ -377,3 +377,17 @@ def assert_same_state(model: nn.Module, before: Dict[str, Any]) -> None:
         if changed:
             raise AssertionError(f"model {part} changed for: {', '.join(changed[:10])}")
     assert_no_hooks_left(model)
+
+
+def assert_handles_leave_no_trace(
+    model: nn.Module, before: Dict[str, Any], handles: Iterable[Any], remove: bool
+) -> None:
+    """For stateful tests of rules: with no handle left, ``model`` is as it was (``before``: its
+    :func:`model_state`); ``remove=True`` removes every handle first (a state machine's teardown)."""
+    handles = list(handles)
+    if remove:
+        for handle in handles:
+            handle.remove()
+    elif handles:
+        return
+    assert_same_state(model, before)

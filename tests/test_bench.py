@@ -28,13 +28,14 @@ def test_bench_case_and_goals_on_a_tiny_model():
 
 def test_bench_case_on_a_compiled_model():
     """The compiled-model row: floors and methods measured on torch.compile(model), labelled as such."""
+    cpu = torch.device("cpu")
     rows = harness.bench_case(
         "resnet18@10",
         1,
         32,
         ["gradient", "lrp"],
         ["logit", "weighted"],
-        torch.device("cpu"),
+        cpu,
         1,
         True,
         True,

@@ -90,13 +90,10 @@ class Lifecycle(RuleBasedStateMachine):
 
     @invariant()
     def clean_when_nothing_is_attached(self):
-        if not self.handles:
-            testing.assert_same_state(self.model, self.before)
+        testing.assert_handles_leave_no_trace(self.model, self.before, self.handles, remove=False)
 
     def teardown(self):
-        for handle in self.handles:
-            handle.remove()
-        testing.assert_same_state(self.model, self.before)
+        testing.assert_handles_leave_no_trace(self.model, self.before, self.handles, remove=True)
 
 
 Lifecycle.TestCase.settings = __import__("hypothesis").settings(

@@ -235,13 +235,10 @@ class HookLifecycle(RuleBasedStateMachine):
 
     @invariant()
     def only_live_handles_leave_hooks(self):
-        if not self.live:
-            testing.assert_same_state(self.model, self.before)
+        testing.assert_handles_leave_no_trace(self.model, self.before, self.live, remove=False)
 
     def teardown(self):
-        for handle in self.live:
-            handle.remove()
-        testing.assert_same_state(self.model, self.before)
+        testing.assert_handles_leave_no_trace(self.model, self.before, self.live, remove=True)
 
 
 TestHookLifecycle = HookLifecycle.TestCase
