@@ -36,9 +36,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import ModelError, RuleError, SelectorError, choices
+from .errors import RuleError, SelectorError, choices
 from .rule import Rule
 from .runtime import clean_name, named_modules
+from .validate import check_model
 
 Selector = Union[type, Tuple[type, ...], str, Callable[[str, nn.Module], bool]]
 RuleSpec = Union[Mapping[Selector, Union[Rule, Sequence[Rule]]], Sequence[Tuple[Selector, Union[Rule, Sequence[Rule]]]]]
@@ -254,8 +255,7 @@ def attach(model: nn.Module, rules: RuleSpec) -> Handle:
     Several rules on one module run in the order given (forward and backward alike). A selector that
     matches no module raises :class:`SelectorError`; nothing is attached then.
     """
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"attach needs an nn.Module, got {type(model).__name__}")
+    check_model(model, "attach needs")
     named = named_modules(model)
     names = {id(module): name for name, module in named}
     per_module: dict = {}

@@ -40,17 +40,11 @@ import torch
 from torch import nn
 
 from . import targets as _targets
-from .errors import InputError, ModelError, require
-from .validate import Classes, check_classes, check_input, select_logits
+from .errors import InputError, require
+from .validate import Classes, check_classes, check_input, check_model, select_logits
 
 EXTRA = "interop"
 LogitsFn = Optional[Callable[[Any], torch.Tensor]]
-
-
-def _check_model(model: object) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"model must be an nn.Module, got {type(model).__name__}")
-    return model
 
 
 def _mirror_mode(wrapper: nn.Module, model: nn.Module) -> None:
@@ -110,7 +104,7 @@ class Contrast(nn.Module):
 
     def __init__(self, model: nn.Module, target: Any = "weighted", logits: LogitsFn = None):
         super().__init__()
-        self.model = _check_model(model)
+        self.model = check_model(model)
         self.target = _targets.get(target)
         self.logits_fn = logits
         self.head = SeedHead()
@@ -150,7 +144,7 @@ class Potentials(nn.Module):
 
     def __init__(self, model: nn.Module, target: Any = "weighted", logits: LogitsFn = None):
         super().__init__()
-        self.model = _check_model(model)
+        self.model = check_model(model)
         self.target = _targets.get(target)
         self.logits_fn = logits
         _mirror_mode(self, self.model)
@@ -219,7 +213,7 @@ def quantus_explain(method: str = "gradient", target: Any = "weighted", channels
 
     def explain(model: nn.Module, inputs: Any, targets: Any, **kwargs: Any):
         kwargs.pop("device", None)
-        net = _unwrap(_check_model(model))
+        net = _unwrap(check_model(model))
         reference = next(iter(net.parameters()), None)
         device = reference.device if reference is not None else torch.device("cpu")
         dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32

@@ -31,11 +31,12 @@ import torch
 from torch import nn
 
 from . import methods as _methods
+from . import runtime
 from . import targets as _targets
 from .errors import InputError, ModelError, NonLinearContrastWarning, OptionError, choices
 from .explanation import Explanation
 from .methods.vit import TextLayout
-from .validate import Classes, LogitsFn
+from .validate import Classes, LogitsFn, check_model
 
 GRADIENT_METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients")
 ATTENTION_METHODS = ("rollout", "grad_rollout", "transformer_attribution", "vit_gradcam")
@@ -152,14 +153,12 @@ def explain_text(
         reduce = "l2" if method in ("gradient", "smoothgrad") else "sum"
     if reduce not in REDUCTIONS:
         raise OptionError(f"unknown reduce {reduce!r}; accepted: {choices(REDUCTIONS)}")
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     mask = _check_ids(input_ids, attention_mask)
-    # also under torch.no_grad() or torch.inference_mode(): a normal graph for this call, inputs as normal tensors
-    with torch.inference_mode(False), torch.enable_grad():
-        input_ids, mask = input_ids.clone(), mask.clone()
+    with runtime.explaining(model):  # also under no_grad/inference_mode: a graph for this call only
+        input_ids, mask = runtime.usable(input_ids), runtime.usable(mask)
         if model_kwargs:
-            model_kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
+            model_kwargs = {k: runtime.usable(v) for k, v in model_kwargs.items()}
         return _explain(model, input_ids, mask, method, target, classes, logits, reduce, readout, model_kwargs, options)
 
 

@@ -6,10 +6,19 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .errors import BackpropHooksError, ClassIndexError, InputError, ModelOutputError, OptionError
+from torch import nn
+
+from .errors import BackpropHooksError, ClassIndexError, InputError, ModelError, ModelOutputError, OptionError
 
 Classes = Union[None, int, Sequence[int], torch.Tensor]
 LogitsFn = Callable[[Any], torch.Tensor]
+
+
+def check_model(model: object, what: str = "model must be") -> nn.Module:
+    """``model`` itself if it is an ``nn.Module``, else a :class:`ModelError`."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{what} an nn.Module, got {type(model).__name__}")
+    return model
 
 
 def check_input(x: torch.Tensor, check_finite: bool = True) -> torch.Tensor:

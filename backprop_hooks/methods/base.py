@@ -36,7 +36,6 @@ from .. import targets as _targets
 from ..attach import RuleSpec, attach
 from ..errors import (
     CompiledModelWarning,
-    ModelError,
     NonLinearContrastWarning,
     TrainingModeWarning,
     UnknownNameError,
@@ -44,7 +43,7 @@ from ..errors import (
 )
 from ..explanation import Explanation
 from ..runtime import check_parameters, eager_call, explaining, forward_errors, is_compiled, unwrap, usable
-from ..validate import Classes, LogitsFn, check_classes, check_input, check_logits_fn, select_logits
+from ..validate import Classes, LogitsFn, check_classes, check_input, check_logits_fn, check_model, select_logits
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
 _WARNED_EAGER: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
@@ -77,9 +76,7 @@ class Method:
     per_call: ClassVar[Tuple[str, ...]] = ()  # attributes holding one call's state, dropped when it returns
 
     def __init__(self, model: nn.Module, check_finite: bool = True):
-        if not isinstance(model, nn.Module):
-            raise ModelError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.original = model  # what the user passed: maybe a compiled wrapper
+        self.original = check_model(model)  # what the user passed: maybe a compiled wrapper
         self.model = unwrap(model)  # the module itself: names as in the original model
         self.check_finite = check_finite
         self.logits_fn: Optional[LogitsFn] = None  # the call's logits= selector
