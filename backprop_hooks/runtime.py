@@ -51,13 +51,15 @@ def _compiled_forward(module: nn.Module) -> bool:
     return forward is not None and hasattr(forward, "_torchdynamo_orig_callable")
 
 
+def _compiled_here(module: nn.Module) -> bool:
+    """``module`` itself is a ``torch.compile`` wrapper, was ``.compile()``d, or has a compiled ``forward``."""
+    return is_wrapper(module) or module.__dict__.get("_compiled_call_impl") is not None or _compiled_forward(module)
+
+
 def is_compiled(model: nn.Module) -> bool:
     """True when running ``model`` may run a compiled graph: a ``torch.compile`` wrapper, ``.compile()``,
     a compiled ``forward``, anywhere in the module tree."""
-    return any(
-        is_wrapper(m) or m.__dict__.get("_compiled_call_impl") is not None or _compiled_forward(m)
-        for m in model.modules()
-    )
+    return any(_compiled_here(m) for m in model.modules())
 
 
 def clean_name(name: str) -> str:
@@ -76,11 +78,7 @@ def named_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 def eager_call(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Run ``model``'s eager forward (module hooks included), never a compiled graph."""
     model = unwrap(model)
-    nested = any(
-        is_wrapper(m) or m.__dict__.get("_compiled_call_impl") is not None or _compiled_forward(m)
-        for m in model.modules()
-        if m is not model
-    ) or _compiled_forward(model)
+    nested = any(_compiled_here(m) for m in model.modules() if m is not model) or _compiled_forward(model)
     if not nested:
         if model.__dict__.get("_compiled_call_impl") is not None:  # model.compile(): its eager call, hooks and all
             return model._call_impl(*args, **kwargs)
