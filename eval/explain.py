@@ -699,10 +699,10 @@ def class_index(value: Any, names: Sequence[str], what: str = "--classes") -> in
             f"{what}: {text!r} names several classes: {choices([f'{names[i]} ({i})' for i in found], 6)}; "
             "give the index or the full name"
         )
-    raise UsageError(
-        f"{what}: no class is called {text!r}; give an index 0 to {len(names) - 1} or a name "
-        f"(list them with: backprop-hooks models MODEL)"
+    listing = f"classes: {choices(names, 8)}" + (
+        "; list them with: backprop-hooks models MODEL" if len(names) > 8 else ""
     )
+    raise UsageError(f"{what}: no class is called {text!r}; give an index 0 to {len(names) - 1} or a name ({listing})")
 
 
 def check_targets(targets: Sequence[str], num_classes: int, names: Optional[Sequence[str]] = None) -> List[str]:

@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import List
 
 import backprop_hooks as bh
-from backprop_hooks.errors import UsageError, choices
 from backprop_hooks.text import TEXT_METHODS
 
 from . import tokens as render
@@ -28,37 +26,31 @@ DEFAULT_SENTENCES = (
 )
 
 
-def _target(spec: str, class_names: List[str]):
-    if spec.startswith("versus:"):
-        name = spec.split(":", 1)[1]
-        if name not in class_names:
-            raise UsageError(f"unknown class {name!r} in {spec!r}; classes: {choices(class_names)}")
-        return bh.targets.Versus(class_names.index(name))
-    return spec
-
-
 def run(args: argparse.Namespace) -> int:
     from backprop_hooks.models import text_topics
 
     model, tokenizer = text_topics.load()
     class_names = list(text_topics.CLASSES)
-    if args.cls is not None and args.cls not in class_names:
-        raise UsageError(f"unknown class {args.cls!r}; classes: {choices(class_names)}")
+    from .explain import check_targets, class_index  # classes and versus: by index or name, as in explain
+
+    classes = None if args.cls is None else class_index(args.cls, class_names, "--class")
+    keys = check_targets(args.target, len(class_names), class_names)
     sentences = args.sentences or list(DEFAULT_SENTENCES)
     ids, mask = tokenizer(sentences)
     toks = [tokenizer.tokens(s) for s in sentences]
-    classes = None if args.cls is None else class_names.index(args.cls)
     options = {"n_steps": args.n_steps} if args.method == "integrated_gradients" else {}
     all_rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
-        for spec in args.target:
-            e = bh.explain_text(model, ids, mask, args.method, _target(spec, class_names), classes, **options)
+        for key in keys:
+            target = bh.targets.get(key)
+            e = bh.explain_text(model, ids, mask, args.method, target, classes, **options)
             probs = e.probabilities
             for i, row in enumerate(render.rows(e, toks, class_names)):
                 c = int(e.classes[i])
-                why = f"and not {spec.split(':', 1)[1]}" if spec.startswith("versus:") else spec
-                if spec.startswith("versus:") and class_names.index(spec.split(":", 1)[1]) == c:
+                versus = isinstance(target, bh.targets.Versus)
+                why = f"and not {class_names[target.other]}" if versus else key
+                if versus and target.other == c:
                     why += " (the class itself: zero by definition)"
                 caption = f"{class_names[c]} (p={float(probs[i, c]):.2f}) · {why} · {args.method}"
                 all_rows.append((row[0], row[1], caption))
