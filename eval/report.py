@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import plots
-from .runner import atomic_write
+from backprop_hooks.files import atomic_write
 
 Row = Dict[str, Any]
 

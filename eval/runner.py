@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from backprop_hooks.errors import ResumeError
+from backprop_hooks.files import atomic_write
 
 Results = Dict[str, torch.Tensor]  # per-sample results of a chunk: the sample axis is the last one
 Process = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Results]
@@ -113,29 +113,6 @@ def local_device(device: torch.device) -> torch.device:
 
 
 # ---- the chunk store ---------------------------------------------------------------------------------
-
-
-def umask() -> int:
-    """The process's umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``.
-
-    The file gets the permissions of any new file (``0o666`` less the umask), not mkstemp's private 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~umask())
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ChunkStore:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_sources
 from backprop_hooks.errors import OptionError, ResumeError
+from backprop_hooks.files import atomic_write
 from .normalized import Normalized
 from .zoo import available, create, network_from_checkpoint, num_outputs, replace_head, spec, wrap
 
@@ -163,9 +164,7 @@ def accuracy(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
 
 def _save(obj: object, path: Path) -> None:
     """torch.save through a temporary file, so an interruption never leaves a truncated checkpoint."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
 
 
 def _rng_state(generators: dict[str, torch.Generator], device: torch.device) -> dict[str, torch.Tensor]:
@@ -231,9 +230,7 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
     """`metrics.csv`: one row per epoch, written through a temporary file."""
     lines = ["epoch,loss,val_acc,seconds"]
     lines += [f"{h['epoch']},{h['loss']:.6g},{h['val_acc']:.6g},{h['seconds']:.3f}" for h in history]
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("\n".join(lines) + "\n")
-    os.replace(temporary, path)
+    atomic_write(path, lambda temporary: temporary.write_text("\n".join(lines) + "\n"))
 
 
 def _resume_checkpoint(last_path: Path, config: dict) -> dict | None:
