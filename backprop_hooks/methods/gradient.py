@@ -26,8 +26,7 @@ import torch
 
 from ..attach import attach
 from ..errors import InputError, OptionError
-from ..runtime import usable
-from ..validate import Classes, LogitsFn, check_classes
+from ..validate import Classes, LogitsFn
 from .base import Method, grad, register
 
 
@@ -97,11 +96,8 @@ class _ManyPoints(Method):
             batch = x.shape[0]
             spec = self.rules(x)
             self.run = self.runner(spec)
-            with torch.no_grad():
-                logits = self.model_logits(x)
-            target.check(logits.shape[1])
-            classes = check_classes(usable(classes), logits)
-            seed = target.seed(logits, classes)
+            with torch.no_grad():  # the seed at x, fixed for every point (unless pointwise)
+                logits, classes, seed = self.forward(x, classes, target)
             self.begin(x)
             k_total = self.num_points()
             per_chunk = k_total if self.internal_batch_size is None else max(1, self.internal_batch_size // batch)
