@@ -25,6 +25,7 @@ LAYERS = {
     "resnet50": "layer4",
     "vgg16_bn": "features.43",
     "vgg16": "features.30",
+    "vgg11_bn": "features.27",
     "vit_tiny": "blocks.10",
 }
 
@@ -78,8 +79,10 @@ def make_input(name: str, model: nn.Module, batch: int, size: int, device: torch
 
 def build(name: str, device: torch.device) -> Tuple[nn.Module, Optional[str], int, bool]:
     """``name`` or ``name@C`` (C classes) -> (model in eval mode, CAM layer, number of classes, is a
-    transformer: the attention methods apply). ``hf_vit``: a Hugging Face ViT (sdpa); ``bert_small``: a
-    4-layer BERT classifier (sdpa) on input embeddings."""
+    transformer: the attention methods apply). ``vit_tiny``: timm's ViT-Tiny (fused attention); ``tv_vit``:
+    torchvision's ViT with ViT-Tiny's shape (``nn.MultiheadAttention``); ``hf_vit``: a Hugging Face ViT
+    (sdpa); ``bert_small``: a 4-layer BERT classifier (sdpa) on input embeddings; other names: torchvision
+    models (``resnet18``, ``vgg11_bn``, ...)."""
     base, _, classes = name.partition("@")
     num_classes = int(classes) if classes else 1000
     torch.manual_seed(0)
@@ -92,6 +95,20 @@ def build(name: str, device: torch.device) -> Tuple[nn.Module, Optional[str], in
         model = timm.create_model(
             "vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, dynamic_img_size=True
         )
+        is_vit = True
+    elif base == "tv_vit":  # ViT-Tiny's shape: 12 layers, width 192, 3 heads, 16 px patches
+        import torchvision
+
+        model = torchvision.models.VisionTransformer(
+            image_size=224,
+            patch_size=16,
+            num_layers=12,
+            num_heads=3,
+            hidden_dim=192,
+            mlp_dim=768,
+            num_classes=num_classes,
+        )
+        nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zeroes the head: every logit would be equal
         is_vit = True
     else:
         import torchvision

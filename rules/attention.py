@@ -96,6 +96,14 @@ class AttentionValue(torch.autograd.Function):
         return g_attn, g_v, None, None
 
 
+def attention_value(
+    attn: torch.Tensor, v: torch.Tensor, out: torch.Tensor, to_heads: Optional[Callable] = None
+) -> torch.Tensor:
+    """:class:`AttentionValue` on ``out`` detached: ``out``'s own graph (the fused kernel's) gets no gradient
+    and is not kept alive by this one."""
+    return AttentionValue.apply(attn, v, out.detach(), to_heads)
+
+
 class _Switch:
     """A flag shared by a capture and the hold gates of its graph (the gates never reference the capture
     itself: a capture holds its attention tensors, whose graph holds the gates, and a reference back would be
@@ -251,7 +259,7 @@ class _TimmPath(Rule):
             return None
         attn = _Hold.apply(sdpa_probabilities(q, k, v, scale=m.scale)[0], self.owner._hold)
         self.owner.pending[m] = attn
-        merged = AttentionValue.apply(attn, v, inputs[0], _merged_to_heads(m.num_heads))
+        merged = attention_value(attn, v, inputs[0], _merged_to_heads(m.num_heads))
         if isinstance(module, nn.Identity):
             return merged
         return _straight_through(output, module.forward(merged))  # not module(...): that would run this hook again
@@ -401,7 +409,7 @@ class AttentionCapture(Rule):
         attn, v = sdpa_probabilities(a["query"], a["key"], a["value"], mask, causal, scale, gqa)
         held = _Hold.apply(attn, self._hold)
         self._record(held)
-        return AttentionValue.apply(held, v, fused)
+        return attention_value(held, v, fused)
 
     # -- module level ---------------------------------------------------------------------------------
     def parts(self, module: nn.Module):
@@ -465,12 +473,13 @@ class AttentionCapture(Rule):
             return None
         attn = _Hold.apply(attn, self._hold)
         self._record(attn, module)
-        return (AttentionValue.apply(attn, v, output[0], _mha_output_to_heads(module)),) + tuple(output[1:])
+        return (attention_value(attn, v, output[0], _mha_output_to_heads(module)),) + tuple(output[1:])
 
 
 __all__ = [
     "AttentionCapture",
     "AttentionValue",
+    "attention_value",
     "is_attention",
     "is_timm_attention",
     "sdpa_probabilities",
