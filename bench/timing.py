@@ -98,10 +98,27 @@ def forward_backward(model: torch.nn.Module, x: torch.Tensor, classes: torch.Ten
 
 
 def forward(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """One plain forward pass (autograd on, as an explanation needs it)."""
+    """One plain forward pass (autograd on and the input requiring grad, as an explanation needs it: the graph
+    is recorded, as in every method's forward)."""
 
     def run():
         return model(x.detach().requires_grad_(True))
+
+    return run
+
+
+def capture_forward(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The forward the attention methods run: ``forward`` under :class:`AttentionCapture` (per function call;
+    ``nn.MultiheadAttention`` per module), the maps in the graph."""
+    import backprop_hooks as bh
+    from backprop_hooks.rules.attention import AttentionCapture
+
+    multihead = any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
+
+    def run():
+        capture = AttentionCapture()
+        with bh.attach(model, [(torch.nn.MultiheadAttention, capture)] if multihead else []), capture.recording():
+            return model(x.detach().requires_grad_(True))
 
     return run
 

@@ -22,6 +22,7 @@ VIT_METHODS = ["rollout", "grad_rollout", "transformer_attribution", "vit_gradca
 METHOD_OPTIONS = {"integrated_gradients": {"n_steps": 16}, "smoothgrad": {"n_samples": 16}}
 LAYERS = {
     "resnet18": "layer4",
+    "resnet34": "layer4",
     "resnet50": "layer4",
     "vgg16_bn": "features.43",
     "vgg16": "features.30",
@@ -77,6 +78,16 @@ def make_input(name: str, model: nn.Module, batch: int, size: int, device: torch
     return torch.rand(batch, 3, size, size, device=device)
 
 
+def depth_of(name: str) -> int:
+    """Number of blocks/layers a benchmark model name stands for (``vit_tiny_d6``: 6, ``vit_tiny``: 12,
+    ``resnet34``: 34)."""
+    base = name.partition("@")[0]
+    if base.startswith("vit_tiny"):
+        return int(base.split("_d")[1]) if "_d" in base else 12
+    digits = "".join(ch for ch in base if ch.isdigit())
+    return int(digits) if digits else 0
+
+
 def build(name: str, device: torch.device) -> Tuple[nn.Module, Optional[str], int, bool]:
     """``name`` or ``name@C`` (C classes) -> (model in eval mode, CAM layer, number of classes, is a
     transformer: the attention methods apply). ``vit_tiny``: timm's ViT-Tiny (fused attention); ``tv_vit``:
@@ -89,11 +100,15 @@ def build(name: str, device: torch.device) -> Tuple[nn.Module, Optional[str], in
     if base == "hf_vit" or base in HF_TEXT:
         num_classes = num_classes if classes or base == "hf_vit" else 2  # a text classifier: 2 classes
         return _hf(base, num_classes).eval().to(device), None, num_classes, True
-    if base == "vit_tiny":
+    if base.startswith("vit_tiny"):  # vit_tiny_dN: N blocks
         import timm
 
         model = timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, dynamic_img_size=True
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            num_classes=num_classes,
+            dynamic_img_size=True,
+            depth=depth_of(base),
         )
         is_vit = True
     elif base == "tv_vit":  # ViT-Tiny's shape: 12 layers, width 192, 3 heads, 16 px patches

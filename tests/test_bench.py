@@ -28,6 +28,41 @@ def test_bench_case_and_goals_on_a_tiny_model():
     assert any(g["goal"] == "gradient peak memory <= 1.2x fwd+bwd" for g in goals)
 
 
+def test_transformer_rows_and_the_scaling_figure(tmp_path):
+    """A transformer case has the capture row (the attention methods' forward) and its goal; the scaling figure
+    is drawn from sweep rows (no timing is asserted)."""
+    from bench.plot import scaling_figure
+
+    rows = harness.bench_case(
+        "vit_tiny_d3@10", 1, 32, ["grad_rollout"], ["logit"], torch.device("cpu"), 1, False, False, False
+    )
+    assert {r["method"] for r in rows} == {"fwd", "fwd+bwd", "capture", "grad_rollout"}
+    goals = {g["goal"] for g in harness.check_goals(rows)}
+    assert {"capture <= 1.1x fwd", "grad_rollout <= 1.3x fwd+bwd"} <= goals
+    sweep = [dict(r, sweep="depth", depth=3) for r in rows] + [dict(r, sweep="batch") for r in rows]
+    assert scaling_figure(sweep, tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_profile_splits_each_call_into_its_phases():
+    """bench.profile: the phases of a call add up to it (every event's self time lands in one phase), the rules'
+    work is found where it runs (LRP in the backward, the capture in the forward), and the library is left
+    unmarked afterwards."""
+    from bench import profile
+    from backprop_hooks.methods.base import Method
+
+    cpu = torch.device("cpu")
+    rows = profile.rows_for("resnet18@10", 1, 32, ["lrp"], cpu, repeats=1)
+    rows += profile.rows_for("vit_tiny_d3@10", 1, 32, ["grad_rollout"], cpu, repeats=1)
+    by = {(r["model"], r["method"]): r for r in rows}
+    for r in rows:
+        assert 95 <= sum(r[p] for p in profile.PHASES) <= 100.5, r
+        assert 95 <= sum(r[c] for c in profile.CLASSES) <= 100.5, r
+    assert by[("resnet18@10", "fwd")]["forward"] > 99
+    assert by[("resnet18@10", "lrp")]["rules bwd"] > 10
+    assert by[("vit_tiny_d3@10", "grad_rollout")]["capture"] > 0.5
+    assert "forward" in vars(Method) and not hasattr(vars(Method)["forward"], "__wrapped__")
+
+
 def test_bench_case_on_a_compiled_model():
     """The compiled-model row: floors and methods measured on torch.compile(model), labelled as such."""
     cpu = torch.device("cpu")
