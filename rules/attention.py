@@ -157,7 +157,11 @@ def sdpa_probabilities(
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-    scores = (q * scale) @ k.transpose(-2, -1)
+    batch, lq, lk = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], k.shape[-2]
+    q3 = q.expand(*batch, lq, q.shape[-1]).reshape(-1, lq, q.shape[-1])
+    k3 = k.expand(*batch, lk, k.shape[-1]).reshape(-1, lk, k.shape[-1])
+    scores = torch.baddbmm(q3.new_zeros(()), q3, k3.transpose(1, 2), beta=0.0, alpha=scale)  # scale in the GEMM
+    scores = scores.view(*batch, lq, lk)
     lowest = torch.finfo(scores.dtype).min
     if is_causal:
         lq, lk = scores.shape[-2:]
