@@ -50,7 +50,8 @@ def scaling_figure(rows: List[Dict], path: Path) -> Optional[Path]:
         ax.set_ylabel("time ÷ logit target" if ratio == "x_logit" else "time ÷ forward+backward")
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set_title(f"vs {sweep}")
-        ax.legend(fontsize=7)
+        if lines:
+            ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

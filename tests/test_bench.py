@@ -246,7 +246,7 @@ def test_bench_targets_times_the_right_computations(monkeypatch):
 
 
 def test_scaling_sweeps_and_report(monkeypatch, tmp_path):
-    """`python -m bench --scaling`: batch, resolution and class-count sweeps tagged as such, kept out of the
+    """`python -m bench --scaling`: batch, resolution, depth and class-count sweeps tagged as such, kept out of the
     goals, reported in their own table (bench_case stubbed: no timing here)."""
     calls = []
 
@@ -265,6 +265,12 @@ def test_scaling_sweeps_and_report(monkeypatch, tmp_path):
     for model in ("resnet18", "vit_tiny"):
         assert {("batch", model, b, 224) for b in (1, 4, 16)} <= sweeps
         assert {("size", model, 4, s) for s in (112, 224)} <= sweeps
+    depths = {(r["model"], r["depth"]) for r in rows if r["sweep"] == "depth"}
+    assert depths == {("resnet18", 18), ("resnet34", 34), ("resnet50", 50)} | {
+        ("vit_tiny_d3", 3),
+        ("vit_tiny_d6", 6),
+        ("vit_tiny", 12),
+    }
     classes = [r for r in rows if r["sweep"] == "classes"]
     assert {(r["model"], r["classes"]) for r in classes} == {(f"resnet18@{c}", c) for c in (10, 100, 1000)}
     assert {r["target"] for r in classes if r["method"] == "gradient"} == {"logit", "weighted", "mean", "max"}
