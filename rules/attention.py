@@ -100,7 +100,10 @@ def attention_value(
     attn: torch.Tensor, v: torch.Tensor, out: torch.Tensor, to_heads: Optional[Callable] = None
 ) -> torch.Tensor:
     """:class:`AttentionValue` on ``out`` detached: ``out``'s own graph (the fused kernel's) gets no gradient
-    and is not kept alive by this one."""
+    and is not kept alive by this one. A ``v`` that is a view into a larger tensor (timm's packed ``qkv``) is
+    kept as a copy of its own: holding the view would hold the whole ``qkv`` until the backward pass."""
+    if v.untyped_storage().nbytes() > v.numel() * v.element_size():
+        v = v.clone(memory_format=torch.contiguous_format)
     return AttentionValue.apply(attn, v, out.detach(), to_heads)
 
 
