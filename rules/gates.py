@@ -9,8 +9,18 @@ r"""Held gates for activations given as modules of other libraries (Hugging Face
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from backprop_hooks.rule import Rule
+
+# Hugging Face's activation modules of the form x ↦ gate(x)·x with gate(0) = 1/2
+HF_GELUS = ("GELUActivation", "NewGELUActivation", "GELUTanh", "FastGELUActivation", "QuickGELUActivation")
+HF_SILUS = ("SiLUActivation",)
+
+
+def is_gated_activation(name: str, module: nn.Module) -> bool:
+    """Selector: ``nn.GELU``, ``nn.SiLU`` and Hugging Face's GELU and SiLU modules (``x ↦ gate(x)·x``)."""
+    return isinstance(module, (nn.GELU, nn.SiLU)) or type(module).__name__ in HF_GELUS + HF_SILUS
 
 
 class GateHeld(Rule):
