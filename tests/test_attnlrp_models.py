@@ -197,3 +197,33 @@ def test_explain_text_command_on_the_bundled_classifier(tmp_path, capsys):
     assert main(argv + ["--no-color", "--html", str(html)]) == 0
     out = capsys.readouterr().out
     assert out.count("· attnlrp") == 2 and "string(" in out and html.is_file()
+
+
+@pytest.mark.parametrize("name", ["gpt2_small", pytest.param("llama_small", marks=pytest.mark.slow)])
+def test_bench_rows_beside_lxt(name, monkeypatch):
+    """``python -m bench`` times attnlrp and, where LXT runs (GPT-2, Llama), LXT beside it in the same run;
+    the LXT row computes what ours does (shrunk models here: only that it measures is checked)."""
+    from bench import __main__ as harness
+    from bench import zoo
+
+    small = dict(gpt2_small=dict(n_embd=16, n_layer=1, n_head=2), llama_small=dict(hidden_size=16, intermediate_size=32,
+                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    monkeypatch.setitem(zoo.HF_CAUSAL, name, small[name])
+    rows = harness.bench_case(
+        name, 2, 8, ["attnlrp"], ["logit", "weighted"], torch.device("cpu"), 1, True, False, False
+    )
+    impls = {(r["method"], r["target"], r["impl"]) for r in rows}
+    assert {("attnlrp", "logit", "backprop_hooks"), ("attnlrp", "weighted", "backprop_hooks")} <= impls
+    assert ("attnlrp", "logit", "lxt") in impls and all(r["seconds"] > 0 for r in rows)
+    model, _, _, _ = zoo.build(name, torch.device("cpu"))
+    x = zoo.make_input(name, model, 2, 8, torch.device("cpu"))
+    t = torch.tensor([3, 5])
+    theirs = bench_peer(model, x, t)
+    ours = bh.explain(model, x, "attnlrp", classes=t).attributions
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-5 * float(ours.abs().max()))
+
+
+def bench_peer(model, x, t):
+    from bench import peers
+
+    return peers.peers("attnlrp", model, x, t, None)["lxt"]()
