@@ -4,7 +4,8 @@ symmetric by the largest absolute score of each sequence).
 
 * :func:`html` / :func:`save_html`: a self-contained HTML page (inline styles, no script, no external file),
   each token's score in its tooltip;
-* :func:`terminal`: the same colours as ANSI 24-bit backgrounds (``color=False``: ``token(+0.42)``).
+* :func:`terminal`: the same colours as ANSI 24-bit backgrounds (``color=False``: ``token(+0.42)``);
+* :func:`save_png`: the same as an image (matplotlib, monospaced tokens on their colours), for documents.
 
 Padded positions (``attention_mask == 0``) are not shown.
 """
@@ -89,4 +90,49 @@ def save_html(path, rows_: Sequence[Row], title: str = "Token attributions") -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html(rows_, title), encoding="utf-8")
+    return path
+
+
+def save_png(path, rows_: Sequence[Row], title: str = "", width: int = 120, dpi: int = 120) -> Path:
+    """The rows as a PNG image: each caption, then its tokens on their colours with each score beneath,
+    wrapped at ``width`` characters (monospaced)."""
+    from matplotlib import pyplot as plt
+
+    from backprop_hooks.files import atomic_write
+
+    items: List[Tuple[str, object]] = []  # ("caption", text) or ("tokens", [(token, score, scaled, column)])
+    for tokens, scores, caption in rows_:
+        items.append(("caption", caption))
+        line: List[Tuple[str, float, float, int]] = []
+        column = 0
+        for t, s, v in zip(tokens, scores, _scaled(scores)):
+            cells = max(len(t), len(f"{s:+.2f}")) + 1
+            if line and column + cells > width:
+                items.append(("tokens", line))
+                line, column = [], 0
+            line.append((t, float(s), v, column))
+            column += cells
+        items.append(("tokens", line))
+    heights = [0.28 if kind == "caption" else 0.5 for kind, _ in items]
+    top = 0.4 if title else 0.1
+    total = sum(heights) + top + 0.1
+    fig = plt.figure(figsize=(0.078 * width + 0.3, total), dpi=dpi)
+    if title:
+        fig.text(0.01, 1 - 0.22 / total, title, fontsize=10, weight="bold", va="center")
+    y = 1 - top / total
+    for (kind, content), h in zip(items, heights):
+        centre = y - 0.5 * h / total
+        if kind == "caption":
+            fig.text(0.01, centre, content, fontsize=8, color="#555555", va="center")
+        else:
+            for t, score, v, column in content:
+                x = 0.01 + column / (width + 3)
+                r, g, b = _bwr(v)
+                box = dict(boxstyle="round,pad=0.15", facecolor=(r / 255, g / 255, b / 255), edgecolor="none")
+                fig.text(x, centre + 0.1 / total, t, fontsize=9, family="monospace", va="center", bbox=box)
+                fig.text(x, centre - 0.15 / total, f"{score:+.2f}", fontsize=6, color="#666666", va="center")
+        y -= h / total
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    plt.close(fig)
     return path

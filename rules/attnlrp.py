@@ -5,18 +5,19 @@ Relevance is in gradient × input form: ``R_t = t ⊙ ĝ_t`` for any tensor ``t`
 with these rules and the relevance at the logits ``y`` is ``y ⊙ v`` for the seed ``v`` of the target. Every
 rule is linear in ``ĝ``, so the method is linear in the seed and every contrast identity holds.
 
-=========================  ===============================================  ==========================  ==========
-piece                      AttnLRP's rule                                   backward (gradient form)    conserves
-=========================  ===============================================  ==========================  ==========
-LayerNorm                  identity rule on the centred input, ``σ`` held   ``(w⊙g − mean(w⊙g)) / σ``   yes
-RMSNorm                    identity rule, ``rms(x)`` held                   ``w ⊙ g / rms(x)``          yes
-GELU, SiLU (``x·gate(x)``)  identity rule                                   ``gate(x) ⊙ g``             yes
-``q kᵀ``, ``A v``, ``a*b``  uniform: half to each input-dependent factor    both gradients halved       yes
-softmax                    deep Taylor at the input, with the bias term     the exact gradient          no
-Linear, ``Conv1D``         ε-rule (ε → 0 by default: LRP-0)                 the gradient; ε > 0:        yes*
-                                                                            ``Wᵀ(g ⊙ z / (z + ε·sign z))``
-convolutions               plain gradient, or any CNN LRP rule (``conv=``)
-=========================  ===============================================  ==========================  ==========
+Which rule each piece gets (backward in gradient form, ``g`` the incoming gradient; conservative?):
+
+* LayerNorm: the identity rule on the centred input, ``σ`` held: ``(w⊙g − mean(w⊙g)) / σ``; conserves;
+* RMSNorm: the identity rule, ``rms(x)`` held: ``w ⊙ g / rms(x)``; conserves;
+* GELU, SiLU, tanh (``f(0) = 0``): the identity rule, ``R_in = R_out``: ``f(x)/x ⊙ g``; conserves;
+* products of two input-dependent tensors (``q kᵀ``, ``A v``, a gated MLP's ``a * b``): the uniform rule,
+  half of the relevance to each factor: both gradients halved; conserves;
+* softmax: deep Taylor at the input with the bias term, ``R_in = x ⊙ (R_out − s Σ_j R_out,j)``: its exact
+  gradient; does **not** conserve (the bias term absorbs relevance);
+* Linear and Hugging Face ``Conv1D``: the ε-rule, by default ε → 0 (LRP-0): the plain gradient; ε > 0:
+  ``Wᵀ(g ⊙ z / (z + ε·sign z))``; conserves up to what the biases absorb (*);
+* convolutions (a ViT's patch embedding, a hybrid's CNN stem): the plain gradient, or any CNN LRP rule
+  (``conv=``).
 
 (*) up to the relevance the biases absorb. The norm and activation rules cut the module's own graph (its
 backward is never computed); products and attention calls are function calls, ruled by
@@ -67,7 +68,8 @@ class RMSNormRule(_CutsGraph, RMSNormHeld):
 
 
 class IdentityRule(_CutsGraph, GateHeld):
-    """AttnLRP's identity rule on an activation ``x ↦ gate(x)·x`` (GELU, SiLU): ``R_in = R_out``."""
+    """AttnLRP's identity rule on an elementwise activation ``f`` with ``f(0) = 0`` (GELU, SiLU, tanh):
+    ``R_in = R_out``, i.e. ``ĝ_in = f(x)/x ⊙ ĝ_out`` (``at_zero``: the limit at ``x = 0``)."""
 
 
 def is_layer_norm(module: nn.Module) -> bool:
@@ -139,7 +141,11 @@ class AttnLRPComposite:
         return RMSNormRule() if is_rms_norm(module) else None
 
     def activation_rule(self, module: nn.Module) -> Optional[Rule]:
-        return IdentityRule() if self.activation and is_gated_activation("", module) else None
+        if not self.activation:
+            return None
+        if is_gated_activation("", module):
+            return IdentityRule()
+        return IdentityRule(at_zero=1.0) if isinstance(module, nn.Tanh) else None
 
     def linear_rule(self, module: nn.Module) -> Optional[Rule]:
         if not (isinstance(module, nn.Linear) or is_hf_conv1d(module)):

@@ -251,3 +251,15 @@ def test_compiled_models_run_eagerly_with_the_warning():
         assert len(said) == 1 and "attnlrp on a compiled" in str(said[0].message)
         torch.testing.assert_close(got.attributions, want, rtol=1e-12, atol=1e-14)
         testing.assert_no_hooks_left(model)
+
+
+def test_identity_rule_on_tanh_conserves():
+    """A tanh (BERT's pooler) gets the identity rule: a bias-free Linear-tanh-Linear conserves exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6, bias=False), nn.Tanh(), nn.Linear(6, 3, bias=False)).double().eval()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    x[0, :] = 0.0  # x = 0: the limit of tanh(x)/x, 1
+    e = bh.explain(model, x, "attnlrp", "logit")
+    torch.testing.assert_close(e.attributions.sum(1), objective(e), rtol=1e-10, atol=1e-14)
+    plain = bh.explain(model, x, "attnlrp", "logit", activation=False)
+    assert not torch.allclose(plain.attributions.sum(1), objective(plain))

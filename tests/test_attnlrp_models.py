@@ -227,3 +227,48 @@ def bench_peer(model, x, t):
     from bench import peers
 
     return peers.peers("attnlrp", model, x, t, None)["lxt"]()
+
+
+def test_conservation_measurement_agrees_with_explain_text():
+    """eval/conservation.py's per-layer sums: CP-LRP with zero biases conserves at every hidden state; its input
+    relevance is bh.explain_text's (the same rules, attached the same way)."""
+    from backprop_hooks.eval import conservation
+
+    model = conservation.zero_biases(build("bert"))
+    ids, mask = text_inputs("bert", batch=2)
+    mask[:] = 1
+    embeds = model.get_input_embeddings()(ids).detach()
+
+    def run(x):
+        out = model(inputs_embeds=x, output_hidden_states=True)
+        return out.logits, out.hidden_states
+
+    for composite in ("cp_lrp", "attnlrp"):
+        sums = conservation.relevance_sums(model, embeds, run, composite)
+        e = bh.explain_text(model, ids, mask, "attnlrp", composite=composite)
+        torch.testing.assert_close(sums["input"], e.attributions.sum(1), rtol=1e-9, atol=1e-14)
+        if composite == "cp_lrp":
+            ratio = sums["layers"] / sums["objective"][:, None]
+            torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=1e-9, atol=1e-9)
+
+
+def test_the_bundled_language_model_and_the_png_heat_map(tmp_path):
+    from backprop_hooks.eval import tokens
+    from backprop_hooks.models import python_docs_lm
+
+    lm, tokenizer = python_docs_lm.load()
+    ids, _ = tokenizer(["if the suite was exited for any reason other than an"])
+    e = bh.explain_text(lm, ids, method="attnlrp", target="weighted", logits=lambda out: out.logits[:, -1])
+    assert tokenizer.vocab[int(e.classes[0])] == "exception" and e.logits.shape == (1, len(tokenizer.vocab))
+    rows = tokens.rows(e, [tokenizer.tokens("if the suite was exited for any reason other than an")])
+    assert tokens.save_png(tmp_path / "t.png", rows, title="t").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_the_language_model_trains(tmp_path):
+    """python -m backprop_hooks.models.python_docs_lm, one epoch: it writes weights that load."""
+    from backprop_hooks.models import python_docs_lm
+
+    assert python_docs_lm.main(["--epochs", "1", "--out", str(tmp_path / "lm.pt")]) == 0
+    model, tokenizer = python_docs_lm.load(tmp_path / "lm.pt")
+    assert model.config.vocab_size == len(tokenizer.vocab) and (tmp_path / "lm.pt").stat().st_size < 1_000_000
