@@ -88,7 +88,7 @@ def bench_case(
         if with_peers:
             for peer, fn in peer_lib.peers(method, model, x, t, layer, skip_peers).items():
                 candidates[f"{method}|logit|{peer}"] = fn
-            if is_vit and method in GOALS and batch > 1:
+            if is_vit and method in ("rollout", "grad_rollout", "transformer_attribution") and batch > 1:
                 candidates[f"{method}|logit|batch-1 loop"] = loop_fn(method, model, x, t, layer_name)
     if with_per_class and "gradient" in applicable and batch == 1:
         for target in ("weighted", "mean"):
