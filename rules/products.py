@@ -19,14 +19,16 @@ Which tensors depend on the input: those whose autograd graph reaches the explai
 node, memoised for the call). Everything acts inside ``with ProductRules(x, ...):`` only, through a
 ``TorchFunctionMode`` (thread-local); nothing on the model changes. In-place products of two
 input-dependent tensors (``a.mul_(b)``) raise a :class:`RuleError`: their gradient cannot be split.
-Products inside a module whose backward a module rule replaces (an RMSNorm's ``x * rsqrt(...)``, GPT-2's
-tanh GELU) are never differentiated: the module rules of :mod:`backprop_hooks.rules.attnlrp` cut the
-module's own graph.
+Inside a module whose backward a module rule replaces (an RMSNorm's ``x * rsqrt(...)``, GPT-2's tanh GELU)
+the rules stand aside (:func:`stand_aside`, called by the module rules of
+:mod:`backprop_hooks.rules.attnlrp`, which also cut the module's own graph).
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
+
+import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -52,6 +54,7 @@ _BINARY_PRODUCTS = {
 }
 _INPLACE_PRODUCTS = {torch.Tensor.mul_, torch.Tensor.__imul__}
 _SDPA_NAMES = ("query", "key", "value")
+_ACTIVE = threading.local()  # the ProductRules active in this thread (TorchFunctionModes are thread-local too)
 
 
 class ScaleGradient(torch.autograd.Function):
@@ -149,14 +152,21 @@ class ProductRules(TorchFunctionMode):
         check_product_rules(product, softmax)
         self.product, self.softmax = product, softmax
         self.depends = InputDependence(x)
+        self.aside = 0  # > 0 inside modules whose backward a module rule owns
+
+    def __enter__(self):
+        self.outer = getattr(_ACTIVE, "rules", None)
+        _ACTIVE.rules = self
+        return super().__enter__()
 
     def __exit__(self, *exc):
+        _ACTIVE.rules = self.outer
         self.depends.memo.clear()  # the nodes of the call's graph
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not torch.is_grad_enabled():
+        if self.aside or not torch.is_grad_enabled():
             return func(*args, **kwargs)
         if func is _SDPA:
             return self._attention(args, kwargs)
@@ -218,6 +228,14 @@ class ProductRules(TorchFunctionMode):
         return _SDPA(*args, **kwargs)
 
 
+def stand_aside(step: int) -> None:
+    """``+1`` when a module whose backward a module rule owns starts, ``-1`` when it has run: the active
+    :class:`ProductRules` of this thread (if any) leave the calls in between alone."""
+    rules = getattr(_ACTIVE, "rules", None)
+    if rules is not None:
+        rules.aside = max(0, rules.aside + step)
+
+
 def check_product_rules(product: str, softmax: str) -> None:
     if product not in PRODUCT_RULES:
         raise OptionError(f"unknown product rule {product!r}; accepted: {choices(PRODUCT_RULES)}")
@@ -225,4 +243,12 @@ def check_product_rules(product: str, softmax: str) -> None:
         raise OptionError(f"unknown softmax rule {softmax!r}; accepted: {choices(SOFTMAX_RULES)}")
 
 
-__all__ = ["ProductRules", "ScaleGradient", "scale_gradient", "InputDependence", "PRODUCT_RULES", "SOFTMAX_RULES"]
+__all__ = [
+    "ProductRules",
+    "ScaleGradient",
+    "scale_gradient",
+    "InputDependence",
+    "stand_aside",
+    "PRODUCT_RULES",
+    "SOFTMAX_RULES",
+]

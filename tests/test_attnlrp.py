@@ -263,3 +263,35 @@ def test_identity_rule_on_tanh_conserves():
     torch.testing.assert_close(e.attributions.sum(1), objective(e), rtol=1e-10, atol=1e-14)
     plain = bh.explain(model, x, "attnlrp", "logit", activation=False)
     assert not torch.allclose(plain.attributions.sum(1), objective(plain))
+
+
+def test_function_rules_stand_aside_inside_modules_a_rule_owns(monkeypatch):
+    """An RMSNorm's ``x * rsqrt(mean(x²) + ε)`` is a product of two input-dependent tensors: with the norm rule
+    on, the product rule leaves it alone (the norm rule owns the module's backward); with ``norm=False`` it acts."""
+    from backprop_hooks.rules import products
+
+    scaled = []
+    original = products.scale_gradient
+    monkeypatch.setattr(products, "scale_gradient", lambda t, f: scaled.append(f) or original(t, f))
+
+    class Norm(nn.Module):  # Hugging Face's Llama RMSNorm, written out
+        def __init__(self):
+            super().__init__()
+            self.weight, self.variance_epsilon = nn.Parameter(torch.rand(4, dtype=torch.float64) + 0.5), 1e-6
+
+        def forward(self, x):
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    class LlamaRMSNorm(Norm):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), LlamaRMSNorm(), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    owned = bh.explain(model, x, "attnlrp", "weighted")
+    assert scaled == []
+    torch_norm = nn.RMSNorm(4, eps=1e-6).double()  # the same norm as torch's module: the same rule, the same answer
+    torch_norm.weight.data.copy_(model[1].weight.data)
+    same = bh.explain(nn.Sequential(model[0], torch_norm, model[2]).eval(), x, "attnlrp", "weighted")
+    torch.testing.assert_close(owned.attributions, same.attributions, rtol=1e-12, atol=1e-14)
+    bh.explain(model, x, "attnlrp", "weighted", norm=False)
+    assert scaled == [0.5, 0.5]
