@@ -32,7 +32,7 @@ LAYERS = {
 HF_TEXT = {"bert_small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048)}
 # causal language models (the next token's logits over a 1000-token vocabulary), where LXT runs too
 HF_CAUSAL = {
-    "gpt2_small": dict(n_embd=512, n_layer=4, n_head=8),
+    "gpt2_small": dict(n_embd=512, n_layer=4, n_head=8, bos_token_id=0, eos_token_id=0),
     "llama_small": dict(
         hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
     ),

@@ -55,16 +55,23 @@ def test_sdpa_equals_eager_padding_is_zero_and_the_model_is_kept(name):
     assert sdpa.config._attn_implementation == "sdpa" and torch._C._len_torch_function_stack() == 0
 
 
-def test_contrast_identities_and_padded_batch_on_a_language_model():
-    """GPT-2-style next token over the whole vocabulary: every target is its per-class composition; a padded
-    batch gives each sequence what it gets alone."""
-    model = build("llama")
-    ids, mask = text_inputs("llama")
-
+def llama_method(model, ids, mask):
     def method(x, classes=None, target="logit"):
         return bh.explain_text(model, ids, mask, "attnlrp", target, classes, logits=last_real(mask))
 
-    testing.assert_contrast_identities(method, ids, rtol=1e-8, targets=("weighted", "max", "versus"))
+    return method
+
+
+def test_versus_and_padded_batch_on_a_language_model():
+    """Llama-style next token: why t and not the foil is φ_t − φ_foil; a padded batch gives each sequence what it
+    gets alone."""
+    model = build("llama")
+    ids, mask = text_inputs("llama")
+    method = llama_method(model, ids, mask)
+    correct, foil = torch.tensor([5, 9, 2]), torch.tensor([7, 3, 11])
+    versus = method(ids, correct, bh.targets.Versus(foil)).attributions
+    want = method(ids, correct).attributions - method(ids, foil).attributions
+    torch.testing.assert_close(versus, want, rtol=1e-9, atol=1e-12)
     e = method(ids, target="weighted")
     for i in range(ids.shape[0]):
         n = int(mask[i].sum())
@@ -72,6 +79,14 @@ def test_contrast_identities_and_padded_batch_on_a_language_model():
             model, ids[i : i + 1, :n], None, "attnlrp", "weighted", logits=lambda o: o.logits[:, -1]
         )
         torch.testing.assert_close(e.attributions[i : i + 1, :n], alone.attributions, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_contrast_identities_over_the_whole_vocabulary():
+    """Every target is its per-class composition over all 40 tokens of the vocabulary (40 logit explanations)."""
+    model = build("llama")
+    ids, mask = text_inputs("llama")
+    testing.assert_contrast_identities(llama_method(model, ids, mask), ids, rtol=1e-8, targets=("weighted", "max"))
 
 
 def small_timm_vit(seed=0):
