@@ -2,13 +2,14 @@ r"""Function-level relevance rules: products of two input-dependent tensors, att
 
 In gradient × input form (relevance of a tensor ``t``: ``R_t = t ⊙ ĝ_t``, ``ĝ`` the gradient with modified
 backward rules) a product of two factors that both depend on the explained input, ``z = a·b`` (``a * b``,
-``a @ b``, ``torch.bmm``, ``torch.einsum`` of two operands), gives ``R_a + R_b = 2 R_z`` under the plain
-gradient. The *uniform rule* of AttnLRP (Achtibat et al., ICML 2024) hands each factor half of ``R_z``:
-both gradients are halved. Per attention call ``out = softmax(q kᵀ · s + mask) v`` this gives the gradients
-of ``q``, ``k``, ``v`` scaled by ``1/4``, ``1/4``, ``1/2``, so ``F.scaled_dot_product_attention`` keeps
-running its fused kernel with the three inputs wrapped in gradient-scaling identities (the output is
-bit-identical). A factor that does not depend on the input (a parameter, a constant, rotary ``cos``/``sin``)
-is no factor of the product: the other one keeps its whole gradient.
+``a @ b``, ``torch.bmm``/``mm``, the product in ``torch.baddbmm``/``addmm``, ``torch.einsum`` of two
+operands), gives ``R_a + R_b = 2 R_z`` under the plain gradient. The *uniform rule* of AttnLRP (Achtibat et
+al., ICML 2024) hands each factor half of ``R_z``: both gradients are halved. Per attention call
+``out = softmax(q kᵀ · s + mask) v`` this gives the gradients of ``q``, ``k``, ``v`` scaled by ``1/4``,
+``1/4``, ``1/2``, so ``F.scaled_dot_product_attention`` keeps running its fused kernel with the three inputs
+wrapped in gradient-scaling identities (the output is bit-identical). A factor that does not depend on the
+input (a parameter, a constant, rotary ``cos``/``sin``) is no factor of the product: the other one keeps
+its whole gradient.
 
 The softmax keeps its exact gradient: AttnLRP's softmax rule, deep Taylor at the input with the bias term,
 ``R_in = x ⊙ (R_out − s Σ_j R_out,j)``, is ``x ⊙ Jᵀ ĝ`` with ``R_out = s ⊙ ĝ``. ``softmax="held"`` (CP-LRP,
@@ -51,7 +52,10 @@ _BINARY_PRODUCTS = {
     torch.Tensor.__rmatmul__,
     torch.bmm,
     torch.Tensor.bmm,
+    torch.mm,
+    torch.Tensor.mm,
 }
+_BIASED_PRODUCTS = {torch.baddbmm, torch.Tensor.baddbmm, torch.addmm, torch.Tensor.addmm}  # bias + a @ b
 _INPLACE_PRODUCTS = {torch.Tensor.mul_, torch.Tensor.__imul__}
 _SDPA_NAMES = ("query", "key", "value")
 _ACTIVE = threading.local()  # the ProductRules active in this thread (TorchFunctionModes are thread-local too)
@@ -172,6 +176,8 @@ class ProductRules(TorchFunctionMode):
             return self._attention(args, kwargs)
         if func in _BINARY_PRODUCTS and len(args) >= 2:
             return self._product(func, args, kwargs, (0, 1))
+        if func in _BIASED_PRODUCTS and len(args) >= 3:
+            return self._product(func, args, kwargs, (1, 2))
         if func is torch.einsum:
             return self._einsum(args, kwargs)
         if func in _INPLACE_PRODUCTS and len(args) >= 2 and self.depends(args[0]) and self.depends(args[1]):

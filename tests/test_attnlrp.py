@@ -295,3 +295,31 @@ def test_function_rules_stand_aside_inside_modules_a_rule_owns(monkeypatch):
     torch.testing.assert_close(owned.attributions, same.attributions, rtol=1e-12, atol=1e-14)
     bh.explain(model, x, "attnlrp", "weighted", norm=False)
     assert scaled == [0.5, 0.5]
+
+
+def test_every_spelling_of_a_product_gets_the_uniform_rule():
+    """``a @ b``, ``torch.matmul``, ``bmm``, ``baddbmm`` (bias + a b), ``einsum`` and ``a * b``: the same relevance."""
+    spellings = {
+        "matmul": lambda q, k: q @ k.transpose(-2, -1),
+        "bmm": lambda q, k: torch.bmm(q, k.transpose(-2, -1)),
+        "baddbmm": lambda q, k: torch.baddbmm(torch.zeros(1, 1, 1, dtype=q.dtype), q, k.transpose(-2, -1)),
+        "einsum": lambda q, k: torch.einsum("bid,bjd->bij", q, k),
+        "mul": lambda q, k: (q[:, :, None, :] * k[:, None, :, :]).sum(-1),
+    }
+
+    class Bilinear(nn.Module):
+        def __init__(self, product):
+            super().__init__()
+            self.product = product
+            torch.manual_seed(0)
+            self.q, self.k, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(9, 3)
+
+        def forward(self, x):
+            return self.head(self.product(self.q(x), self.k(x)).flatten(1))
+
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    results = {name: bh.explain(Bilinear(f).double().eval(), x, "attnlrp", "weighted") for name, f in spellings.items()}
+    for name, e in results.items():
+        torch.testing.assert_close(e.attributions, results["matmul"].attributions, rtol=1e-10, atol=1e-13, msg=name)
+    plain = bh.explain(Bilinear(spellings["matmul"]).double().eval(), x, "input_x_gradient", "weighted")
+    torch.testing.assert_close(results["matmul"].attributions, plain.attributions / 2)  # bias-free q, k: exactly half
