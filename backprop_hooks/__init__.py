@@ -15,7 +15,7 @@ from .rule import Rule
 # Layers, lowest first: the core above, then the rules, the methods built from them, the test helpers.
 from . import rules
 from . import methods, testing
-from .api import explain
+from .api import Comparison, compare, explain
 from .text import explain_text
 from . import interop  # Captum, pytorch-grad-cam and Quantus adapters: imported only when used
 
@@ -28,6 +28,8 @@ __all__ = [
     "Handle",
     "explain",
     "explain_text",
+    "compare",
+    "Comparison",
     "Explanation",
     "targets",
     "errors",
