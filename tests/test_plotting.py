@@ -132,7 +132,7 @@ def test_signed_map_shows_both_colours_and_a_colour_bar():
     assert colour_bar_lines(image) >= 5  # a band several pixels wide
     assert square_panels(image) == 1
     bar_label = fig.axes[-1].get_ylabel()
-    assert "red: for cat (2), blue: against cat (2)" in bar_label and "99th percentile" in bar_label
+    assert "red: for cat (2)\nblue: against cat (2)" in bar_label and "99th percentile" in bar_label
     title = fig.axes[0].get_title()
     assert "cat (2)" in title and "weighted contrast" in title and "gradient" in fig._suptitle.get_text()
 
@@ -246,7 +246,7 @@ def test_compare_is_the_grid_and_the_tensors_behind_it(digits):
         for j, key in enumerate(c.targets):
             want = bh.explain(model, x.expand(3, -1, -1, -1), method, key, classes=torch.tensor([1, 7, 4])).maps
             torch.testing.assert_close(c.maps[i, j], want)
-    fig = c.plot(dpi=60)
+    fig = c.plot(dpi=72)
     image = pixels(fig)
     assert square_panels(image) == 3 * 2 * 3  # rows: 3 classes x 2 methods; columns: the image and 2 targets
     assert colour_bar_lines(image) >= 3

@@ -183,7 +183,9 @@ def _colorbar(fig, artist, ax, label: str, orientation: str):
     from matplotlib.cm import ScalarMappable
     from matplotlib.ticker import MaxNLocator
 
-    size = dict(shrink=0.9) if orientation == "vertical" else dict(shrink=0.6, fraction=0.04, aspect=40)
+    height = fig.get_size_inches()[1]  # a horizontal bar and its gap: inches, however tall the figure
+    size = dict(shrink=0.6, fraction=min(0.15, 0.3 / height), pad=min(0.15, 0.15 / height))
+    size = dict(shrink=0.9) if orientation == "vertical" else size
     bar = fig.colorbar(ScalarMappable(artist.norm, artist.cmap), ax=ax, orientation=orientation, **size)
     bar.set_label(label, fontsize=7)
     axis = bar.ax.yaxis if orientation == "vertical" else bar.ax.xaxis
@@ -202,7 +204,7 @@ def comparison_figure(
     title: Optional[str] = None,
     dpi: int = 100,
 ) -> Figure:
-    """The method x target grid: a row per sample and method (the image first), a column per target. Each
+    """The method × target grid: a row per sample and method (the image first), a column per target. Each
     method x target is scaled to ±1 by its own limit over the batch (the method's percentile, see
     :func:`scale`), so one colour bar serves every panel; the unscaled maps are ``comparison.maps``."""
     from .maps import clean, image_hwc, new_figure, overlay, symmetric_limit
@@ -214,11 +216,9 @@ def comparison_figure(
     names = class_names if class_names is not None else comparison.class_names
     first = {m: comparison.explanations[m, keys[0]] for m in methods}
     row_list = [(b, j) for b in range(batch) for j in range(len(methods))][:max_rows]
-    fig = new_figure(
-        layout="constrained",
-        dpi=dpi,
-        figsize=(panel_size * (len(keys) + 1), 0.92 * panel_size * len(row_list) + 1.0),
-    )
+    width = panel_size * (len(keys) + 1)
+    side = (width - 0.7) / (len(keys) + 1)  # about a square panel's side, after the row labels (inches)
+    fig = new_figure(layout="constrained", dpi=dpi, figsize=(width, (side + 0.06) * len(row_list) + 1.3))
     axes = fig.subplots(len(row_list), len(keys) + 1, squeeze=False)
     for r, (b, j) in enumerate(row_list):
         method = methods[j]
@@ -239,12 +239,12 @@ def comparison_figure(
         heading = labels.target_title(key, names) if names is not None or not key.startswith("versus:") else key
         axes[0, k + 1].set_title(heading, fontsize=9)
     label = (
-        "red: for t, blue: against t; each method x target scaled to ±1 by its max |value| over the rows\n"
-        "(pixel-space methods: by the 99th percentile of |value|)"
+        "red: for t, blue: against t\neach method × target on its own scale: ±1 = its max |value| over the rows\n"
+        "(pixel-space methods: the 99th percentile of |value|)"
     )
     _colorbar(fig, artist, list(axes[:, 1:].flat), label, "horizontal")
     shown = "" if len(row_list) == batch * len(methods) else f" (the first {len(row_list)} rows)"
-    fig.suptitle((title or "methods x targets") + shown, fontsize=10)
+    fig.suptitle((title or "methods × targets") + shown, fontsize=10)
     return fig
 
 

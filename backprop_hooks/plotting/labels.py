@@ -49,10 +49,11 @@ def objective(key: str) -> str:
 
 
 def legend(maps: torch.Tensor, who: str = "t") -> str:
-    """What the colours of ``maps`` mean: ``"red: for t, blue: against t"`` for a signed map; a map that is never
-    negative is a magnitude, one that is never positive says so (``who``: the explained class)."""
+    """What the colours of ``maps`` mean: ``"red: for t, blue: against t"`` for a signed map (``who``: the
+    explained class, on two lines when it is named); a map that is never negative is a magnitude, one that is
+    never positive says so."""
     if bool((maps >= 0).all()):
         return "red: magnitude (this map has no sign)"
     if bool((maps <= 0).all()):
         return "blue: all values are negative"
-    return f"red: for {who}, blue: against {who}"
+    return f"red: for {who}, blue: against {who}" if who == "t" else f"red: for {who}\nblue: against {who}"

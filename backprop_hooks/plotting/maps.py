@@ -17,10 +17,10 @@ import torch
 from ..errors import require
 
 np = require("numpy", "cli")
+figure = require("matplotlib.figure", "cli")
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
     from matplotlib.image import AxesImage
 
 ArrayLike = Union[torch.Tensor, "np.ndarray"]
@@ -28,11 +28,17 @@ CMAP = "bwr"
 DPI = 120
 
 
-def new_figure(**kwargs) -> Figure:
-    """A matplotlib figure outside pyplot (``Figure(**kwargs)``); raises MissingExtraError without matplotlib."""
-    require("matplotlib", "cli")
-    from matplotlib.figure import Figure
+class Figure(figure.Figure):
+    """A matplotlib figure that a notebook shows as a PNG even where pyplot was never imported (where it was,
+    IPython's own figure printer takes precedence: the picture is shown once either way)."""
 
+    def _repr_png_(self) -> bytes:
+        return png(self)
+
+
+def new_figure(**kwargs) -> Figure:
+    """A :class:`Figure` outside pyplot (nothing to close); raises MissingExtraError without matplotlib."""
+    require("matplotlib", "cli")
     return Figure(**kwargs)
 
 
