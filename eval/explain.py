@@ -18,7 +18,8 @@ The default method is Grad-CAM, and gradient-weighted attention rollout on visio
 
 This module is the command (its parser and run); the work lives in :mod:`.class_explanations` (computing),
 :mod:`.explain_files` (images in, figures and files out), :mod:`.arguments` (checking the command line) and
-:mod:`.catalog` (which methods fit a model). Their names are importable from here as well.
+:mod:`.catalog` (which methods fit a model); the names scripts used from here (``explain_classes``,
+``ClassExplanations``, ``figure``, ``table``, ``load_source``, ``target_title``, ...) still import from here.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from backprop_hooks.models.images import PHOTOS
 from backprop_hooks.plotting.labels import target_title
 
 from .arguments import check_device, check_method, check_targets, class_index
-from .catalog import DEFAULT_METHOD, applicable_methods, default_method, unfit_reason
+from .catalog import DEFAULT_METHOD, applicable_methods, default_method, describe, unfit_reason
 from .class_explanations import DEFAULT_CHUNK, DEFAULT_TARGETS, DEFAULT_TOPK, ClassExplanations, explain_classes
 from .explain_files import (
     DEFAULT_MAX_ROWS,
@@ -250,8 +251,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Run ``backprop-hooks explain``: validate everything, explain, write; returns the exit code."""
     if args.list:
-        from .catalog import describe
-
         print(describe(models.create(args.model, weights=args.weights), args.model))
         return 0
     sources = check_sources(args.images)

@@ -263,9 +263,13 @@ def test_compare_is_the_grid_and_the_tensors_behind_it(digits):
 def test_versus_explanations_name_the_other_class(digits):
     model, x = digits
     e = bh.explain(model, x, "gradcam", bh.targets.Versus(3), classes=5)
-    assert e.extras["versus"].tolist() == [3]
+    assert e.extras["versus"] == 3
     fig = e.plot(x, class_names=model.class_names)
     assert "class 5 and not class 3" in fig.axes[0].get_title() and "y_{3}" in fig.axes[-1].get_ylabel()
+    per_sample = bh.explain(model, x.expand(2, -1, -1, -1), "gradcam", bh.targets.Versus(torch.tensor([3, 4])), [5, 5])
+    fig = per_sample.plot()
+    assert ["and not class 3" in fig.axes[0].get_title(), "and not class 4" in fig.axes[1].get_title()] == [True] * 2
+    assert "y_s" in fig.axes[-1].get_ylabel()
 
 
 SPACES = {

@@ -185,8 +185,8 @@ class Method:
                 NonLinearContrastWarning,
                 stacklevel=3,
             )
-        if isinstance(target, _targets.Versus):  # "t and not s" names s (checked by the seed already)
-            extras = {"versus": torch.as_tensor(target.other, device=classes.device).expand_as(classes), **extras}
+        if isinstance(target, _targets.Versus):  # "t and not s": the explanation names s (an int or a tensor)
+            extras = {"versus": target.other, **extras}
         return Explanation(
             attributions=attributions.detach(),
             logits=logits.detach(),

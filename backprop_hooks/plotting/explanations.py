@@ -47,9 +47,15 @@ def _class_names(e: Explanation, class_names: Optional[Sequence[str]]) -> Option
     return class_names if class_names is not None else e.extras.get("class_names")
 
 
+def _others(e: Explanation) -> Optional[torch.Tensor]:
+    """(B,) the classes ``s`` of a Versus explanation ("t and not s"), or None."""
+    other = e.extras.get("versus") if e.target == "versus" else None
+    return None if other is None else torch.as_tensor(other).reshape(-1).cpu().expand(e.classes.shape[0])
+
+
 def _versus(e: Explanation, i: int) -> Optional[int]:
-    others = e.extras.get("versus")
-    return None if others is None else int(others.reshape(-1)[i if others.numel() > 1 else 0])
+    others = _others(e)
+    return None if others is None else int(others[i])
 
 
 def what(e: Explanation, i: int, class_names: Optional[Sequence[str]] = None) -> str:
@@ -57,16 +63,16 @@ def what(e: Explanation, i: int, class_names: Optional[Sequence[str]] = None) ->
     ``"Egyptian cat (285) and not tabby (281)"`` for a Versus target."""
     c = int(e.classes[i])
     label = labels.class_label(c, class_names)
-    other = _versus(e, i) if e.target == "versus" else None
+    other = _versus(e, i)
     if other is not None:
         return f"{label} and not {labels.class_label(other, class_names)}"
     return f"{label}, {labels.TARGET_TITLES.get(e.target, e.target)}"
 
 
 def _objective(e: Explanation) -> str:
-    others = e.extras.get("versus")
-    if e.target == "versus" and others is not None and others.unique().numel() == 1:
-        return labels.objective(f"versus:{int(others.reshape(-1)[0])}")
+    others = _others(e)
+    if others is not None and bool((others == others[0]).all()):
+        return labels.objective(f"versus:{int(others[0])}")
     return labels.objective(e.target) if e.target != "versus" else "$y_t - y_s$"
 
 
