@@ -77,9 +77,10 @@ class Comparison:
             return None
 
     def __repr__(self) -> str:
+        size = tuple(self.explanations[self.methods[0], self.targets[0]].maps.shape)
         return (
             f"Comparison(methods={self.methods}, targets={self.targets}, classes={self.classes.tolist()}, "
-            f"maps={tuple(self.maps.shape)})"
+            f"maps={(len(self.methods), len(self.targets), *size)})"
         )
 
 
@@ -114,7 +115,9 @@ def compare(
     (default: the model's, see :func:`model_class_names`) name the classes in the figure and in each
     explanation's plot.
     """
-    methods, options = list(methods), dict(options or {})
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    targets = [targets] if isinstance(targets, (str, _targets.Target)) else list(targets)
+    options = dict(options or {})
     if not methods or not targets:
         raise OptionError("compare needs at least one method and one target")
     unknown = sorted(set(options) - set(methods))

@@ -1,4 +1,4 @@
-"""``Explanation.plot``, the method x target grid of ``bh.compare`` and the inline views of a notebook.
+"""``Explanation.plot``, the method × target grid of ``bh.compare`` and the inline views of a notebook.
 
 The scale is the command line's: pixel-space maps (input-shaped attributions: gradient, I×G, SmoothGrad, IG,
 FullGrad, the guided methods) on ±the 99th percentile of |value|, each pixel as opaque as it is strong over a
@@ -211,7 +211,7 @@ def comparison_figure(
     dpi: int = 100,
 ) -> Figure:
     """The method × target grid: a row per sample and method (the image first), a column per target. Each
-    method x target is scaled to ±1 by its own limit over the batch (the method's percentile, see
+    method × target is scaled to ±1 by its own limit over the batch (the method's percentile, see
     :func:`scale`), so one colour bar serves every panel; the unscaled maps are ``comparison.maps``."""
     from .maps import clean, image_hwc, new_figure, overlay, symmetric_limit
 
@@ -221,6 +221,8 @@ def comparison_figure(
     images = _images(comparison.image if image is None else image, batch, size)
     names = class_names if class_names is not None else comparison.class_names
     first = {m: comparison.explanations[m, keys[0]] for m in methods}
+    percentiles = [scale(first[m])[1] for m in methods]
+    limits = [[symmetric_limit(maps[j, k], percentiles[j]) for k in range(len(keys))] for j in range(len(methods))]
     row_list = [(b, j) for b in range(batch) for j in range(len(methods))][:max_rows]
     width = panel_size * (len(keys) + 1)
     side = (width - 0.7) / (len(keys) + 1)  # about a square panel's side, after the row labels (inches)
@@ -229,7 +231,7 @@ def comparison_figure(
     for r, (b, j) in enumerate(row_list):
         method = methods[j]
         e = first[method]
-        alpha, percentile = scale(e)
+        alpha = scale(e)[0]
         picture = images[b] if images is not None else _blank(size)
         axes[r, 0].imshow(image_hwc(picture), cmap="gray", vmin=0, vmax=1)
         clean(axes[r, 0])
@@ -238,8 +240,7 @@ def comparison_figure(
         unsigned = " (no sign)" if bool((maps[j, :, b] >= 0).all()) else ""
         axes[r, 0].set_ylabel(f"{method}{unsigned}\n{labels.class_label(c, names)}\np = {p:.3f}", fontsize=8)
         for k in range(len(keys)):
-            limit = symmetric_limit(maps[j, k], percentile)
-            artist = overlay(axes[r, k + 1], picture, maps[j, k, b] / limit, alpha=alpha, vmax=1.0)
+            artist = overlay(axes[r, k + 1], picture, maps[j, k, b] / limits[j][k], alpha=alpha, vmax=1.0)
     axes[0, 0].set_title("image", fontsize=9)
     for k, key in enumerate(keys):
         heading = labels.target_title(key, names) if names is not None or not key.startswith("versus:") else key
