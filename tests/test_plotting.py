@@ -308,3 +308,14 @@ def test_the_command_lines_figure_is_drawn_by_the_same_module(digits):
     panels = [box(fig, fig.axes[r * 3 + j], image) for r in range(2) for j in (1, 2)]  # rows: classes 1, 7
     assert red(panels[0]) > 1000 and blue(panels[3]) > 1000  # 1 is evidence for 1; weighted: against 7
     assert red(box(fig, fig.axes[0], image)) == blue(box(fig, fig.axes[0], image)) == 0  # the image column
+
+
+def test_figures_are_plain_matplotlib_figures_that_pickle():
+    import pickle
+
+    from matplotlib.figure import Figure
+
+    fig = image_explanation().plot(IMAGE)
+    assert isinstance(fig, Figure) and repr(fig).startswith("<Figure size")
+    again = pickle.loads(pickle.dumps(fig))
+    assert square_panels(pixels(again)) == 1

@@ -9,6 +9,7 @@ strong (:func:`overlay` with ``alpha=None``).
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
@@ -17,10 +18,10 @@ import torch
 from ..errors import require
 
 np = require("numpy", "cli")
-figure = require("matplotlib.figure", "cli")
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn: `backprop-hooks --help` stays fast
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
     from matplotlib.image import AxesImage
 
 ArrayLike = Union[torch.Tensor, "np.ndarray"]
@@ -28,18 +29,32 @@ CMAP = "bwr"
 DPI = 120
 
 
-class Figure(figure.Figure):
-    """A matplotlib figure that a notebook shows as a PNG even where pyplot was never imported (where it was,
-    IPython's own figure printer takes precedence: the picture is shown once either way)."""
+@functools.lru_cache(maxsize=None)
+def notebook_figure() -> type:
+    """matplotlib's ``Figure`` with a ``_repr_png_``: a notebook shows it even where pyplot was never imported
+    (where it was, IPython's own figure printer takes precedence: the picture is shown once either way). Made
+    on first use, so that importing this module does not import matplotlib; pickled as ``maps.Figure``."""
+    from matplotlib import figure
 
-    def _repr_png_(self) -> bytes:
-        return png(self)
+    class Figure(figure.Figure):
+        def _repr_png_(self) -> bytes:
+            return png(self)
+
+    Figure.__qualname__ = "Figure"
+    return Figure
+
+
+def __getattr__(name: str):
+    if name == "Figure":  # what unpickling a figure of ours looks up
+        return notebook_figure()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def new_figure(**kwargs) -> Figure:
-    """A :class:`Figure` outside pyplot (nothing to close); raises MissingExtraError without matplotlib."""
+    """A figure outside pyplot (nothing to close; see :func:`notebook_figure`); raises MissingExtraError
+    without matplotlib."""
     require("matplotlib", "cli")
-    return Figure(**kwargs)
+    return notebook_figure()(**kwargs)
 
 
 def to_numpy(array: ArrayLike) -> np.ndarray:
