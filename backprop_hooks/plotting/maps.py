@@ -128,14 +128,17 @@ def clean(ax: Axes) -> None:
     ax.set_yticks([])
 
 
-def colorbar(fig: Figure, artist: AxesImage, cax: Axes, label: str, orientation: str = "horizontal"):
-    """A colour bar of ``artist``'s scale in ``cax``: 3 to 5 symmetric ticks, small type, ``label`` below."""
+def colorbar(fig: Figure, artist: AxesImage, label: str, cax: Optional[Axes] = None, ax=None, **place):
+    """A colour bar of ``artist``'s scale: in ``cax``, or beside the axes ``ax`` (one or a list: the space is
+    taken from them; ``place``: ``orientation``, ``shrink``, ``fraction``, ``pad`` as for ``fig.colorbar``).
+    3 to 5 symmetric ticks, small type, ``label`` beside it."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.ticker import MaxNLocator
 
-    bar = fig.colorbar(ScalarMappable(artist.norm, artist.cmap), cax=cax, orientation=orientation)
+    place.setdefault("orientation", "horizontal")
+    bar = fig.colorbar(ScalarMappable(artist.norm, artist.cmap), cax=cax, ax=ax, **place)
     bar.set_label(label, fontsize=7)
-    axis = bar.ax.xaxis if orientation == "horizontal" else bar.ax.yaxis
+    axis = bar.ax.xaxis if place["orientation"] == "horizontal" else bar.ax.yaxis
     axis.set_major_locator(MaxNLocator(nbins=4, symmetric=True, min_n_ticks=3))
     axis.set_major_formatter("{x:.2g}")
     bar.ax.tick_params(labelsize=7)
@@ -186,7 +189,7 @@ def explanation_grid(
         label = colorbar_labels[j - 1] if colorbar_labels else "attribution (red +, blue −)"
         if percentile < 100:
             label += f"\nscale: ±{percentile:g}th percentile of |value|"
-        colorbar(fig, artist, bars[j], label)
+        colorbar(fig, artist, label, cax=bars[j])
     if title:
         fig.suptitle(title, fontsize=11)
     return fig

@@ -167,5 +167,5 @@ def figure(rows_: Sequence[Row], width: float = 8.0, fontsize: float = 10.0, dpi
     from matplotlib.colors import Normalize
 
     scale = ScalarMappable(Normalize(-1.0, 1.0), "bwr")
-    colorbar(fig, scale, cax, "red: for t, blue: against t (per sequence, ÷ its largest |score|)")
+    colorbar(fig, scale, "red: for t, blue: against t (per sequence, ÷ its largest |score|)", cax=cax)
     return fig
