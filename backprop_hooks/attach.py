@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import RuleError, SelectorError, choices
+from .errors import RuleError, SelectorError, choices, mark_from_rule
 from .rule import Rule
 from .runtime import clean_name, named_modules
 from .validate import check_model
@@ -292,18 +292,6 @@ def attach(model: nn.Module, rules: RuleSpec) -> Handle:
         handles = [module.register_forward_pre_hook(hook.pre), module.register_forward_hook(hook.post)]
         placed.append((name, hook, handles))
     return Handle(model, placed)
-
-
-def mark_from_rule(exc: BaseException) -> None:
-    """Mark an exception raised by a rule, so that it reaches the user unchanged (not as a ForwardError)."""
-    try:
-        exc.__backprop_hooks_rule__ = True
-    except AttributeError:  # an exception type with __slots__
-        pass
-
-
-def raised_by_rule(exc: BaseException) -> bool:
-    return getattr(exc, "__backprop_hooks_rule__", False)
 
 
 def is_framework_hook(fn: Any) -> bool:

@@ -267,7 +267,7 @@ def test_conservation_measurement_agrees_with_explain_text():
             torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=1e-9, atol=1e-9)
 
 
-def test_the_bundled_language_model_and_the_png_heat_map(tmp_path):
+def test_the_bundled_language_model(tmp_path):
     from backprop_hooks.eval import tokens
     from backprop_hooks.models import python_docs_lm
 
@@ -276,7 +276,7 @@ def test_the_bundled_language_model_and_the_png_heat_map(tmp_path):
     e = bh.explain_text(lm, ids, method="attnlrp", target="weighted", logits=lambda out: out.logits[:, -1])
     assert tokenizer.vocab[int(e.classes[0])] == "exception" and e.logits.shape == (1, len(tokenizer.vocab))
     rows = tokens.rows(e, [tokenizer.tokens("if the suite was exited for any reason other than an")])
-    assert tokens.save_png(tmp_path / "t.png", rows, title="t").read_bytes()[:4] == b"\x89PNG"
+    assert rows[0][0][-1] == "an" and len(rows[0][1]) == ids.shape[1]
 
 
 @pytest.mark.slow

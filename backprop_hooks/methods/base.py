@@ -188,6 +188,8 @@ class Method:
                 NonLinearContrastWarning,
                 stacklevel=3,
             )
+        if isinstance(target, _targets.Versus):  # "t and not s": the explanation names s (an int or a tensor)
+            extras = {"versus": target.other, **extras}
         return Explanation(
             attributions=attributions.detach(),
             logits=logits.detach(),
