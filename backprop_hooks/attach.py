@@ -92,6 +92,7 @@ class _ModuleHook:
         call = _Call(len(self.rules))
         self.calls.append(call)
         self.live.add(call)
+        self.before(module, args, call)
         if not self.gated:  # forward-only rules: nothing to pair in backward
             return None
         call.n_args = len(args)
@@ -104,6 +105,17 @@ class _ModuleHook:
         for i, g in zip(call.arg_index, gated):
             args[i] = g
         return tuple(args)
+
+    def before(self, module: nn.Module, args: Tuple[Any, ...], call: _Call) -> None:
+        """The rules' optional ``before`` (only rules that define one are called)."""
+        for rule, ctx in zip(self.rules, call.ctxs):
+            if type(rule).before is not Rule.before:
+                rule.ctx = ctx
+                try:
+                    rule.before(module, args)
+                except Exception as exc:
+                    mark_from_rule(exc)
+                    raise
 
     def post(self, module: nn.Module, args: Tuple[Any, ...], output: Any):
         if threading.get_ident() != self.thread:

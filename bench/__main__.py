@@ -2,7 +2,7 @@
 
 For each model x batch size: the floors (one forward; one forward + backward of the logit to the input),
 every method x target as a ratio to those floors, the peers' time for the same explanation (Captum,
-pytorch-grad-cam, Zennit, and the earlier code's C per-class backward passes for contrast targets, and a
+pytorch-grad-cam, Zennit, LXT, and the earlier code's C per-class backward passes for contrast targets, and a
 batch-size-1 loop for ViT rollouts), and peak tensor memory (CUDA allocator; CPU allocator events).
 Everything within one model x batch is measured interleaved, so the ratios are side by side in one run.
 ``--scaling`` adds time vs batch size, input resolution and number of classes. ``--compile BACKEND`` adds
@@ -39,7 +39,9 @@ GOALS = {  # method -> (floor, maximum ratio) from the issues; contrast targets:
     "rollout": ("fwd+bwd", 1.5),
     "grad_rollout": ("fwd+bwd", 1.5),
     "transformer_attribution": ("fwd+bwd", 1.5),
+    "attnlrp": ("fwd+bwd", 2.0),
 }
+MEMORY_GOALS = {"attnlrp": 1.5}  # peak memory ÷ forward+backward; every other method: 1.2
 
 
 def explain_fn(method: str, model, x, t, target: str, layer) -> Callable:
@@ -86,7 +88,7 @@ def bench_case(
         if with_peers:
             for peer, fn in peer_lib.peers(method, model, x, t, layer, skip_peers).items():
                 candidates[f"{method}|logit|{peer}"] = fn
-            if is_vit and method in GOALS and batch > 1:
+            if is_vit and method in ("rollout", "grad_rollout", "transformer_attribution") and batch > 1:
                 candidates[f"{method}|logit|batch-1 loop"] = loop_fn(method, model, x, t, layer_name)
     if with_per_class and "gradient" in applicable and batch == 1:
         for target in ("weighted", "mean"):
@@ -150,13 +152,14 @@ def check_goals(rows: List[Dict]) -> List[Dict]:
     for r in rows:
         if "peak_mib" in r and r["target"] == "logit" and r["impl"] == "backprop_hooks":  # every method: <= 1.2x
             base = fb[(r["model"], r["batch"])].get("peak_mib") or float("nan")
+            limit = MEMORY_GOALS.get(r["method"], 1.2)
             out.append(
                 dict(
                     model=r["model"],
                     batch=r["batch"],
-                    goal=f"{r['method']} peak memory <= 1.2x fwd+bwd",
+                    goal=f"{r['method']} peak memory <= {limit}x fwd+bwd",
                     measured=r["peak_mib"] / base if base else float("nan"),
-                    met=base and r["peak_mib"] / base <= 1.2,
+                    met=base and r["peak_mib"] / base <= limit,
                 )
             )
     return out
@@ -210,7 +213,7 @@ def main(argv=None) -> int:
         "--models",
         nargs="+",
         default=None,
-        help="resnet50 vgg16_bn resnet18 vit_tiny hf_vit bert_small (a suffix @C sets C classes)",
+        help="resnet50 vgg16_bn resnet18 vit_tiny hf_vit bert_small gpt2_small llama_small (suffix @C: C classes)",
     )
     p.add_argument("--batch", nargs="+", type=int, default=None)
     p.add_argument("--size", type=int, default=None)

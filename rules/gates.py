@@ -9,23 +9,34 @@ r"""Held gates for activations given as modules of other libraries (Hugging Face
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from backprop_hooks.rule import Rule
 
+# Hugging Face's activation modules of the form x ↦ gate(x)·x with gate(0) = 1/2
+HF_GELUS = ("GELUActivation", "NewGELUActivation", "GELUTanh", "FastGELUActivation", "QuickGELUActivation")
+HF_SILUS = ("SiLUActivation",)
+
+
+def is_gated_activation(name: str, module: nn.Module) -> bool:
+    """Selector: ``nn.GELU``, ``nn.SiLU`` and Hugging Face's GELU and SiLU modules (``x ↦ gate(x)·x``)."""
+    return isinstance(module, (nn.GELU, nn.SiLU)) or type(module).__name__ in HF_GELUS + HF_SILUS
+
 
 class GateHeld(Rule):
-    """``x ↦ gate(x)·x`` with the gate ``out/x`` held constant; ``enabled`` switches it on and off."""
+    """``x ↦ gate(x)·x`` with the gate ``out/x`` held constant; ``enabled`` switches it on and off.
+    ``at_zero``: the gate where ``x = 0``, the limit of ``out/x`` (1/2 for every GELU and SiLU, 1 for tanh)."""
 
     linear = True
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, at_zero: float = 0.5) -> None:
+        self.enabled, self.at_zero = enabled, at_zero
 
     def forward(self, module, inputs, output):
         if isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
             x, out = inputs[0].detach(), output.detach()
             safe = torch.where(x == 0, torch.ones_like(x), x)
-            self.ctx.gate = torch.where(x == 0, torch.full_like(x, 0.5), out / safe)
+            self.ctx.gate = torch.where(x == 0, torch.full_like(x, self.at_zero), out / safe)
 
     def backward(self, module, grad_input, grad_output):
         gate = getattr(self.ctx, "gate", None)
