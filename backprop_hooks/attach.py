@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import RuleError, SelectorError, choices
+from .errors import RuleError, SelectorError, choices, mark_from_rule
 from .rule import Rule
 from .runtime import clean_name, named_modules
 from .validate import check_model
@@ -92,6 +92,7 @@ class _ModuleHook:
         call = _Call(len(self.rules))
         self.calls.append(call)
         self.live.add(call)
+        self.before(module, args, call)
         if not self.gated:  # forward-only rules: nothing to pair in backward
             return None
         call.n_args = len(args)
@@ -104,6 +105,17 @@ class _ModuleHook:
         for i, g in zip(call.arg_index, gated):
             args[i] = g
         return tuple(args)
+
+    def before(self, module: nn.Module, args: Tuple[Any, ...], call: _Call) -> None:
+        """The rules' optional ``before`` (only rules that define one are called)."""
+        for rule, ctx in zip(self.rules, call.ctxs):
+            if type(rule).before is not Rule.before:
+                rule.ctx = ctx
+                try:
+                    rule.before(module, args)
+                except Exception as exc:
+                    mark_from_rule(exc)
+                    raise
 
     def post(self, module: nn.Module, args: Tuple[Any, ...], output: Any):
         if threading.get_ident() != self.thread:
@@ -280,18 +292,6 @@ def attach(model: nn.Module, rules: RuleSpec) -> Handle:
         handles = [module.register_forward_pre_hook(hook.pre), module.register_forward_hook(hook.post)]
         placed.append((name, hook, handles))
     return Handle(model, placed)
-
-
-def mark_from_rule(exc: BaseException) -> None:
-    """Mark an exception raised by a rule, so that it reaches the user unchanged (not as a ForwardError)."""
-    try:
-        exc.__backprop_hooks_rule__ = True
-    except AttributeError:  # an exception type with __slots__
-        pass
-
-
-def raised_by_rule(exc: BaseException) -> bool:
-    return getattr(exc, "__backprop_hooks_rule__", False)
 
 
 def is_framework_hook(fn: Any) -> bool:

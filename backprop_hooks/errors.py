@@ -115,6 +115,19 @@ class FunctionalReLUWarning(BackpropHooksWarning):
     """Some ReLUs are functional (``F.relu``): module rules cannot reach them, so they keep their gradient."""
 
 
+def mark_from_rule(exc: BaseException) -> None:
+    """Mark an exception raised by a rule, so that it reaches the user unchanged (not as a ForwardError)."""
+    try:
+        exc.__backprop_hooks_rule__ = True
+    except AttributeError:  # an exception type with __slots__
+        pass
+
+
+def raised_by_rule(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by a rule (see :func:`mark_from_rule`)."""
+    return getattr(exc, "__backprop_hooks_rule__", False)
+
+
 def choices(values: Iterable[object], limit: int = 12) -> str:
     """Format accepted values for an error message: ``'a', 'b', ... (N in all)``."""
     values = [repr(v) if isinstance(v, str) else str(v) for v in values]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,9 @@ class Explanation:
     ``attributions``: raw, in the method's own space (input-shaped, a layer grid (B,h,w) or a token grid);
     ``maps``: (B,H,W) signed spatial maps at input resolution (computed on first access);
     ``linear``: whether the method is linear in the seed, i.e. whether the contrast identities hold.
+
+    ``plot()`` draws it (matplotlib, the ``cli`` extra), and a notebook shows it inline: image explanations as
+    their maps, text explanations (``bh.explain_text``) as the coloured token heat-map.
     """
 
     attributions: torch.Tensor
@@ -61,6 +64,48 @@ class Explanation:
     @property
     def probabilities(self) -> torch.Tensor:
         return self.logits.softmax(dim=1)
+
+    def plot(self, image: Any = None, ax: Any = None, **options: Any):
+        """Draw the signed maps over ``image``; returns a matplotlib ``Figure`` (or ``ax`` when given).
+
+        ``image``: the explained input, (B, C, H, W) or one (C, H, W) image, in [0, 1] (None: the maps alone).
+        The scale is the command line's: pixel-space maps on ±the 99th percentile of |value|, each pixel as
+        opaque as it is strong; layer and token-grid maps on ±max |value| at opacity 0.5 (``alpha=``,
+        ``percentile=`` override). The colour bar says what the colours mean ("red: for t, blue: against t",
+        or a magnitude for a map without sign), the title names method, target and class (``class_names=``
+        names them). A batch draws as a grid on one scale (``index=i``: one sample; ``columns``,
+        ``max_panels``, ``panel_size``, ``dpi``); with ``ax=`` one sample is drawn into a pyplot axes. A text
+        explanation draws its token heat-map (``tokens=``: one list of strings per sequence, or a function of
+        a sequence's ids such as a tokenizer's ``convert_ids_to_tokens``; default: the ids).
+        """
+        from .plotting.explanations import plot
+
+        return plot(self, image, ax, **options)
+
+    def named(self, class_names: Optional[Sequence[str]] = None, tokens: Any = None) -> "Explanation":
+        """A copy that names its classes (and a text explanation its tokens) in :meth:`plot` and in a
+        notebook's inline view; the tensors are shared, not copied."""
+        given = {"class_names": class_names, "tokens": tokens}
+        return replace(self, extras={**self.extras, **{k: v for k, v in given.items() if v is not None}})
+
+    def _repr_png_(self) -> Optional[bytes]:
+        """The notebook's picture: the maps (image explanations) or the token heat-map; None if it cannot be
+        drawn (never raises: the text repr shows instead)."""
+        try:
+            from .plotting.explanations import inline_png
+
+            return inline_png(self)
+        except Exception:
+            return None
+
+    def _repr_html_(self) -> Optional[str]:
+        """A text explanation's token heat-map as HTML (a notebook prefers it to the PNG); None otherwise."""
+        try:
+            from .plotting.explanations import inline_html
+
+            return inline_html(self)
+        except Exception:
+            return None
 
     def __repr__(self) -> str:
         return (

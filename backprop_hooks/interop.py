@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from . import targets as _targets
-from .errors import InputError, require
+from .errors import InputError, OptionError, require
 from .validate import Classes, check_classes, check_input, check_model, select_logits
 
 EXTRA = "interop"
@@ -204,11 +204,12 @@ def quantus_explain(method: str = "gradient", target: Any = "weighted", channels
     ``explain_func_kwargs`` are passed on as method options (its ``device`` key is ignored: the model's is used).
     """
     require("quantus", EXTRA)
-    import backprop_hooks as bh
+    from . import methods
+    from .api import explain as explain_with
 
     if channels not in ("keep", "sum"):
-        raise bh.errors.OptionError(f"channels must be 'keep' or 'sum', got {channels!r}")
-    bh.methods.get(method)
+        raise OptionError(f"channels must be 'keep' or 'sum', got {channels!r}")
+    methods.get(method)
     _targets.get(target)
 
     def explain(model: nn.Module, inputs: Any, targets: Any, **kwargs: Any):
@@ -221,7 +222,7 @@ def quantus_explain(method: str = "gradient", target: Any = "weighted", channels
         classes = torch.as_tensor(targets, dtype=torch.long, device=device).reshape(-1)
         if classes.numel() == 1 and x.shape[0] > 1:
             classes = classes.expand(x.shape[0])
-        e = bh.explain(net, x, method=method, target=target, classes=classes, **{**options, **kwargs})
+        e = explain_with(net, x, method=method, target=target, classes=classes, **{**options, **kwargs})
         if e.attributions.shape == x.shape and channels == "keep":
             out = e.attributions
         else:

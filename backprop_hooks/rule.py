@@ -1,8 +1,9 @@
 """The base class of backward rules.
 
 A rule is attached to modules with :func:`backprop_hooks.attach`. For every call of such a module the
-framework calls ``rule.forward(module, inputs, output)`` after the module ran, and, during the backward
-pass, ``rule.backward(module, grad_input, grad_output)`` with tuples shaped like PyTorch's module hooks:
+framework calls ``rule.before(module, inputs)`` before the module runs (optional),
+``rule.forward(module, inputs, output)`` after it ran, and, during the backward pass,
+``rule.backward(module, grad_input, grad_output)`` with tuples shaped like PyTorch's module hooks:
 ``grad_input[i]`` is the gradient for the i-th positional input (``None`` for non-tensors and tensors
 that do not require grad), ``grad_output[j]`` the gradient for the j-th tensor of the output.
 
@@ -41,6 +42,9 @@ class Rule:
         attached and removed with it, on hooks of their own placed after all others, so they see each
         submodule's final output."""
         return ()
+
+    def before(self, module: nn.Module, inputs: Tuple[Any, ...]) -> None:
+        """Optional: called before ``module`` runs (when gradients are enabled), with the call's ``self.ctx``."""
 
     def forward(self, module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> Any:
         """Called after ``module`` ran. Return ``None``, or a replacement for ``output``."""

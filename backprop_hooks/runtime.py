@@ -23,7 +23,7 @@ from typing import Any, Iterator, List, Tuple
 import torch
 from torch import nn
 
-from .errors import BackpropHooksError, ForwardError, ModelError
+from .errors import BackpropHooksError, ForwardError, ModelError, raised_by_rule
 
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -110,8 +110,6 @@ def explaining(model: nn.Module) -> Iterator[None]:
 def forward_errors(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
     """Turn an exception raised by the model's forward pass on ``x`` into a :class:`ForwardError` that
     names the input. Errors of backprop_hooks itself and anything a rule raised pass unchanged."""
-    from .attach import raised_by_rule  # attach imports this module
-
     try:
         yield
     except BackpropHooksError:

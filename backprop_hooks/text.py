@@ -11,6 +11,8 @@ method of the framework sees a differentiable float input. Token scores (B, L):
   behind a LayerNorm on the embeddings, as in BERT, the signed sum ``Σ_d ∂f/∂E_d`` vanishes identically);
   Integrated Gradients' baseline is the padding token's embedding at every position (``baseline="pad"``,
   the default when the model's config has a ``pad_token_id``) or zero embeddings (``baseline="zero"``);
+* ``attnlrp``: the relevance of each token, ``Σ_d E_d ĝ_d`` with AttnLRP's modified gradient ``ĝ`` (signed,
+  linear in the seed; ``reduce="sum"``, its default);
 * attention methods (``rollout``, ``grad_rollout``, ``transformer_attribution``, ``vit_gradcam``): over the
   sequence, read out at one token per sample (``readout="first"``, an encoder's class token, or
   ``"last"``, the last real token, the default for causal models).
@@ -39,8 +41,10 @@ from .methods.vit import TextLayout
 from .validate import Classes, LogitsFn, check_model
 
 GRADIENT_METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients")
+RELEVANCE_METHODS = ("attnlrp",)
+EMBEDDING_METHODS = GRADIENT_METHODS + RELEVANCE_METHODS  # attributions on the embeddings, reduced over the hidden size
 ATTENTION_METHODS = ("rollout", "grad_rollout", "transformer_attribution", "vit_gradcam")
-TEXT_METHODS = GRADIENT_METHODS + ATTENTION_METHODS
+TEXT_METHODS = EMBEDDING_METHODS + ATTENTION_METHODS
 REDUCTIONS = ("sum", "l1", "l2")
 
 
@@ -181,11 +185,11 @@ def _explain(model, input_ids, mask, method, target, classes, logits, reduce, re
         options["baseline"] = _baseline(model, emb, embeds, options.get("baseline"))
     explainer = _methods.get(method)(wrapped, **options)
     with warnings.catch_warnings():
-        if method in GRADIENT_METHODS and reduce != "sum":
+        if method in EMBEDDING_METHODS and reduce != "sum":
             warnings.simplefilter("ignore", NonLinearContrastWarning)  # said once below, for the reduced scores
         e = explainer(embeds, classes=classes, target=target, logits=logits)
     scores, linear = e.attributions, e.linear
-    if method in GRADIENT_METHODS:
+    if method in EMBEDDING_METHODS:
         if reduce == "sum":
             scores = scores.sum(dim=-1)
         else:

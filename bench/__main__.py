@@ -2,7 +2,7 @@
 
 For each model x batch size: the floors (one forward; one forward + backward of the logit to the input),
 every method x target as a ratio to those floors, the peers' time for the same explanation (Captum,
-pytorch-grad-cam, Zennit, and the earlier code's C per-class backward passes for contrast targets, and a
+pytorch-grad-cam, Zennit, LXT, and the earlier code's C per-class backward passes for contrast targets, and a
 batch-size-1 loop for ViT rollouts), and peak tensor memory (CUDA allocator; CPU allocator events).
 Everything within one model x batch is measured interleaved, so the ratios are side by side in one run.
 Transformers also get the row ``capture``: the forward the attention methods run (the model under the
@@ -45,7 +45,9 @@ GOALS = {  # method -> (floor, maximum ratio) from the issues; contrast targets:
     "rollout": ("fwd+bwd", 1.5),
     "grad_rollout": ("fwd+bwd", 1.30),
     "transformer_attribution": ("fwd+bwd", 1.8),  # one forward, two backward passes: see bench/RESULTS.md
+    "attnlrp": ("fwd+bwd", 2.0),
 }
+MEMORY_GOALS = {"attnlrp": 1.5}  # peak memory ÷ forward+backward; every other method: 1.2
 ROLLOUTS = ("rollout", "grad_rollout", "transformer_attribution")
 
 
@@ -169,13 +171,14 @@ def check_goals(rows: List[Dict]) -> List[Dict]:
     for r in rows:
         if "peak_mib" in r and r["target"] == "logit" and r["impl"] == "backprop_hooks":  # every method: <= 1.2x
             base = fb[(r["model"], r["batch"])].get("peak_mib") or float("nan")
+            limit = MEMORY_GOALS.get(r["method"], 1.2)
             out.append(
                 dict(
                     model=r["model"],
                     batch=r["batch"],
-                    goal=f"{r['method']} peak memory <= 1.2x fwd+bwd",
+                    goal=f"{r['method']} peak memory <= {limit}x fwd+bwd",
                     measured=r["peak_mib"] / base if base else float("nan"),
-                    met=base and r["peak_mib"] / base <= 1.2,
+                    met=base and r["peak_mib"] / base <= limit,
                 )
             )
     return out
@@ -227,8 +230,8 @@ def main(argv=None) -> int:
         "--models",
         nargs="+",
         default=None,
-        help="resnet18 resnet50 vgg11_bn vgg16_bn vit_tiny tv_vit hf_vit bert_small (a suffix @C sets C classes; "
-        "vit_tiny_dN: N blocks)",
+        help="resnet18 resnet50 vgg11_bn vgg16_bn vit_tiny tv_vit hf_vit bert_small gpt2_small llama_small (suffix @C: "
+        "C classes; vit_tiny_dN: N blocks)",
     )
     p.add_argument("--batch", nargs="+", type=int, default=None)
     p.add_argument("--size", type=int, default=None)

@@ -100,7 +100,26 @@ def per_class(model: nn.Module, x: torch.Tensor, t: torch.Tensor, target: str, n
     return run
 
 
-BUILDERS = {"captum": _captum, "pytorch-grad-cam": _pytorch_grad_cam, "zennit": _zennit}
+def _lxt(method: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, layer: nn.Module) -> Optional[Callable]:
+    """LXT's AttnLRP (its own patch map), on the model families it has a map for; patched and undone per call."""
+    from . import lxt
+
+    family = lxt.family_of(model) if method == "attnlrp" and lxt.installed() else None
+    if family is None:
+        return None
+
+    with torch.no_grad():
+        y = model(x)
+    seed = torch.nn.functional.one_hot(t, y.shape[1]).to(y.dtype)
+
+    def run():
+        with lxt.patched(family):
+            return lxt.relevance(model, x, seed)
+
+    return run
+
+
+BUILDERS = {"captum": _captum, "pytorch-grad-cam": _pytorch_grad_cam, "zennit": _zennit, "lxt": _lxt}
 
 
 def peers(

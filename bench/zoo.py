@@ -18,7 +18,7 @@ CNN_METHODS = [
     "guided_backprop",
     "lrp",
 ]
-VIT_METHODS = ["rollout", "grad_rollout", "transformer_attribution", "vit_gradcam"]
+VIT_METHODS = ["rollout", "grad_rollout", "transformer_attribution", "vit_gradcam", "attnlrp"]
 METHOD_OPTIONS = {"integrated_gradients": {"n_steps": 16}, "smoothgrad": {"n_samples": 16}}
 LAYERS = {
     "resnet18": "layer4",
@@ -32,6 +32,13 @@ LAYERS = {
 
 
 HF_TEXT = {"bert_small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048)}
+# causal language models (the next token's logits over a 1000-token vocabulary), where LXT runs too
+HF_CAUSAL = {
+    "gpt2_small": dict(n_embd=512, n_layer=4, n_head=8, bos_token_id=0, eos_token_id=0),
+    "llama_small": dict(
+        hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
+    ),
+}
 
 
 class HFLogits(nn.Module):
@@ -39,13 +46,14 @@ class HFLogits(nn.Module):
     explanation methods read ``.logits`` themselves). Text models take their input embeddings (B, L, D):
     ``bh.explain_text`` runs them the same way, after one embedding lookup."""
 
-    def __init__(self, model: nn.Module, text: bool = False):
+    def __init__(self, model: nn.Module, text: bool = False, causal: bool = False):
         super().__init__()
-        self.model, self.text = model, text
+        self.model, self.text, self.causal = model, text, causal
 
     def forward(self, x):
         if self.text:
-            return self.model(inputs_embeds=x).logits
+            logits = self.model(inputs_embeds=x).logits
+            return logits[:, -1] if self.causal else logits
         size = self.model.config.image_size
         resize = tuple(x.shape[-2:]) != (size, size)  # as timm's dynamic_img_size: the position grid follows x
         return self.model(pixel_values=x, interpolate_pos_encoding=resize).logits
@@ -54,7 +62,8 @@ class HFLogits(nn.Module):
         from backprop_hooks.methods.vit import TextLayout, token_layout
 
         if self.text:
-            return TextLayout(torch.ones(x.shape[:2], dtype=torch.long, device=x.device))
+            mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+            return TextLayout(mask, "last" if self.causal else "first")
         return token_layout(self.model, x)
 
 
@@ -66,6 +75,12 @@ def _hf(base: str, num_classes: int) -> nn.Module:
             hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, num_labels=num_classes
         )
         return HFLogits(transformers.ViTForImageClassification(config))
+    if base == "gpt2_small":
+        config = transformers.GPT2Config(vocab_size=1000, **HF_CAUSAL[base])
+        return HFLogits(transformers.GPT2LMHeadModel(config), text=True, causal=True)
+    if base == "llama_small":
+        config = transformers.LlamaConfig(vocab_size=1000, **HF_CAUSAL[base])
+        return HFLogits(transformers.LlamaForCausalLM(config), text=True, causal=True)
     config = transformers.BertConfig(vocab_size=1000, num_labels=num_classes, **HF_TEXT[base])
     return HFLogits(transformers.BertForSequenceClassification(config), text=True)
 
@@ -90,13 +105,17 @@ def depth_of(name: str) -> int:
 
 def build(name: str, device: torch.device) -> Tuple[nn.Module, Optional[str], int, bool]:
     """``name`` or ``name@C`` (C classes) -> (model in eval mode, CAM layer, number of classes, is a
-    transformer: the attention methods apply). ``vit_tiny``: timm's ViT-Tiny (fused attention); ``tv_vit``:
-    torchvision's ViT with ViT-Tiny's shape (``nn.MultiheadAttention``); ``hf_vit``: a Hugging Face ViT
-    (sdpa); ``bert_small``: a 4-layer BERT classifier (sdpa) on input embeddings; other names: torchvision
-    models (``resnet18``, ``vgg11_bn``, ...)."""
+    transformer: the attention methods apply). ``vit_tiny``: timm's ViT-Tiny (fused attention; ``vit_tiny_dN``:
+    N blocks); ``tv_vit``: torchvision's ViT with ViT-Tiny's shape (``nn.MultiheadAttention``); ``hf_vit``: a
+    Hugging Face ViT (sdpa); ``bert_small``: a 4-layer BERT classifier (sdpa) on input embeddings;
+    ``gpt2_small``, ``llama_small``: 4-layer causal language models (sdpa) on input embeddings, the next
+    token's logits (1000 classes: the vocabulary); other names: torchvision models (``resnet18``,
+    ``vgg11_bn``, ...)."""
     base, _, classes = name.partition("@")
     num_classes = int(classes) if classes else 1000
     torch.manual_seed(0)
+    if base in HF_CAUSAL:
+        return _hf(base, 1000).eval().to(device), None, 1000, True
     if base == "hf_vit" or base in HF_TEXT:
         num_classes = num_classes if classes or base == "hf_vit" else 2  # a text classifier: 2 classes
         return _hf(base, num_classes).eval().to(device), None, num_classes, True

@@ -5,17 +5,81 @@ Without MODEL: one line per architecture (kind, number of classes, input size, d
 with a spatial (C, h, w) output on convolutional networks, the blocks' token inputs on transformers), and
 every method with whether it fits the model and, if not, why. ``--weights`` reads a checkpoint (its class
 names from the ``class_names.json`` beside it, as ``finetune`` writes it).
+
+The catalogue the other commands use too: which methods fit a model (:func:`unfit_reason`), the default
+method, and the options a method takes.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 import backprop_hooks as bh
+
+
+DEFAULT_METHOD = "gradcam"  # explain's method on convolutional networks (grad_rollout on transformers)
+GUIDED = ("guided_backprop", "deconvnet", "guided_gradcam")
+# methods whose maps do not depend on the class (the figure says so)
+CLASS_INDEPENDENT = ("rollout",)
+
+
+def is_transformer(model: nn.Module) -> bool:
+    """Whether ``model`` is a vision transformer (it holds attention modules)."""
+    from backprop_hooks.rules.attention import is_attention
+
+    return any(is_attention(name, module) for name, module in model.named_modules())
+
+
+def unfit_reason(method: str, model: nn.Module) -> Optional[str]:
+    """Why ``method`` cannot explain ``model`` (in command-line words), or None when it can."""
+    cls = bh.methods.get(method)
+    vit = is_transformer(model)
+    kind = "a vision transformer" if vit else "a convolutional network"
+    if cls.space == "tokens" and not vit:
+        return f"{method} reads attention and token grids, and {getattr(model, 'arch', 'this model')} is {kind}"
+    if vit and (cls.space == "layer" or method == "guided_gradcam"):
+        return (
+            f"{method} needs a convolutional feature map (C, h, w), and {getattr(model, 'arch', 'this model')} is "
+            f"{kind} (tokens); its counterpart on tokens is vit_gradcam"
+        )
+    if method in GUIDED:
+        from backprop_hooks.methods.guided import activation_summary
+
+        reason = activation_summary(model)
+        if reason is not None:
+            return reason
+    return None
+
+
+def applicable_methods(model: nn.Module) -> List[str]:
+    """The methods that fit ``model`` (see :func:`unfit_reason`)."""
+    return [m for m in bh.methods.available() if unfit_reason(m, model) is None]
+
+
+def default_method(model: nn.Module) -> str:
+    """The method ``explain`` uses when none is given: Grad-CAM on CNNs, gradient-weighted rollout on ViTs."""
+    return "grad_rollout" if is_transformer(model) else DEFAULT_METHOD
+
+
+def method_option_names(method: str) -> List[str]:
+    """The options ``--option NAME=VALUE`` accepts for ``method`` (its constructor's keywords)."""
+    import inspect
+
+    names: List[str] = []
+    for klass in bh.methods.get(method).__mro__:  # follow **kw up to the base classes' keywords
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters
+        names += [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            break
+    names = list(dict.fromkeys(n for n in names if n not in ("self", "model")))
+    return [n for n in names if n not in ("layer", "check_finite")]
 
 
 def spatial_layers(model: nn.Module) -> List[Tuple[str, Tuple[int, ...]]]:
@@ -44,8 +108,6 @@ def spatial_layers(model: nn.Module) -> List[Tuple[str, Tuple[int, ...]]]:
 
 def describe(model: nn.Module, name: str, classes: bool = True, layers: bool = True) -> str:
     """The text ``backprop-hooks models NAME`` prints."""
-    from .explain import default_method, is_transformer, unfit_reason
-
     kind = "vision transformer" if is_transformer(model) else "convolutional network"
     lines = [
         f"{name}: {kind}, {len(model.class_names)} classes, input {tuple(model.input_size)}, "

@@ -22,7 +22,7 @@ from backprop_hooks import models
 from backprop_hooks.errors import UsageError
 
 from . import datasets, report, runner
-from .explain import check_device
+from .arguments import check_device
 
 
 @dataclass

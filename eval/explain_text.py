@@ -18,7 +18,7 @@ import warnings
 import backprop_hooks as bh
 from backprop_hooks.text import TEXT_METHODS
 
-from . import tokens as render
+from backprop_hooks.plotting import tokens as render
 
 DEFAULT_SENTENCES = (
     "The integer division of x by y is rounded toward minus infinity.",
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = text_topics.load()
     class_names = list(text_topics.CLASSES)
-    from .explain import check_targets, class_index  # classes and versus: by index or name, as in explain
+    from .arguments import check_targets, class_index  # classes and versus: by index or name, as in explain
 
     classes = None if args.cls is None else class_index(args.cls, class_names, "--class")
     keys = check_targets(args.target, len(class_names), class_names)

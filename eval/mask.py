@@ -389,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
         "methods": {},
     }
     setup = prepare(args, "mask", params)
-    from .explain import applicable_methods, is_transformer, unfit_reason
+    from .catalog import applicable_methods, is_transformer, unfit_reason
 
     chosen = args.methods or (VIT_METHODS if is_transformer(setup.model) else DEFAULT_METHODS)
     for method in chosen:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import plots
+from backprop_hooks.plotting import maps as plots
 from backprop_hooks.files import atomic_write
 
 Row = Dict[str, Any]

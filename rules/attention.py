@@ -303,6 +303,18 @@ def _mha_probabilities(
     return attn, v
 
 
+def _mha_explicit(
+    m: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``nn.MultiheadAttention``'s math without masks, every product written out: ``(output, A)``; ``A`` is
+    (B, heads, Lq, Lk). (AttnLRP rules these products; the capture needs only ``A`` and ``v``.)"""
+    attn, v = _mha_probabilities(m, query, key, value, with_values=True)
+    b, heads, lq, _ = attn.shape
+    merged = (attn @ v).transpose(1, 2).reshape(b, lq, heads * v.shape[-1])
+    out = F.linear(merged, m.out_proj.weight, m.out_proj.bias)
+    return (out if m.batch_first else out.transpose(0, 1)), attn
+
+
 def _mha_output_to_heads(m: nn.MultiheadAttention) -> Callable[[torch.Tensor], torch.Tensor]:
     """The gradient at ``nn.MultiheadAttention``'s output -> per head before its output projection."""
     weight, batch_first, heads = m.out_proj.weight.detach(), m.batch_first, m.num_heads

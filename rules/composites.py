@@ -48,6 +48,7 @@ class Composite:
     """Base composite: subclasses override ``first``, ``conv`` and ``dense`` (rule factories)."""
 
     name = "composite"
+    kind = "LRP composite"  # what error messages call this family
 
     def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, canonize: bool = True):
         self.epsilon, self.stabilizer, self.canonize = epsilon, stabilizer, canonize
@@ -153,18 +154,23 @@ COMPOSITES: Dict[str, Type[Composite]] = {
 }
 
 
-def get_composite(composite: Union[str, Composite], **options) -> Composite:
-    """A composite from its name (``"epsilon_plus_flat"``) and options, or a :class:`Composite` as is."""
-    if isinstance(composite, Composite):
+def get_composite(
+    composite: Union[str, Composite], registry: Optional[Dict[str, type]] = None, base: type = Composite, **options
+):
+    """A composite from its name (``"epsilon_plus_flat"``) and options, or a ``base`` instance as is.
+    ``registry``/``base``: another family of composites (default: the LRP composites of this module)."""
+    registry = COMPOSITES if registry is None else registry
+    if isinstance(composite, base):
         if options:
             raise OptionError(
-                f"options {sorted(options)} given together with a Composite instance; set them on the instance"
+                f"options {sorted(options)} given together with a {base.__name__} instance; set them on the instance"
             )
         return composite
-    if isinstance(composite, str) and composite in COMPOSITES:
-        return COMPOSITES[composite](**options)
+    if isinstance(composite, str) and composite in registry:
+        return registry[composite](**options)
+    kind = getattr(base, "kind", base.__name__)
     raise UnknownNameError(
-        f"unknown LRP composite {composite!r}; accepted: {choices(list(COMPOSITES))} or a Composite instance"
+        f"unknown {kind} {composite!r}; accepted: {choices(list(registry))} or a {base.__name__} instance"
     )
 
 

@@ -1,4 +1,5 @@
-r"""Layer-wise relevance propagation (LRP) as backward rules on Linear and Conv1d/2d/3d layers.
+r"""Layer-wise relevance propagation (LRP) as backward rules on Linear and Conv1d/2d/3d layers (and Hugging
+Face's ``Conv1D``, GPT-2's linear layer).
 
 Formulation ("modified gradient"). What flows backwards is a gradient-like quantity ``g``; the relevance
 of any tensor ``t`` of the network is ``R_t = t ⊙ g_t``. Everything without a rule keeps its ordinary
@@ -158,6 +159,12 @@ def is_conv2d_same(module: nn.Module) -> bool:
     return cls.__name__ == "Conv2dSame" and cls.__module__.startswith("timm.") and isinstance(module, nn.Conv2d)
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer ``x @ W + b`` with ``W`` stored as (in, out)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
 def same_padding(module: nn.Module, x: Tensor) -> Optional[Tuple[int, ...]]:
     """``F.pad`` amounts (left, right, top, bottom) of a ``Conv2dSame`` for the input ``x``; ``None`` for
     any other layer (its padding is part of the convolution)."""
@@ -173,9 +180,11 @@ def same_padding(module: nn.Module, x: Tensor) -> Optional[Tuple[int, ...]]:
 
 
 def layer_forward(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``W x + b`` for a Linear or ConvNd module, with the given parameters."""
+    """``W x + b`` for a Linear, ConvNd or Hugging Face ``Conv1D`` module, with the given parameters."""
     if isinstance(module, nn.Linear):
         return torch.nn.functional.linear(x, weight, bias)
+    if is_hf_conv1d(module):
+        return torch.nn.functional.linear(x, weight.T, bias)
     pads = same_padding(module, x)
     if pads is not None:
         x = torch.nn.functional.pad(x, pads)
@@ -187,6 +196,8 @@ def layer_vjp(module: nn.Module, x: Tensor, weight: Tensor, s: Tensor) -> Tensor
     """``Wᵀ s``: the vector-Jacobian product of ``W x`` with respect to ``x`` (shaped like ``x``)."""
     if isinstance(module, nn.Linear):
         return s.matmul(weight.to(s.dtype))
+    if is_hf_conv1d(module):
+        return s.matmul(weight.to(s.dtype).T)
     stride, padding, dilation, out_pad, groups = _conv_geometry(module)
     pads = same_padding(module, x)
     padded = x if pads is None else torch.nn.functional.pad(x, pads)
@@ -200,9 +211,11 @@ def layer_vjp(module: nn.Module, x: Tensor, weight: Tensor, s: Tensor) -> Tensor
 
 
 def check_layer(rule: Rule, module: nn.Module) -> None:
-    """Raise :class:`RuleError` unless ``module`` is a plain Linear, a zero-padded ConvNd or timm's
-    ``Conv2dSame`` (zero "SAME" padding)."""
+    """Raise :class:`RuleError` unless ``module`` is a plain Linear, a zero-padded ConvNd, timm's
+    ``Conv2dSame`` (zero "SAME" padding) or Hugging Face's ``Conv1D`` (a linear layer)."""
     name = type(rule).__name__
+    if is_hf_conv1d(module):
+        return
     if not isinstance(module, LAYER_TYPES):
         raise RuleError(
             f"{name} is an LRP rule for nn.Linear and nn.Conv1d/2d/3d layers; it was put on a "
@@ -340,7 +353,7 @@ class LRPRule(Rule):
         channel alike: ``Wᵀ s`` is the channel sum of ``s`` spread back by a one-channel kernel, expanded to
         every input channel (a read-only view)."""
         if term.weight is ones and getattr(module, "groups", 1) == 1:
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) or is_hf_conv1d(module):
                 return s.sum(-1, keepdim=True).expand(x.shape)
             kernel = torch.ones((1, 1) + tuple(module.weight.shape[2:]), dtype=s.dtype, device=s.device)
             return layer_vjp(module, x[:, :1], kernel, s.sum(1, keepdim=True)).expand(x.shape)
@@ -589,6 +602,7 @@ __all__ = [
     "layer_forward",
     "layer_vjp",
     "check_layer",
+    "is_hf_conv1d",
     "LAYER_TYPES",
     "CONV_TYPES",
 ]

@@ -7,20 +7,25 @@ conservative (``Σ R_in = Σ R_out`` up to biases) and keeps it linear in the se
 
 * :class:`LayerNormHeld` (LN-rule): ``y = (x − μ)/σ · w + b`` with ``σ`` constant:
   ``∂̃y/∂x · g = (w ⊙ g − mean(w ⊙ g)) / σ``;
+* :class:`RMSNormHeld`: ``y = w ⊙ x / rms(x)`` with ``rms(x) = sqrt(mean(x²) + ε)`` constant:
+  ``∂̃y/∂x · g = w ⊙ g / rms(x)``;
 * :class:`GELUHeld`: ``GELU(x) = x Φ(x)`` with the gate ``Φ(x)`` constant: ``∂̃ · g = Φ(x) ⊙ g``, the gate
-  read off the module's own forward as ``out / x`` (``1/2`` at ``x = 0``, the limit);
+  read off the module's own forward as ``out / x`` (its limit ``1/2`` at ``x = 0``);
 * the attention probabilities held constant (AH-rule): ``AttentionCapture(hold_attention=True)``.
 
 Every rule has an ``enabled`` attribute, so a method can run a plain and a relevance backward pass over one
-graph. The module's output reaches the rest of the model through one autograd node per call: with the rule
-off, the gradient enters the module's own graph (autograd's backward, unchanged); with it on, the node
-hands the held gradient straight to the module's input and the module's own backward does not run (it
-would be replaced anyway).
+graph. The module's output reaches the rest of the model through one autograd node per call, and no gradient
+hooks are involved:
+
+* a rule **on** when the module runs cuts the module's own graph (freed at once; its backward never runs):
+  the node keeps only the held factor (``σ`` or ``1/rms`` per row, the gate) and hands the held gradient to
+  the module's input;
+* a rule **off** when the module runs keeps the module's graph: switched off in the backward pass the
+  gradient enters it unchanged (autograd's own backward), switched on the node hands the held gradient to
+  the input (computed then from the module's input and output) and the module's backward does not run.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import nn
@@ -29,9 +34,22 @@ from backprop_hooks.errors import RuleError
 from backprop_hooks.rule import Rule
 
 
+class _HeldCut(torch.autograd.Function):
+    """The module's output (detached: its graph is gone) with the backward ``rule.held(constant)``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out: torch.Tensor, rule: "_Held", module: nn.Module, constant) -> torch.Tensor:
+        ctx.rule, ctx.module, ctx.constant = rule, module, constant
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return ctx.rule.held(ctx.module, ctx.constant, g), None, None, None, None
+
+
 class _HeldPath(torch.autograd.Function):
-    """``out`` (the module's output) unchanged; backward: ``rule.enabled`` → ``rule.held(...)`` to the input and
-    nothing into the module's graph, else the gradient into the module's graph as it is."""
+    """The module's output unchanged; backward: ``rule.enabled`` → the held gradient to the input and nothing
+    into the module's graph, else the gradient into the module's graph as it is."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, out: torch.Tensor, rule: "_Held", module: nn.Module) -> torch.Tensor:
@@ -44,26 +62,36 @@ class _HeldPath(torch.autograd.Function):
         if not ctx.rule.enabled:
             return None, g, None, None
         x, out = ctx.saved_tensors
-        held = ctx.rule.held(ctx.module, x, out, g) if ctx.needs_input_grad[0] else None
-        return held, None, None, None
+        constant = ctx.rule.constant(ctx.module, x.detach(), out.detach())
+        return ctx.rule.held(ctx.module, constant, g), None, None, None
 
 
 class _Held(Rule):
+    """Base of the held rules: ``constant(module, x, out)`` is the factor held, ``held(module, constant, g)``
+    the input gradient for the output gradient ``g`` (see the module docstring for when each runs)."""
+
     linear = True
-    needs_backward = False  # the held gradient lives in the graph (_HeldPath): no module gradient hooks
+    needs_backward = False  # the held gradient lives in the graph (_HeldCut, _HeldPath): no gradient hooks
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
 
     def forward(self, module, inputs, output):
         x = inputs[0] if inputs else None
-        if not (isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and torch.is_grad_enabled()):
+        if not (isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.requires_grad):
             return None
-        if not (x.requires_grad or output.requires_grad):
+        if not torch.is_grad_enabled():
             return None
+        if self.enabled:
+            constant = self.constant(module, x.detach(), output.detach())
+            return _HeldCut.apply(x, output.detach(), self, module, constant)
         return _HeldPath.apply(x, output, self, module)
 
-    def held(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor, g: torch.Tensor) -> Optional[torch.Tensor]:
+    def constant(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The factor the backward pass holds, from the module's input ``x`` and output ``out``."""
+        raise NotImplementedError
+
+    def held(self, module: nn.Module, constant: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The held gradient at the module's input for the output gradient ``g``."""
         raise NotImplementedError
 
@@ -75,28 +103,73 @@ class LayerNormHeld(_Held):
         if not isinstance(module, nn.LayerNorm):
             raise RuleError(f"LayerNormHeld handles nn.LayerNorm, not {type(module).__name__}")
 
-    def held(self, module, x, out, g):
+    def constant(self, module, x, out):
+        """``1/σ`` per row, as the LayerNorm itself computes it (one ``native_layer_norm``)."""
+        return torch.native_layer_norm(x, module.normalized_shape, None, None, module.eps)[2]
+
+    def held(self, module, rstd, g):
         dims = tuple(range(-len(module.normalized_shape), 0))
-        rstd = torch.native_layer_norm(x.detach(), module.normalized_shape, None, None, module.eps)[2]  # 1/σ
         wg = g * module.weight.detach() if module.weight is not None else g
         return (wg - wg.mean(dim=dims, keepdim=True)).mul_(rstd.to(wg.dtype))
 
 
-def held_gate(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The gate ``out / x`` of an activation ``x ↦ gate(x)·x``, ``1/2`` where it is ``0/0`` (``x = 0``: every
-    GELU's limit). One division and one pass over it: no mask is built."""
-    return (out / x).nan_to_num_(nan=0.5)
+def is_rms_norm(module: nn.Module) -> bool:
+    """``nn.RMSNorm``, or a module of another library named ``*RMSNorm`` computing ``weight · x / rms(x)`` with
+    its ε in ``variance_epsilon`` or ``eps`` (Hugging Face's Llama, Mistral, Qwen; not Gemma's ``1 + weight``)."""
+    if isinstance(module, nn.RMSNorm):
+        return True
+    name = type(module).__name__
+    return (
+        name.endswith("RMSNorm")
+        and not name.startswith("Gemma")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and isinstance(getattr(module, "variance_epsilon", getattr(module, "eps", None)), float)
+    )
+
+
+class RMSNormHeld(_Held):
+    """Back-propagate through an RMSNorm (see :func:`is_rms_norm`) with ``rms(x)`` held constant."""
+
+    def check(self, module):
+        if not is_rms_norm(module):
+            raise RuleError(
+                f"RMSNormHeld handles nn.RMSNorm and modules named *RMSNorm computing weight · x / rms(x), "
+                f"not {type(module).__name__}"
+            )
+
+    def constant(self, module, x, out):
+        if isinstance(module, nn.RMSNorm):
+            dims, eps = tuple(range(-len(module.normalized_shape), 0)), module.eps
+        else:
+            dims, eps = (-1,), getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        return torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+
+    def held(self, module, inv_rms, g):
+        g = g * inv_rms.to(g.dtype)
+        return g * module.weight.to(g.dtype) if module.weight is not None else g
+
+
+def held_gate(x: torch.Tensor, out: torch.Tensor, at_zero: float = 0.5) -> torch.Tensor:
+    """The gate ``out / x`` of an activation ``x ↦ gate(x)·x``, ``at_zero`` where it is ``0/0`` (``x = 0``;
+    1/2 is every GELU's and SiLU's limit). One division and one pass over it: no mask is built."""
+    return (out / x).nan_to_num_(nan=at_zero)
 
 
 class GELUHeld(_Held):
     """Back-propagate through ``nn.GELU`` as ``x ↦ Φ(x)·x`` with the gate ``Φ(x) = out/x`` held constant."""
 
+    at_zero: float = 0.5
+
     def check(self, module):
         if not isinstance(module, nn.GELU):
             raise RuleError(f"GELUHeld handles nn.GELU, not {type(module).__name__}")
 
-    def held(self, module, x, out, g):
-        return held_gate(x.detach(), out.detach()).mul_(g)
+    def constant(self, module, x, out):
+        return held_gate(x, out, self.at_zero)
+
+    def held(self, module, gate, g):
+        return gate * g
 
 
-__all__ = ["LayerNormHeld", "GELUHeld", "held_gate"]
+__all__ = ["LayerNormHeld", "RMSNormHeld", "GELUHeld", "held_gate", "is_rms_norm"]

@@ -28,6 +28,12 @@ def build(name: str, attn: str = "sdpa", seed: int = 0):
         cfg = t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=0)
         cfg.eos_token_id = 0
         model = t.GPT2LMHeadModel(cfg)
+    elif name == "llama":  # grouped-query attention (4 query heads, 2 key/value heads), RMSNorm, SiLU-gated MLP
+        cfg = t.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
+        )  # fmt: skip
+        model = t.LlamaForCausalLM(cfg)
     elif name == "vit":
         model = t.ViTForImageClassification(t.ViTConfig(**VISION))
     elif name == "deit":

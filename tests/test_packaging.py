@@ -35,6 +35,7 @@ def test_the_wheel_holds_only_backprop_hooks(tmp_path):
         "backprop_hooks/models/weights/digits_cnn.pt",
         "backprop_hooks/models/weights/digits_vit.pt",
         "backprop_hooks/eval/explain.py",
+        "backprop_hooks/plotting/explanations.py",
         "backprop_hooks/methods/base.py",
     ):
         assert required in names, required

@@ -33,11 +33,18 @@ def test_the_api_walkthrough():
 
 
 def test_the_text_and_hugging_face_section(tmp_path):
-    namespace = run_block(block_with("bh.explain_text"))
+    namespace = run_block(block_with("text_topics.load()"))
     assert namespace["e"].attributions.shape == namespace["ids"].shape
     assert namespace["why"].attributions.shape == (1, 8)
     assert namespace["r"].attributions.shape == (1, 4, 4)
     assert (tmp_path / "out" / "tokens.html").is_file()
+
+
+def test_the_attnlrp_section(tmp_path):
+    namespace = run_block(block_with("python_docs_lm.load()"))
+    assert [row[2].split("(")[-1] for row in namespace["rows"]] == ["logit)", "weighted)", "versus)"]
+    assert namespace["tokenizer"].vocab[namespace["correct"]] == "clause"
+    assert (tmp_path / "out" / "next_token.png").is_file() and (tmp_path / "out" / "next_token.html").is_file()
 
 
 @pytest.mark.parametrize("index", [i for i in range(1, len(BLOCKS)) if "bh.explain_text" not in BLOCKS[i]])

@@ -86,7 +86,7 @@ def test_integrated_gradients_is_complete_against_the_pad_baseline(bert):
         bh.explain_text(build("gpt2"), ids, mask, method="integrated_gradients", baseline="pad")
 
 
-PADDED_FAST = ("input_x_gradient", "integrated_gradients", "grad_rollout")
+PADDED_FAST = ("input_x_gradient", "integrated_gradients", "grad_rollout", "attnlrp")
 
 
 @pytest.mark.parametrize(

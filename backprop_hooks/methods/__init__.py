@@ -10,6 +10,7 @@ from .cam import CAM, GradCAM, LayerGradient, LinearApprox, XGradCAM
 from .fullgrad import FullGrad
 from .guided import Deconvnet, GuidedBackprop, GuidedGradCAM, ModifiedReLU
 from .lrp import LRP
+from .attnlrp import AttnLRP
 from .vit import GradRollout, Rollout, TokenLayout, TransformerAttribution, ViTGradCAM, token_layout
 
 __all__ = [
@@ -29,7 +30,7 @@ __all__ = [
 ]
 __all__ += ["CAM", "GradCAM", "XGradCAM", "LinearApprox", "LayerGradient", "FullGrad"]
 __all__ += ["ModifiedReLU", "GuidedBackprop", "Deconvnet", "GuidedGradCAM"]
-__all__ += ["LRP"]
+__all__ += ["LRP", "AttnLRP"]
 __all__ += [
     "Rollout",
     "GradRollout",

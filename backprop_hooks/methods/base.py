@@ -74,6 +74,7 @@ class Method:
     takes_layer: ClassVar[bool] = False  # does the constructor take ``layer=``?
     space: ClassVar[str] = "input"  # attributions: "input"-shaped, a "layer" grid (B,h,w) or a "tokens" grid
     per_call: ClassVar[Tuple[str, ...]] = ()  # attributes holding one call's state, dropped when it returns
+    intercepts_calls: ClassVar[bool] = False  # rules on function calls during the forward: never a compiled graph
 
     def __init__(self, model: nn.Module, check_finite: bool = True):
         self.original = check_model(model)  # what the user passed: maybe a compiled wrapper
@@ -83,17 +84,19 @@ class Method:
         self.run: Callable[..., Any] = self.model  # the call's forward: compiled graph or eager module
 
     def runner(self, spec: RuleSpec) -> Callable[..., Any]:
-        """The forward of one call: the compiled graph when no rules are attached, else the eager module."""
+        """The forward of one call: the compiled graph when no rules are attached (to modules or, with
+        ``intercepts_calls``, to function calls), else the eager module."""
         if not is_compiled(self.original):
             return self.model
-        if not spec:
+        if not spec and not self.intercepts_calls:
             return self.original
         warned = _WARNED_EAGER.setdefault(self.model, set())
         if self.name not in warned:
             warned.add(self.name)
             warnings.warn(
-                f"{self.name} on a compiled {type(self.model).__name__}: its backward rules live in module hooks, "
-                "which a compiled graph does not run, so the eager module runs (same answer, eager speed); "
+                f"{self.name} on a compiled {type(self.model).__name__}: its backward rules live in module hooks "
+                "(or function calls), which a compiled graph does not run, so the eager module runs (same answer, "
+                "eager speed); "
                 "gradient, input_x_gradient, smoothgrad and integrated_gradients run the compiled graph",
                 CompiledModelWarning,
                 stacklevel=4,
@@ -185,6 +188,8 @@ class Method:
                 NonLinearContrastWarning,
                 stacklevel=3,
             )
+        if isinstance(target, _targets.Versus):  # "t and not s": the explanation names s (an int or a tensor)
+            extras = {"versus": target.other, **extras}
         return Explanation(
             attributions=attributions.detach(),
             logits=logits.detach(),

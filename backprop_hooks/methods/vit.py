@@ -38,7 +38,7 @@ from torch import nn
 from backprop_hooks.rules.attention import AttentionCapture, is_attention
 from backprop_hooks.rules.capture import Capture
 from backprop_hooks.rules.vit_relevance import GELUHeld, LayerNormHeld
-from backprop_hooks.rules.gates import GateHeld
+from backprop_hooks.rules.gates import HF_GELUS, GateHeld
 
 from ..errors import LayerError, OptionError, RuleError, TokenLayoutError
 from .base import Method, grad, register
@@ -265,9 +265,6 @@ def _present(model: nn.Module, kind) -> bool:
     return any(isinstance(m, kind) for m in model.modules())
 
 
-_HF_GELUS = ("GELUActivation", "NewGELUActivation", "GELUTanh", "FastGELUActivation", "QuickGELUActivation")
-
-
 # ------------------------------------------------------------------------------------------ methods
 class _AttentionRollout(Method):
     """Template: capture ``A_l``; ``layer_matrices`` -> ``M_l``; roll out; read out the patch grid."""
@@ -401,8 +398,8 @@ class TransformerAttribution(_AttentionRollout):
             rules.append((nn.LayerNorm, self._held[0]))
         if _present(self.model, nn.GELU):
             rules.append((nn.GELU, self._held[1]))
-        if any(type(m).__name__ in _HF_GELUS for m in self.model.modules()):
-            rules.append((lambda name, m: type(m).__name__ in _HF_GELUS, self._held[2]))
+        if any(type(m).__name__ in HF_GELUS for m in self.model.modules()):
+            rules.append((lambda name, m: type(m).__name__ in HF_GELUS, self._held[2]))
         return rules
 
     def _relevance_mode(self, on: bool) -> None:
