@@ -22,7 +22,8 @@ hooks are involved:
   the module's input;
 * a rule **off** when the module runs keeps the module's graph: switched off in the backward pass the
   gradient enters it unchanged (autograd's own backward), switched on the node hands the held gradient to
-  the input (computed then from the module's input and output) and the module's backward does not run.
+  the input (computed then from the module's input and output) and the module's backward gets no gradient:
+  it computes nothing.
 """
 
 from __future__ import annotations

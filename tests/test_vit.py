@@ -440,6 +440,35 @@ def test_transformer_attribution_is_blind_to_the_seed_sign_and_grad_rollout_is_n
     )
 
 
+def test_held_rules_run_the_modules_own_backward_only_when_off():
+    """A held rule off when its module ran keeps the module's graph: off in the backward pass, autograd's own
+    gradient (the module's node runs); on, the held gradient (w ⊙ g − mean(w ⊙ g))/σ, and the module's own
+    node gets no gradient (it computes nothing). On from the start, the module's graph is not kept at all."""
+    from backprop_hooks.rules import LayerNormHeld
+
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(8).double()
+    nn.init.normal_(ln.weight)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 8, dtype=torch.float64)
+    plain = torch.autograd.grad(ln(x), x, g)[0]
+    sigma = (x.detach().var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
+    wg = g * ln.weight.detach()
+    want = (wg - wg.mean(-1, keepdim=True)) / sigma
+    rule, ran = LayerNormHeld(enabled=False), []
+    with bh.attach(ln, {"": rule}):
+        y = ln(x)
+        own = y.grad_fn.next_functions[1][0]  # the LayerNorm's own backward node
+        own.register_prehook(lambda grads: ran.append(grads[0] is not None))  # None: called with nothing to do
+        torch.testing.assert_close(torch.autograd.grad(y, x, g, retain_graph=True)[0], plain, rtol=0, atol=0)
+        rule.enabled = True
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], want, rtol=1e-12, atol=1e-12)
+        assert ran == [True, False]
+        y = ln(x)  # on from the start: no path into the module's graph
+        assert all(type(node).__name__ != type(own).__name__ for node, _ in y.grad_fn.next_functions if node)
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], want, rtol=1e-12, atol=1e-12)
+
+
 def test_transformer_attribution_switches_its_relevance_rules_back_off():
     model, x = small_vit(depth=2), inputs()
     method = TransformerAttribution(model)
