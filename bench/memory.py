@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Tuple
 
 import torch
 
+from .timing import steady_allocator
+
 
 def peak_of_events(events: Iterable[Tuple[int, int, int]]) -> int:
     """Highest running sum of ``(time, address, bytes)`` allocation (+) and free (-) events in time order,
@@ -56,6 +58,7 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
 
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
     """MiB of tensor memory allocated at the peak of ``fn()`` beyond what was allocated before it."""
+    steady_allocator()  # the timings beside this measurement must not depend on it (bench/timing.py)
     gc.collect()
     if device.type == "cpu":
         try:

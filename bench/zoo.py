@@ -22,9 +22,11 @@ VIT_METHODS = ["rollout", "grad_rollout", "transformer_attribution", "vit_gradca
 METHOD_OPTIONS = {"integrated_gradients": {"n_steps": 16}, "smoothgrad": {"n_samples": 16}}
 LAYERS = {
     "resnet18": "layer4",
+    "resnet34": "layer4",
     "resnet50": "layer4",
     "vgg16_bn": "features.43",
     "vgg16": "features.30",
+    "vgg11_bn": "features.27",
     "vit_tiny": "blocks.10",
 }
 
@@ -91,11 +93,24 @@ def make_input(name: str, model: nn.Module, batch: int, size: int, device: torch
     return torch.rand(batch, 3, size, size, device=device)
 
 
+def depth_of(name: str) -> int:
+    """Number of blocks/layers a benchmark model name stands for (``vit_tiny_d6``: 6, ``vit_tiny``: 12,
+    ``resnet34``: 34)."""
+    base = name.partition("@")[0]
+    if base.startswith("vit_tiny"):
+        return int(base.split("_d")[1]) if "_d" in base else 12
+    digits = "".join(ch for ch in base if ch.isdigit())
+    return int(digits) if digits else 0
+
+
 def build(name: str, device: torch.device) -> Tuple[nn.Module, Optional[str], int, bool]:
     """``name`` or ``name@C`` (C classes) -> (model in eval mode, CAM layer, number of classes, is a
-    transformer: the attention methods apply). ``hf_vit``: a Hugging Face ViT (sdpa); ``bert_small``: a
-    4-layer BERT classifier (sdpa) on input embeddings; ``gpt2_small``, ``llama_small``: 4-layer causal
-    language models (sdpa) on input embeddings, the next token's logits (1000 classes: the vocabulary)."""
+    transformer: the attention methods apply). ``vit_tiny``: timm's ViT-Tiny (fused attention; ``vit_tiny_dN``:
+    N blocks); ``tv_vit``: torchvision's ViT with ViT-Tiny's shape (``nn.MultiheadAttention``); ``hf_vit``: a
+    Hugging Face ViT (sdpa); ``bert_small``: a 4-layer BERT classifier (sdpa) on input embeddings;
+    ``gpt2_small``, ``llama_small``: 4-layer causal language models (sdpa) on input embeddings, the next
+    token's logits (1000 classes: the vocabulary); other names: torchvision models (``resnet18``,
+    ``vgg11_bn``, ...)."""
     base, _, classes = name.partition("@")
     num_classes = int(classes) if classes else 1000
     torch.manual_seed(0)
@@ -104,12 +119,30 @@ def build(name: str, device: torch.device) -> Tuple[nn.Module, Optional[str], in
     if base == "hf_vit" or base in HF_TEXT:
         num_classes = num_classes if classes or base == "hf_vit" else 2  # a text classifier: 2 classes
         return _hf(base, num_classes).eval().to(device), None, num_classes, True
-    if base == "vit_tiny":
+    if base.startswith("vit_tiny"):  # vit_tiny_dN: N blocks
         import timm
 
         model = timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, dynamic_img_size=True
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            num_classes=num_classes,
+            dynamic_img_size=True,
+            depth=depth_of(base),
         )
+        is_vit = True
+    elif base == "tv_vit":  # ViT-Tiny's shape: 12 layers, width 192, 3 heads, 16 px patches
+        import torchvision
+
+        model = torchvision.models.VisionTransformer(
+            image_size=224,
+            patch_size=16,
+            num_layers=12,
+            num_heads=3,
+            hidden_dim=192,
+            mlp_dim=768,
+            num_classes=num_classes,
+        )
+        nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zeroes the head: every logit would be equal
         is_vit = True
     else:
         import torchvision

@@ -39,7 +39,7 @@ from backprop_hooks.rule import Rule
 from .attention import _mha_explicit, _straight_through
 from .composites import Spec, _members, get_composite
 from .gates import GateHeld, is_gated_activation
-from .lrp import CONV_TYPES, Epsilon, _Detour, is_hf_conv1d
+from .lrp import CONV_TYPES, Epsilon, is_hf_conv1d
 from .products import ProductRules, check_product_rules, stand_aside
 from .vit_relevance import LayerNormHeld, RMSNormHeld, is_rms_norm
 
@@ -47,9 +47,9 @@ RuleFactory = Callable[[], Rule]
 
 
 class _CutsGraph:
-    """Mixin for a rule that replaces its module's input gradient entirely: the function-level rules stand
-    aside while the module runs, and its output is reconnected to its input by a node whose backward returns
-    zeros, so the module's own backward is never computed; the rule's backward supplies the gradient."""
+    """Mixin for a held rule that replaces its module's input gradient entirely: the function-level rules stand
+    aside while the module runs, and the held rule, on from the start, cuts the module's graph (its backward
+    is never computed; see :mod:`backprop_hooks.rules.vit_relevance`)."""
 
     def before(self, module, inputs):
         stand_aside(+1)
@@ -58,11 +58,7 @@ class _CutsGraph:
     def forward(self, module, inputs, output):
         if getattr(self.ctx, "aside", False):
             stand_aside(-1)
-        super().forward(module, inputs, output)
-        x = inputs[0] if inputs else None
-        if self.enabled and isinstance(x, torch.Tensor) and x.requires_grad and isinstance(output, torch.Tensor):
-            return _Detour.apply(x, output.detach())  # detached: the module's graph is freed at once
-        return None
+        return super().forward(module, inputs, output)
 
 
 class LayerNormRule(_CutsGraph, LayerNormHeld):

@@ -68,6 +68,19 @@ class Link:
         self.bn: Optional[nn.Module] = None
 
 
+class _PassThrough(torch.autograd.Function):
+    """A merged BatchNorm's output, whose backward hands the output gradient to the input unchanged
+    (``g_in = g_out``): the BatchNorm's own backward, which the merge replaces, never runs."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, output: Tensor) -> Tensor:
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
 def _key(t: Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), t.stride(), t._version, t.dtype, t.device)
 
@@ -106,13 +119,19 @@ class MergeBatchNorm(Rule):
             return None
         # the merged layer's rule recomputes this output from its own (``s·z + c``): no copy is kept
         link.bn = module
+        if self._plain(module) and inputs[0].requires_grad:
+            return _PassThrough.apply(inputs[0], output)
         return None
+
+    @staticmethod
+    def _plain(module: nn.Module) -> bool:
+        return type(module).forward is nn.modules.batchnorm._BatchNorm.forward
 
     def backward(self, module, grad_input, grad_output):
         if not self.ctx.merged or grad_input[0] is None:
             return None
-        if type(module).forward is nn.modules.batchnorm._BatchNorm.forward:
-            return (grad_output[0],) + tuple(grad_input[1:])
+        if self._plain(module):  # the pass-through node handed g_out to the input already
+            return None
         # more than the affine map in forward (an activation after it): the gradient at the affine output is
         # autograd's input gradient without the scale s (a channel with s = 0 carries nothing: 0)
         scale, _ = bn_affine(module)

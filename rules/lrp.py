@@ -82,10 +82,42 @@ def add_gamma(p: Tensor, gamma: float, part: Modifier) -> Tensor:
 
 
 def stabilise(z: Tensor, epsilon: Stabiliser) -> Tensor:
-    """``z + ε·sign(z)``, ``sign(0) = +1``; a callable ``epsilon`` is applied to ``z`` instead."""
+    """``z + ε·sign(z)``, ``sign(0) = +1`` (also for ``−0.0``); a callable ``epsilon`` is applied to ``z`` instead."""
     if callable(epsilon):
         return epsilon(z)
-    return (z >= 0).to(z.dtype).mul_(2 * epsilon).sub_(epsilon).add_(z)  # ±ε exactly, then + z: one new tensor
+    out = z + 0.0  # −0.0 + 0.0 = +0.0: the sign taken below is +1 at either zero
+    torch.copysign(torch.tensor(epsilon, dtype=z.dtype, device=z.device), out, out=out)  # ±ε, no mask built
+    return out.add_(z)
+
+
+def positive_part_mask(t: Tensor) -> Tensor:
+    """``1[t > 0]`` as ``t``'s dtype (from ``sign``: one pass, no boolean tensor)."""
+    return torch.sign(t).clamp_(min=0)
+
+
+def negative_part_mask(t: Tensor) -> Tensor:
+    """``1[t < 0]`` as ``t``'s dtype."""
+    return torch.sign(t).neg_().clamp_(min=0)
+
+
+def _has_negative(x: Tensor) -> Callable[[], bool]:
+    """Whether ``x`` has a negative entry, computed now (one reduction) and read later on the host: on CUDA the
+    flag is copied without blocking and read once the device got there, so the backward pass never waits."""
+    if x.numel() == 0:
+        return lambda: False
+    flag = torch.amin(x.detach()) < 0
+    if flag.device.type != "cuda":
+        return lambda: bool(flag)
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> bool:
+        done.synchronize()
+        return bool(host)
+
+    return read
 
 
 @dataclass(frozen=True)
@@ -259,6 +291,7 @@ class LRPRule(Rule):
         self.ctx.x, self.ctx.x_version = x.detach(), x._version
         self.ctx.z, self.ctx.z_version = output.detach(), output._version
         self.ctx.link = self.bn.offer(output) if self.bn is not None else None
+        self.ctx.negative = _has_negative(x)  # x ≥ 0 (after a ReLU): the x⁻ terms vanish, skipped in backward
         if not x.requires_grad:
             return None
         # No copy of the output is kept: when a later in-place op (a ReLU(inplace=True)) changes it,
@@ -284,15 +317,47 @@ class LRPRule(Rule):
 
     def term_input(self, term: Term, x: Tensor, constants: dict) -> Tensor:
         """``x``, ``x⁺``, ``x⁻`` (computed when asked: cheap, and not held) or a constant, shaped like ``x``."""
+        if term.input in constants:
+            return constants[term.input]
         if term.input == "x":
             return x
         if term.input == "pos":
             return x.clamp(min=0)
         if term.input == "neg":
             return x.clamp(max=0)
-        if term.input not in constants:
-            constants[term.input] = self.constant(term.input, x)
+        constants[term.input] = self.constant(term.input, x)
         return constants[term.input]
+
+    def term_output(self, term: Term, module: nn.Module, x: Tensor, weight: Tensor, bias, constants: dict) -> Tensor:
+        """``z_m = W_m x_m + b_m``; for the constant input ``"ones"``, the same for every sample: computed for one
+        and expanded (a read-only view)."""
+        b_m = None if term.bias is None or bias is None else term.bias(bias)
+        w_m = self.modified(term.weight, weight, constants)
+        if term.input == "ones":
+            one = torch.ones((1,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+            z_m = layer_forward(module, one, w_m, b_m)
+            return z_m.expand((x.shape[0],) + tuple(z_m.shape[1:]))
+        return layer_forward(module, self.term_input(term, x, constants), w_m, b_m)
+
+    @staticmethod
+    def modified(modifier: Modifier, weight: Tensor, cache: dict) -> Tensor:
+        """``modifier(weight)``, made once per backward call (``cache``: that call's dict)."""
+        if modifier is keep:
+            return weight
+        if modifier not in cache:
+            cache[modifier] = modifier(weight)
+        return cache[modifier]
+
+    def term_vjp(self, term: Term, module: nn.Module, x: Tensor, weight: Tensor, s: Tensor, cache: dict) -> Tensor:
+        """``W_mᵀ s`` shaped like ``x``. All-ones weights (Flat) connect every output channel to every input
+        channel alike: ``Wᵀ s`` is the channel sum of ``s`` spread back by a one-channel kernel, expanded to
+        every input channel (a read-only view)."""
+        if term.weight is ones and getattr(module, "groups", 1) == 1:
+            if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+                return s.sum(-1, keepdim=True).expand(x.shape)
+            kernel = torch.ones((1, 1) + tuple(module.weight.shape[2:]), dtype=s.dtype, device=s.device)
+            return layer_vjp(module, x[:, :1], kernel, s.sum(1, keepdim=True)).expand(x.shape)
+        return layer_vjp(module, x, self.modified(term.weight, weight, cache), s)
 
     def share(
         self,
@@ -308,27 +373,27 @@ class LRPRule(Rule):
         """``s_G = scale · mask(z) ⊙ z ⊙ g_out / stab(Σ sign_m z_m)`` (``z ⊙ g_out`` is the output relevance):
         what each output unit hands down per unit of contribution. The ``z_m`` are summed as they are made and
         the fresh tensors are updated in place, so a layer adds few output-sized tensors at a time."""
-        denom = None
+        denom, owned = None, False  # owned: denom is a fresh tensor this loop may update in place
         for term in group.terms:
             if (term.input, term.weight, term.bias) == ("x", keep, keep):
-                z_m = z
+                z_m, fresh = z, False
             else:
-                b_m = None if term.bias is None or bias is None else term.bias(bias)
-                z_m = layer_forward(module, self.term_input(term, x, constants), term.weight(weight), b_m)
+                z_m = self.term_output(term, module, x, weight, bias, constants)
+                fresh = term.input != "ones"
             if term.sign != 1.0:
-                z_m = z_m * term.sign
+                z_m, fresh = z_m * term.sign, True
             if denom is None:
-                denom = z_m
-            elif denom is z:
-                denom = denom + z_m
-            else:
+                denom, owned = z_m, fresh
+            elif owned:
                 denom.add_(z_m)
+            else:
+                denom, owned = denom + z_m, True
             del z_m
         s = stabilise(denom, self.stabilizer)
         del denom
         s = torch.div(z, s, out=s) if not callable(self.stabilizer) else z / s  # a callable may return its input
         if group.where is not None:
-            s.mul_(z > 0 if group.where == "pos" else z < 0)
+            s.mul_(positive_part_mask(z) if group.where == "pos" else negative_part_mask(z))
         if group.scale != 1.0:
             s.mul_(group.scale)
         return s.mul_(g_out)
@@ -353,8 +418,9 @@ class LRPRule(Rule):
         self.ctx.x = self.ctx.z = (
             None  # freed as we go, like autograd's saved tensors: peak memory stays near a plain backward
         )
-        constants: dict = {}
-        groups = self.groups()
+        nonnegative = not self.ctx.negative()
+        constants: dict = {"pos": x} if nonnegative else {}  # x ≥ 0: x⁺ = x
+        groups = [g for g in (self.active(group, nonnegative) for group in self.groups()) if g is not None]
         # every group's s first, so that z is freed before the vector-Jacobian products
         shares = [self.share(group, module, x, weight, bias, z, g_out, constants) for group in groups]
         del z
@@ -362,25 +428,41 @@ class LRPRule(Rule):
         const: Optional[Tensor] = None
         for group in groups:
             s = shares.pop(0)
-            for term in group.terms:  # modified weights are made again, not held: they can be as large as activations
-                v = layer_vjp(module, x, term.weight(weight), s)  # a fresh tensor: scaled and accumulated in place
-                if term.sign != 1.0:
-                    v.mul_(term.sign)
-                if term.input in ("x", "pos", "neg"):
+            for term in group.terms:  # modified weights: made once per call (constants), dropped when it returns
+                v = self.term_vjp(term, module, x, weight, s, constants)
+                if term.input in ("x", "pos", "neg"):  # a fresh tensor: scaled, masked and accumulated in place
+                    if term.sign != 1.0:
+                        v.mul_(term.sign)
                     if term.input != "x":  # x± = x ⊙ 1[±x > 0]
-                        v.mul_(x > 0 if term.input == "pos" else x < 0)
+                        v.mul_(positive_part_mask(x) if term.input == "pos" else negative_part_mask(x))
                     grad = v if grad is None else grad.add_(v)
-                else:
-                    v.mul_(self.term_input(term, x, constants))
-                    const = v if const is None else const.add_(v)
+                else:  # a constant input c: (W_mᵀ s) ⊙ c (v may be a read-only view: no in-place updates)
+                    if term.sign != 1.0:
+                        v = v * term.sign
+                    if term.input != "ones":
+                        v = v * self.term_input(term, x, constants)
+                    const = v if const is None else const + v
             del s
-        if grad is None:
-            grad = torch.zeros_like(x)
-        if self.input_layer:
+        if not self.input_layer:
+            return (grad if grad is not None else torch.zeros_like(x),) + tuple(grad_input[1:])
+        if grad is None:  # only constant inputs (Flat, w²): the relevance is their part alone
+            grad = const.contiguous() if const is not None else torch.zeros_like(x)
+        else:
             grad.mul_(x)
             if const is not None:
                 grad.add_(const)
         return (grad,) + tuple(grad_input[1:])
+
+    @staticmethod
+    def active(group: Group, nonnegative: bool) -> Optional[Group]:
+        """``group`` without its ``x⁻`` terms when the layer's input has no negative entry (they are exactly
+        zero: ``W x⁻ = 0`` and their share is masked by ``1[x < 0]``); None when nothing is left."""
+        if not nonnegative:
+            return group
+        terms = tuple(term for term in group.terms if term.input != "neg")
+        if len(terms) == len(group.terms):
+            return group
+        return Group(terms, group.scale, group.where) if terms else None
 
 
 class Epsilon(LRPRule):

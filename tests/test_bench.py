@@ -1,12 +1,14 @@
 """The benchmark harness runs end to end on a tiny case (no timing is asserted: only that it measures)."""
 
 import json
+import resource
 
 import pytest
 import torch
 
 from bench import __main__ as harness
 from bench import memory
+from bench.timing import steady_allocator
 
 
 def test_bench_case_and_goals_on_a_tiny_model():
@@ -24,6 +26,41 @@ def test_bench_case_and_goals_on_a_tiny_model():
     goals = harness.check_goals(rows)
     assert any(g["goal"].startswith("gradcam <= 1.1x fwd") for g in goals)
     assert any(g["goal"] == "gradient peak memory <= 1.2x fwd+bwd" for g in goals)
+
+
+def test_transformer_rows_and_the_scaling_figure(tmp_path):
+    """A transformer case has the capture row (the attention methods' forward) and its goal; the scaling figure
+    is drawn from sweep rows (no timing is asserted)."""
+    from bench.plot import scaling_figure
+
+    rows = harness.bench_case(
+        "vit_tiny_d3@10", 1, 32, ["grad_rollout"], ["logit"], torch.device("cpu"), 1, False, False, False
+    )
+    assert {r["method"] for r in rows} == {"fwd", "fwd+bwd", "capture", "grad_rollout"}
+    goals = {g["goal"] for g in harness.check_goals(rows)}
+    assert {"capture <= 1.1x fwd", "grad_rollout <= 1.3x fwd+bwd"} <= goals
+    sweep = [dict(r, sweep="depth", depth=3) for r in rows] + [dict(r, sweep="batch") for r in rows]
+    assert scaling_figure(sweep, tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_profile_splits_each_call_into_its_phases():
+    """bench.profile: the phases of a call add up to it (every event's self time lands in one phase), the rules'
+    work is found where it runs (LRP in the backward, the capture in the forward), and the library is left
+    unmarked afterwards."""
+    from bench import profile
+    from backprop_hooks.methods.base import Method
+
+    cpu = torch.device("cpu")
+    rows = profile.rows_for("resnet18@10", 1, 32, ["lrp"], cpu, repeats=1)
+    rows += profile.rows_for("vit_tiny_d3@10", 1, 32, ["grad_rollout"], cpu, repeats=1)
+    by = {(r["model"], r["method"]): r for r in rows}
+    for r in rows:
+        assert 95 <= sum(r[p] for p in profile.PHASES) <= 100.5, r
+        assert 95 <= sum(r[c] for c in profile.CLASSES) <= 100.5, r
+    assert by[("resnet18@10", "fwd")]["forward"] > 99
+    assert by[("resnet18@10", "lrp")]["rules bwd"] > 10
+    assert by[("vit_tiny_d3@10", "grad_rollout")]["capture"] > 0.5
+    assert "forward" in vars(Method) and not hasattr(vars(Method)["forward"], "__wrapped__")
 
 
 def test_bench_case_on_a_compiled_model():
@@ -70,6 +107,28 @@ def test_cpu_peak_memory_of_known_allocations():
     assert memory.peak_mib(lambda: (kept.clear(), torch.empty(2**20))[1], cpu) == 4.0  # not 4 - 16
     events = [(0, "a", 10), (1, "b", 3), (2, "a", -10), (3, "older", -50), (4, "d", 7)]
     assert memory.peak_of_events(events) == 13
+
+
+@pytest.mark.skipif(not steady_allocator(), reason="glibc's malloc only (Linux)")
+def test_freed_memory_stays_mapped_whatever_ran_before():
+    """The cause of timings that changed with the memory measurement beside them: glibc handed freed memory
+    back to the system depending on what earlier calls freed, so a call's page faults (the kernel zeroing
+    fresh pages) depended on the order of measurements. On the steady allocator a call that holds and frees
+    200 MiB in 4 MiB blocks takes no page faults once warm, also right after a peak-memory measurement of a
+    larger call (51 000 faults per call without it)."""
+
+    def work():
+        blocks = [torch.ones(2**20) for _ in range(50)]
+        return sum(b[0] for b in blocks)
+
+    def faults(fn) -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    work()
+    memory.peak_mib(lambda: [torch.ones(2**21) for _ in range(40)], torch.device("cpu"))
+    assert faults(work) < 2000
 
 
 @pytest.mark.slow
@@ -187,7 +246,7 @@ def test_bench_targets_times_the_right_computations(monkeypatch):
 
 
 def test_scaling_sweeps_and_report(monkeypatch, tmp_path):
-    """`python -m bench --scaling`: batch, resolution and class-count sweeps tagged as such, kept out of the
+    """`python -m bench --scaling`: batch, resolution, depth and class-count sweeps tagged as such, kept out of the
     goals, reported in their own table (bench_case stubbed: no timing here)."""
     calls = []
 
@@ -206,6 +265,12 @@ def test_scaling_sweeps_and_report(monkeypatch, tmp_path):
     for model in ("resnet18", "vit_tiny"):
         assert {("batch", model, b, 224) for b in (1, 4, 16)} <= sweeps
         assert {("size", model, 4, s) for s in (112, 224)} <= sweeps
+    depths = {(r["model"], r["depth"]) for r in rows if r["sweep"] == "depth"}
+    assert depths == {("resnet18", 18), ("resnet34", 34), ("resnet50", 50)} | {
+        ("vit_tiny_d3", 3),
+        ("vit_tiny_d6", 6),
+        ("vit_tiny", 12),
+    }
     classes = [r for r in rows if r["sweep"] == "classes"]
     assert {(r["model"], r["classes"]) for r in classes} == {(f"resnet18@{c}", c) for c in (10, 100, 1000)}
     assert {r["target"] for r in classes if r["method"] == "gradient"} == {"logit", "weighted", "mean", "max"}

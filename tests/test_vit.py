@@ -3,8 +3,10 @@ reference written here, layer pairing of gradients, GradCAM-on-tokens identities
 tokens, non-square grids, torchvision's nn.MultiheadAttention, a clean model afterwards."""
 
 import copy
+import gc
 import math
 import warnings
+import weakref
 
 import pytest
 import timm
@@ -18,7 +20,7 @@ from backprop_hooks.errors import RuleError, UnknownNameError
 from backprop_hooks.errors import TokenLayoutError
 from backprop_hooks.methods import GradRollout, Rollout, TransformerAttribution, ViTGradCAM
 from backprop_hooks.methods.rollout import rollout
-from backprop_hooks.rules.attention import AttentionCapture, is_attention
+from backprop_hooks.rules.attention import AttentionCapture, AttentionValue, is_attention
 
 ROLLOUTS = ["rollout", "grad_rollout", "transformer_attribution"]
 ALL = ROLLOUTS + ["vit_gradcam"]
@@ -197,6 +199,90 @@ def test_capture_on_multihead_attention_matches_need_weights():
     testing.assert_no_hooks_left(model)
 
 
+def test_attention_value_returns_the_kernel_output_with_the_gradient_of_a_v():
+    """AttentionValue: the values of ``out`` itself (no copy, in-place use allowed), the gradients of ``A v``
+    for A and v, per head or through a head merge, with v broadcast over a batch dimension."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 5, 5, generator=g, dtype=torch.float64).softmax(-1).requires_grad_(True)
+    v = torch.randn(1, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)  # broadcast over B
+    seed = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    out = a.detach() @ v.detach() + 1.0  # any tensor: its values pass, the gradient is A v's
+    got = AttentionValue.apply(a, v, out)
+    assert torch.equal(got, out) and got.data_ptr() == out.data_ptr()
+    want = torch.autograd.grad(a @ v, [a, v], seed)
+    torch.testing.assert_close(torch.autograd.grad(got, [a, v], seed), want, rtol=1e-12, atol=1e-12)
+    merged = out.transpose(1, 2).reshape(2, 5, 12)  # (B, N, heads·D), as a module's output
+
+    def to_heads(t):
+        return t.unflatten(-1, (3, 4)).transpose(1, 2)
+
+    got = AttentionValue.apply(a, v, merged, to_heads)
+    got.mul_(1.0)  # an in-place op on the result (models do this) is allowed
+    torch.testing.assert_close(
+        torch.autograd.grad(got, [a, v], seed.transpose(1, 2).reshape(2, 5, 12)), want, rtol=1e-12, atol=1e-12
+    )
+
+
+def test_held_multihead_attention_passes_the_value_path_only():
+    """nn.MultiheadAttention under the capture: its output bit for bit, the plain gradient at its input equal to
+    autograd's through the module, and with hold_attention the value path written out, W_vᵀ Aᵀ W_oᵀ g."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=False).double().eval()
+    x = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)  # (L, B, E): not batch-first
+    g = torch.randn(5, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    plain_out = mha(x, x, x, need_weights=False)[0]
+    plain = torch.autograd.grad(plain_out, x, g)[0]
+    for hold in (False, True):
+        capture = AttentionCapture(hold_attention=hold)
+        with bh.attach(mha, {"": capture}):
+            out = mha(x, x, x, need_weights=False)[0]
+            got = torch.autograd.grad(out, x, g)[0]
+        assert torch.equal(out.detach(), plain_out.detach())
+        if not hold:
+            torch.testing.assert_close(got, plain, rtol=1e-10, atol=1e-12)
+            continue
+        a = capture.attentions[0].detach()  # (B, heads, L, L)
+        w_v, w_o = mha.in_proj_weight[16:].detach(), mha.out_proj.weight.detach()
+        g_heads = (g.transpose(0, 1) @ w_o).view(2, 5, 2, 4).transpose(1, 2)
+        want = ((a.transpose(-2, -1) @ g_heads).transpose(1, 2).reshape(2, 5, 8) @ w_v).transpose(0, 1)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(got, plain)
+    testing.assert_no_hooks_left(mha)
+
+
+def test_nothing_of_a_capture_outlives_it():
+    """A capture, its attention maps and the graph they sit in are freed as soon as the last reference goes,
+    without the garbage collector, and no explanation leaves a capture behind. (The graph's hold gates used to
+    reference the capture: a cycle through autograd's C++ nodes that the collector cannot free, so every
+    call leaked its attention maps, and a capture dropped without a backward pass its whole graph.)"""
+    model, x = small_vit(), inputs()
+
+    def captures():
+        return sum(type(o) is AttentionCapture for o in gc.get_objects())
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = captures()
+        for per_module in (False, True):
+            capture = AttentionCapture()
+            if per_module:
+                with bh.attach(model, {is_attention: capture}):
+                    y = model(x.clone().requires_grad_(True))
+            else:
+                with capture.recording():
+                    y = model(x.clone().requires_grad_(True))
+            refs = [weakref.ref(capture), weakref.ref(y)] + [weakref.ref(a) for a in capture.attentions]
+            del capture, y
+            assert all(r() is None for r in refs)
+        for model in (model, small_torchvision_vit()):
+            for name in ROLLOUTS:
+                bh.explain(model, x, name, "weighted")
+        assert captures() == before
+    finally:
+        gc.enable()
+
+
 def test_capture_refuses_active_dropout_and_other_modules():
     model = small_vit(attn_drop_rate=0.1).train()
     with pytest.raises(RuleError, match="eval"):
@@ -352,6 +438,35 @@ def test_transformer_attribution_is_blind_to_the_seed_sign_and_grad_rollout_is_n
         gr(x, classes=t, target=bh.targets.Versus(s)).attributions,
         gr(x, classes=s, target=bh.targets.Versus(t)).attributions,
     )
+
+
+def test_held_rules_run_the_modules_own_backward_only_when_off():
+    """A held rule off when its module ran keeps the module's graph: off in the backward pass, autograd's own
+    gradient (the module's node runs); on, the held gradient (w ⊙ g − mean(w ⊙ g))/σ, and the module's own
+    node gets no gradient (it computes nothing). On from the start, the module's graph is not kept at all."""
+    from backprop_hooks.rules import LayerNormHeld
+
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(8).double()
+    nn.init.normal_(ln.weight)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 8, dtype=torch.float64)
+    plain = torch.autograd.grad(ln(x), x, g)[0]
+    sigma = (x.detach().var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
+    wg = g * ln.weight.detach()
+    want = (wg - wg.mean(-1, keepdim=True)) / sigma
+    rule, ran = LayerNormHeld(enabled=False), []
+    with bh.attach(ln, {"": rule}):
+        y = ln(x)
+        own = y.grad_fn.next_functions[1][0]  # the LayerNorm's own backward node
+        own.register_prehook(lambda grads: ran.append(grads[0] is not None))  # None: called with nothing to do
+        torch.testing.assert_close(torch.autograd.grad(y, x, g, retain_graph=True)[0], plain, rtol=0, atol=0)
+        rule.enabled = True
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], want, rtol=1e-12, atol=1e-12)
+        assert ran == [True, False]
+        y = ln(x)  # on from the start: no path into the module's graph
+        assert all(type(node).__name__ != type(own).__name__ for node, _ in y.grad_fn.next_functions if node)
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], want, rtol=1e-12, atol=1e-12)
 
 
 def test_transformer_attribution_switches_its_relevance_rules_back_off():

@@ -274,6 +274,7 @@ class _AttentionRollout(Method):
     per_call = ("_layout", "_capture")
     residual: str = "average"
     normalize: bool = True
+    differentiable: bool = True  # False: the maps are read, never differentiated (no gradient path is built)
 
     def __init__(
         self,
@@ -292,7 +293,7 @@ class _AttentionRollout(Method):
 
     def rules(self, x):
         self._layout = self.layout or token_layout(self.model, x, self.prefix_tokens, self.grid)
-        self._capture = AttentionCapture()
+        self._capture = AttentionCapture(differentiable=self.differentiable)
         # per function call for everything that calls scaled_dot_product_attention or an explicit softmax;
         # per module for nn.MultiheadAttention, whose functional core the function-level capture cannot see
         return [(nn.MultiheadAttention, self._capture)] if _present(self.model, nn.MultiheadAttention) else []
@@ -333,6 +334,7 @@ class Rollout(_AttentionRollout):
     ``R = Â_L ⋯ Â_1``. Independent of the target."""
 
     name = "rollout"
+    differentiable = False
 
     def forward(self, x, classes, target):
         """The model's forward with autograd saving nothing: rollout never runs a backward, so the graph's
