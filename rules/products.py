@@ -17,9 +17,10 @@ Ali et al., ICML 2022) holds every softmax constant instead: no gradient reaches
 gets the whole relevance.
 
 Which tensors depend on the input: those whose autograd graph reaches the explained input (walked once per
-node, memoised for the call). Everything acts inside ``with ProductRules(x, ...):`` only, through a
-``TorchFunctionMode`` (thread-local); nothing on the model changes. In-place products of two
-input-dependent tensors (``a.mul_(b)``) raise a :class:`RuleError`: their gradient cannot be split.
+node, memoised for the call). Everything acts inside ``with ProductRules(x, ...):`` only, through an
+:class:`~backprop_hooks.rules.intercept.Intercept` (thread-local); nothing on the model changes. In-place
+products of two input-dependent tensors (``a.mul_(b)``) raise a :class:`RuleError`: their gradient cannot be
+split.
 Inside a module whose backward a module rule replaces (an RMSNorm's ``x * rsqrt(...)``, GPT-2's tanh GELU)
 the rules stand aside (:func:`stand_aside`, called by the module rules of
 :mod:`backprop_hooks.rules.attnlrp`, which also cut the module's own graph).
@@ -27,16 +28,14 @@ the rules stand aside (:func:`stand_aside`, called by the module rules of
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
-
-import threading
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from backprop_hooks.errors import OptionError, RuleError, choices
 
 from .attention import _SDPA, _SOFTMAXES, _sdpa_arguments
+from .intercept import Handler, Intercept, current
 
 PRODUCT_RULES = ("uniform", "gradient")
 SOFTMAX_RULES = ("taylor", "held")
@@ -58,7 +57,6 @@ _BINARY_PRODUCTS = {
 _BIASED_PRODUCTS = {torch.baddbmm, torch.Tensor.baddbmm, torch.addmm, torch.Tensor.addmm}  # bias + a @ b
 _INPLACE_PRODUCTS = {torch.Tensor.mul_, torch.Tensor.__imul__}
 _SDPA_NAMES = ("query", "key", "value")
-_ACTIVE = threading.local()  # the ProductRules active in this thread (TorchFunctionModes are thread-local too)
 
 
 class ScaleGradient(torch.autograd.Function):
@@ -143,76 +141,82 @@ def _replace(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> Tu
     return args, kwargs
 
 
-class ProductRules(TorchFunctionMode):
-    """The function-level rules, active inside ``with ProductRules(x, product=..., softmax=...):`` for the
-    forward pass that explains ``x`` (see the module docstring).
+class ProductRules:
+    """The function-level rules for the forward pass that explains ``x`` (see the module docstring), as a table
+    of handlers for one :class:`~backprop_hooks.rules.intercept.Intercept`: ``with ProductRules(x, ...):``.
 
     ``product``: ``"uniform"`` (AttnLRP: each of two input-dependent factors gets half) or ``"gradient"``
     (both keep their gradient). ``softmax``: ``"taylor"`` (AttnLRP: the exact gradient) or ``"held"``
     (CP-LRP: the softmax output is a constant)."""
 
     def __init__(self, x: torch.Tensor, product: str = "uniform", softmax: str = "taylor") -> None:
-        super().__init__()
         check_product_rules(product, softmax)
         self.product, self.softmax = product, softmax
         self.depends = InputDependence(x)
-        self.aside = 0  # > 0 inside modules whose backward a module rule owns
+        self.intercept = Intercept(self.handlers())
 
-    def __enter__(self):
-        self.outer = getattr(_ACTIVE, "rules", None)
-        _ACTIVE.rules = self
-        return super().__enter__()
+    def handlers(self) -> Dict[Callable, Handler]:
+        table: Dict[Callable, Handler] = {_SDPA: self._attention, torch.einsum: self._einsum}
+        table.update(dict.fromkeys(_BINARY_PRODUCTS, self._product))
+        table.update(dict.fromkeys(_BIASED_PRODUCTS, self._product))
+        table.update(dict.fromkeys(_INPLACE_PRODUCTS, self._inplace))
+        if self.softmax == "held":
+            table.update(dict.fromkeys(_SOFTMAXES, self._held))
+        return table
 
-    def __exit__(self, *exc):
-        _ACTIVE.rules = self.outer
+    def __enter__(self) -> "ProductRules":
+        self.intercept.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> Any:
         self.depends.memo.clear()  # the nodes of the call's graph
-        return super().__exit__(*exc)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.aside or not torch.is_grad_enabled():
-            return func(*args, **kwargs)
-        if func is _SDPA:
-            return self._attention(args, kwargs)
-        if func in _BINARY_PRODUCTS and len(args) >= 2:
-            return self._product(func, args, kwargs, (0, 1))
-        if func in _BIASED_PRODUCTS and len(args) >= 3:
-            return self._product(func, args, kwargs, (1, 2))
-        if func is torch.einsum:
-            return self._einsum(args, kwargs)
-        if func in _INPLACE_PRODUCTS and len(args) >= 2 and self.depends(args[0]) and self.depends(args[1]):
-            if self.product != "gradient":
-                raise RuleError(
-                    "an in-place product of two tensors that both depend on the input (a.mul_(b), a *= b) cannot "
-                    "split its relevance between the factors; write it out of place (a = a * b)"
-                )
-        out = func(*args, **kwargs)
-        if self.softmax == "held" and func in _SOFTMAXES and isinstance(out, torch.Tensor):
-            return out.detach()
-        return out
+        return self.intercept.__exit__(*exc)
 
     def _halves(self, a: Any, b: Any) -> Tuple[Any, Any]:
         if self.product == "uniform" and self.depends(a) and self.depends(b):
             return scale_gradient(a, 0.5), scale_gradient(b, 0.5)
         return a, b
 
-    def _product(self, func, args: tuple, kwargs: dict, where: Tuple[int, int]):
-        i, j = where
-        a, b = self._halves(args[i], args[j])
+    def _product(self, func, args: tuple, kwargs: dict):
+        """``a * b``, ``a @ b`` (factors: the first two arguments) or ``bias + a @ b`` (the second and third)."""
+        i = 1 if func in _BIASED_PRODUCTS else 0
+        if len(args) < i + 2 or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        a, b = self._halves(args[i], args[i + 1])
         if a is not args[i]:
-            args = args[:i] + (a,) + args[i + 1 : j] + (b,) + args[j + 1 :]
+            args = args[:i] + (a, b) + args[i + 2 :]
         return func(*args, **kwargs)
 
-    def _einsum(self, args: tuple, kwargs: dict):
+    def _inplace(self, func, args: tuple, kwargs: dict):
+        if (
+            self.product != "gradient"
+            and torch.is_grad_enabled()
+            and len(args) >= 2
+            and self.depends(args[0])
+            and self.depends(args[1])
+        ):
+            raise RuleError(
+                "an in-place product of two tensors that both depend on the input (a.mul_(b), a *= b) cannot "
+                "split its relevance between the factors; write it out of place (a = a * b)"
+            )
+        return func(*args, **kwargs)
+
+    def _held(self, func, args: tuple, kwargs: dict):
+        out = func(*args, **kwargs)
+        return out.detach() if isinstance(out, torch.Tensor) and torch.is_grad_enabled() else out
+
+    def _einsum(self, func, args: tuple, kwargs: dict):
         listed = len(args) == 2 and isinstance(args[1], (list, tuple))
         operands = list(args[1]) if listed else list(args[1:])
-        if len(operands) == 2:
+        if len(operands) == 2 and torch.is_grad_enabled():
             operands = list(self._halves(*operands))
-        return torch.einsum(args[0], operands, **kwargs)
+        return func(args[0], operands, **kwargs)
 
-    def _attention(self, args: tuple, kwargs: dict) -> torch.Tensor:
+    def _attention(self, func, args: tuple, kwargs: dict) -> torch.Tensor:
         """``softmax(q kᵀ s + mask) v`` as one call: the gradients of q, k, v scaled by the factors of the
         two products (``A = softmax(q kᵀ)``, ``A v``), each split only among its input-dependent factors."""
+        if not torch.is_grad_enabled():
+            return func(*args, **kwargs)
         bound = _sdpa_arguments(args, kwargs)
         if bound.get("dropout_p", 0.0):
             raise RuleError(
@@ -231,15 +235,15 @@ class ProductRules(TorchFunctionMode):
             factors = (split_av * split_qk, split_av * split_qk, split_av)
         for index, (name, factor) in enumerate(zip(_SDPA_NAMES, factors)):
             args, kwargs = _replace(args, kwargs, index, name, scale_gradient(bound[name], factor))
-        return _SDPA(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 def stand_aside(step: int) -> None:
-    """``+1`` when a module whose backward a module rule owns starts, ``-1`` when it has run: the active
-    :class:`ProductRules` of this thread (if any) leave the calls in between alone."""
-    rules = getattr(_ACTIVE, "rules", None)
-    if rules is not None:
-        rules.aside = max(0, rules.aside + step)
+    """``+1`` when a module whose backward a module rule owns starts, ``-1`` when it has run: the function-level
+    rules active in this thread (if any) leave the calls in between alone."""
+    active = current()
+    if active is not None:
+        active.pause(step)
 
 
 def check_product_rules(product: str, softmax: str) -> None:

@@ -16,9 +16,9 @@ model that mixes ReLU-like and smooth activations (MobileNetV3: ReLU and Hardswi
 :class:`FunctionalReLUWarning` saying that the smooth ones keep their plain backward.
 
 Functional activations: hooks cannot see ``F.relu`` / ``torch.relu`` / ``Tensor.relu`` / ``F.relu6`` calls,
-whose backward would silently stay plain. The forward pass is therefore watched for such calls (a
-``TorchFunctionMode`` that only counts them); a model where some ReLUs are functional emits
-:class:`FunctionalReLUWarning`.
+whose backward would silently stay plain. The forward pass is therefore watched for such calls (an
+:class:`~backprop_hooks.rules.intercept.Intercept` that only counts them); a model where some ReLUs are
+functional emits :class:`FunctionalReLUWarning`.
 
 Guided Grad-CAM runs one forward and two backward passes: a partial one to the layer with the rules
 switched off (the CAM weights need the unmodified gradient there), then the guided one to the input.
@@ -32,8 +32,8 @@ from typing import Optional, Type
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from backprop_hooks.rules.intercept import Intercept
 from backprop_hooks.rules.relu import DeconvReLU, GuidedReLU, ReLURule, is_relu_like, relu_like_selector
 
 from ..errors import FunctionalReLUWarning, RuleError
@@ -68,20 +68,24 @@ def activation_summary(model: nn.Module) -> Optional[str]:
     )
 
 
-class _ReLUCalls(TorchFunctionMode):
-    """Counts ReLU function calls (from ``nn.ReLU`` modules and functional ones alike); changes nothing."""
+class _ReLUCalls:
+    """Counts ReLU function calls (from ``nn.ReLU`` modules and functional ones alike) inside
+    ``with Intercept(counter.handlers()):``; changes nothing."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.count = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _RELU_FUNCTIONS:
-            self.count += 1
-        elif func in _CLIP_FUNCTIONS:
-            lower = args[1] if len(args) > 1 else (kwargs or {}).get("min_val", -1.0)
-            self.count += float(lower) == 0.0
-        return func(*args, **(kwargs or {}))
+    def handlers(self):
+        return {**dict.fromkeys(_RELU_FUNCTIONS, self._relu), **dict.fromkeys(_CLIP_FUNCTIONS, self._clip)}
+
+    def _relu(self, func, args, kwargs):
+        self.count += 1
+        return func(*args, **kwargs)
+
+    def _clip(self, func, args, kwargs):
+        lower = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+        self.count += float(lower) == 0.0
+        return func(*args, **kwargs)
 
 
 class ModifiedReLU(Method):
@@ -109,7 +113,8 @@ class ModifiedReLU(Method):
         return self.relu_rules()
 
     def forward(self, x, classes, target):
-        with _ReLUCalls() as seen:
+        seen = _ReLUCalls()
+        with Intercept(seen.handlers()):
             out = super().forward(x, classes, target)
         missed = seen.count - self.relu_rule.calls
         if missed > 0:
