@@ -24,7 +24,7 @@ from typing import List, Tuple
 
 import torch
 
-from .text_topics import CLS, MAX_WORDS, PAD, Tokenizer, sentences, words
+from .text_topics import CLS, MAX_WORDS, PAD, Tokenizer, fit, sentences, words
 from .zoo import WEIGHTS_DIR
 
 WEIGHTS = WEIGHTS_DIR / "python_docs_lm.pt"
@@ -81,21 +81,11 @@ def train(epochs: int = 40, seed: int = 0, batch_size: int = 32, lr: float = 3e-
     torch.manual_seed(seed)
     model = build(tokenizer)
     ids, mask = tokenizer(train_set)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    steps = epochs * ((len(ids) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for batch in torch.randperm(len(ids), generator=g).split(batch_size):
-            used = int(mask[batch].sum(1).max())
-            b_ids, b_mask = ids[batch, :used], mask[batch, :used]
-            loss = model(b_ids, attention_mask=b_mask, labels=labels_of(b_ids, b_mask)).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
+
+    def loss_of(b_ids: torch.Tensor, b_mask: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return model(b_ids, attention_mask=b_mask, labels=labels_of(b_ids, b_mask)).loss
+
+    fit(model, ids, mask, loss_of, epochs, seed, batch_size, lr)
     return (model, tokenizer, *evaluate(model, tokenizer, test_set))
 
 

@@ -137,22 +137,33 @@ def train(epochs: int = 30, seed: int = 0, batch_size: int = 32, lr: float = 3e-
     labels = torch.tensor([c for _, c in train_set])
     counts = torch.bincount(labels, minlength=len(CLASSES)).double()
     weight = (counts.sum() / (len(CLASSES) * counts)).float()  # balanced classes
+
+    def loss_of(b_ids: torch.Tensor, b_mask: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        out = model(b_ids, attention_mask=b_mask).logits
+        return torch.nn.functional.cross_entropy(out, labels[batch], weight=weight)
+
+    fit(model, ids, mask, loss_of, epochs, seed, batch_size, lr)
+    return model, tokenizer, accuracy(model, tokenizer, test_set)
+
+
+def fit(model, ids: torch.Tensor, mask: torch.Tensor, loss_of, epochs: int, seed: int, batch_size: int, lr: float):
+    """Train ``model`` in place (AdamW, a one-cycle schedule) on shuffled batches of ``(ids, mask)``, each cut to
+    its longest sequence; ``loss_of(batch_ids, batch_mask, batch)`` is a batch's loss (``batch``: its indices).
+    Leaves the model in eval mode."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    steps = epochs * ((len(labels) + batch_size - 1) // batch_size)
+    steps = epochs * ((len(ids) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         model.train()
-        for batch in torch.randperm(len(labels), generator=g).split(batch_size):
+        for batch in torch.randperm(len(ids), generator=g).split(batch_size):
             used = int(mask[batch].sum(1).max())
-            out = model(ids[batch, :used], attention_mask=mask[batch, :used]).logits
-            loss = torch.nn.functional.cross_entropy(out, labels[batch], weight=weight)
+            loss = loss_of(ids[batch, :used], mask[batch, :used], batch)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
     model.eval()
-    return model, tokenizer, accuracy(model, tokenizer, test_set)
 
 
 def save(model, tokenizer: Tokenizer, path: Path, test_accuracy: float) -> None:
