@@ -39,7 +39,8 @@ from backprop_hooks.rule import Rule
 from .attention import _mha_explicit, _straight_through
 from .composites import Spec, _members, get_composite
 from .gates import GateHeld, is_gated_activation
-from .lrp import CONV_TYPES, Epsilon, is_hf_conv1d
+from .layers import CONV_TYPES, is_hf_conv1d
+from .lrp import Epsilon
 from .products import ProductRules, check_product_rules, stand_aside
 from .vit_relevance import LayerNormHeld, RMSNormHeld, is_rms_norm
 

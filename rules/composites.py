@@ -26,7 +26,8 @@ from backprop_hooks.errors import OptionError, RuleError, UnknownNameError, choi
 from backprop_hooks.rule import Rule
 
 from .canonizers import BN_TYPES, MergeBatchNorm
-from .lrp import CONV_TYPES, LAYER_TYPES, AlphaBeta, Epsilon, Flat, Gamma, LRPRule, ZBox, ZPlus
+from .layers import CONV_TYPES, LAYER_TYPES
+from .lrp import AlphaBeta, Epsilon, Flat, Gamma, LRPRule, ZBox, ZPlus
 
 Spec = List[Tuple[Callable[[str, nn.Module], bool], Rule]]
 

@@ -35,9 +35,7 @@ weights ``W·s, (b − μ)·s + β`` when its output feeds an eval-mode BatchNor
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -46,194 +44,25 @@ from backprop_hooks.errors import OptionError, RuleError
 from backprop_hooks.rule import Rule
 
 from .canonizers import bn_affine, merged_params
+from .layers import CONV_TYPES, LAYER_TYPES, check_layer, is_hf_conv1d, layer_forward, layer_vjp
+from .lrp_terms import (
+    Group,
+    Modifier,
+    Stabiliser,
+    Term,
+    add_gamma,
+    has_negative,
+    keep,
+    negative,
+    negative_part_mask,
+    ones,
+    positive,
+    positive_part_mask,
+    square,
+    stabilise,
+)
 
 Tensor = torch.Tensor
-Modifier = Callable[[Tensor], Tensor]
-Stabiliser = Union[float, Callable[[Tensor], Tensor]]
-
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-LAYER_TYPES = (nn.Linear,) + CONV_TYPES
-
-
-# -- parameter modifiers (named functions, so that rule reprs stay readable) ---------------------------
-def keep(p: Tensor) -> Tensor:
-    return p
-
-
-def positive(p: Tensor) -> Tensor:
-    return p.clamp(min=0)
-
-
-def negative(p: Tensor) -> Tensor:
-    return p.clamp(max=0)
-
-
-def square(p: Tensor) -> Tensor:
-    return p * p
-
-
-def ones(p: Tensor) -> Tensor:
-    return torch.ones_like(p)
-
-
-def add_gamma(p: Tensor, gamma: float, part: Modifier) -> Tensor:
-    """``p + γ · part(p)`` (the Gamma rule's modifier)."""
-    return p + gamma * part(p)
-
-
-def stabilise(z: Tensor, epsilon: Stabiliser) -> Tensor:
-    """``z + ε·sign(z)``, ``sign(0) = +1`` (also for ``−0.0``); a callable ``epsilon`` is applied to ``z`` instead."""
-    if callable(epsilon):
-        return epsilon(z)
-    out = z + 0.0  # −0.0 + 0.0 = +0.0: the sign taken below is +1 at either zero
-    torch.copysign(torch.tensor(epsilon, dtype=z.dtype, device=z.device), out, out=out)  # ±ε, no mask built
-    return out.add_(z)
-
-
-def positive_part_mask(t: Tensor) -> Tensor:
-    """``1[t > 0]`` as ``t``'s dtype (from ``sign``: one pass, no boolean tensor)."""
-    return torch.sign(t).clamp_(min=0)
-
-
-def negative_part_mask(t: Tensor) -> Tensor:
-    """``1[t < 0]`` as ``t``'s dtype."""
-    return torch.sign(t).neg_().clamp_(min=0)
-
-
-def _has_negative(x: Tensor) -> Callable[[], bool]:
-    """Whether ``x`` has a negative entry, computed now (one reduction) and read later on the host: on CUDA the
-    flag is copied without blocking and read once the device got there, so the backward pass never waits."""
-    if x.numel() == 0:
-        return lambda: False
-    flag = torch.amin(x.detach()) < 0
-    if flag.device.type != "cuda":
-        return lambda: bool(flag)
-    host = torch.empty((), dtype=torch.bool, pin_memory=True)
-    host.copy_(flag, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-
-    def read() -> bool:
-        done.synchronize()
-        return bool(host)
-
-    return read
-
-
-@dataclass(frozen=True)
-class Term:
-    """One term: input ``"x"``, ``"pos"`` (x⁺), ``"neg"`` (x⁻), ``"ones"``, ``"low"`` or ``"high"``;
-    weight and bias modifiers (``bias=None``: no bias); ``sign`` in the denominator and the reduction."""
-
-    input: str
-    weight: Modifier = keep
-    bias: Optional[Modifier] = keep
-    sign: float = 1.0
-
-
-@dataclass(frozen=True)
-class Group:
-    """Terms sharing one denominator; ``where="pos"|"neg"`` keeps only outputs with ``z>0`` / ``z<0``."""
-
-    terms: Tuple[Term, ...]
-    scale: float = 1.0
-    where: Optional[str] = None
-
-
-# -- the layer operations a rule needs: forward with given parameters, and the vector-Jacobian product --
-def _conv_geometry(module: nn.Module):
-    n = module.weight.dim() - 2
-    padding = module.padding
-    if padding == "valid":
-        padding = (0,) * n
-    elif padding == "same":
-        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-        padding = tuple(t // 2 for t in total)
-    return list(module.stride), list(padding), list(module.dilation), [0] * n, module.groups
-
-
-def is_conv2d_same(module: nn.Module) -> bool:
-    """timm's ``Conv2dSame``: a Conv2d that pads its input TensorFlow-style ("SAME", possibly asymmetric,
-    computed from the input size) and then convolves without padding."""
-    cls = type(module)
-    return cls.__name__ == "Conv2dSame" and cls.__module__.startswith("timm.") and isinstance(module, nn.Conv2d)
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer ``x @ W + b`` with ``W`` stored as (in, out)."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
-
-
-def same_padding(module: nn.Module, x: Tensor) -> Optional[Tuple[int, ...]]:
-    """``F.pad`` amounts (left, right, top, bottom) of a ``Conv2dSame`` for the input ``x``; ``None`` for
-    any other layer (its padding is part of the convolution)."""
-    if not is_conv2d_same(module):
-        return None
-    pads: Tuple[int, ...] = ()
-    for size, k, s, d in zip(
-        reversed(x.shape[-2:]), reversed(module.kernel_size), reversed(module.stride), reversed(module.dilation)
-    ):
-        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-        pads += (total // 2, total - total // 2)
-    return pads
-
-
-def layer_forward(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``W x + b`` for a Linear, ConvNd or Hugging Face ``Conv1D`` module, with the given parameters."""
-    if isinstance(module, nn.Linear):
-        return torch.nn.functional.linear(x, weight, bias)
-    if is_hf_conv1d(module):
-        return torch.nn.functional.linear(x, weight.T, bias)
-    pads = same_padding(module, x)
-    if pads is not None:
-        x = torch.nn.functional.pad(x, pads)
-    stride, padding, dilation, out_pad, groups = _conv_geometry(module)
-    return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, out_pad, groups)
-
-
-def layer_vjp(module: nn.Module, x: Tensor, weight: Tensor, s: Tensor) -> Tensor:
-    """``Wᵀ s``: the vector-Jacobian product of ``W x`` with respect to ``x`` (shaped like ``x``)."""
-    if isinstance(module, nn.Linear):
-        return s.matmul(weight.to(s.dtype))
-    if is_hf_conv1d(module):
-        return s.matmul(weight.to(s.dtype).T)
-    stride, padding, dilation, out_pad, groups = _conv_geometry(module)
-    pads = same_padding(module, x)
-    padded = x if pads is None else torch.nn.functional.pad(x, pads)
-    v = torch.ops.aten.convolution_backward(
-        s, padded, weight, None, stride, padding, dilation, False, out_pad, groups, [True, False, False]
-    )[0]
-    if pads is None:
-        return v
-    h, w = x.shape[-2:]
-    return v[..., pads[2] : pads[2] + h, pads[0] : pads[0] + w].contiguous()  # the padding gets no relevance
-
-
-def check_layer(rule: Rule, module: nn.Module) -> None:
-    """Raise :class:`RuleError` unless ``module`` is a plain Linear, a zero-padded ConvNd, timm's
-    ``Conv2dSame`` (zero "SAME" padding) or Hugging Face's ``Conv1D`` (a linear layer)."""
-    name = type(rule).__name__
-    if is_hf_conv1d(module):
-        return
-    if not isinstance(module, LAYER_TYPES):
-        raise RuleError(
-            f"{name} is an LRP rule for nn.Linear and nn.Conv1d/2d/3d layers; it was put on a "
-            f"{type(module).__name__}. Select layers by type, e.g. {{nn.Conv2d: {name}()}}"
-        )
-    base = nn.Linear if isinstance(module, nn.Linear) else next(t for t in CONV_TYPES if isinstance(module, t))
-    if type(module).forward is not base.forward and not is_conv2d_same(module):
-        raise RuleError(f"{name} cannot handle {type(module).__name__}: it overrides {base.__name__}.forward")
-    if isinstance(module, CONV_TYPES):
-        if module.padding_mode != "zeros":
-            raise RuleError(
-                f"{name} supports zero-padded convolutions only; "
-                f"{type(module).__name__} has padding_mode={module.padding_mode!r}"
-            )
-        if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
-            raise RuleError(
-                f"{name} cannot handle padding='same' with an even effective kernel size (asymmetric padding)"
-            )
 
 
 class _Detour(torch.autograd.Function):
@@ -291,7 +120,7 @@ class LRPRule(Rule):
         self.ctx.x, self.ctx.x_version = x.detach(), x._version
         self.ctx.z, self.ctx.z_version = output.detach(), output._version
         self.ctx.link = self.bn.offer(output) if self.bn is not None else None
-        self.ctx.negative = _has_negative(x)  # x ≥ 0 (after a ReLU): the x⁻ terms vanish, skipped in backward
+        self.ctx.negative = has_negative(x)  # x ≥ 0 (after a ReLU): the x⁻ terms vanish, skipped in backward
         if not x.requires_grad:
             return None
         # No copy of the output is kept: when a later in-place op (a ReLU(inplace=True)) changes it,

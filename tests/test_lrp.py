@@ -15,7 +15,7 @@ from backprop_hooks.methods import LRP
 from backprop_hooks.rules import AlphaBeta, Epsilon, Flat, Gamma, MergeBatchNorm, ZBox, ZPlus
 from backprop_hooks.rules.canonizers import merged_params
 from backprop_hooks.rules.composites import COMPOSITES, first_layer
-from backprop_hooks.rules.lrp import layer_forward
+from backprop_hooks.rules.layers import layer_forward
 
 try:  # Zennit is an oracle: without it only the tests comparing with it are skipped, not the properties
     from zennit import rules as zrules

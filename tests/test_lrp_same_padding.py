@@ -16,7 +16,7 @@ from torch import nn
 
 import backprop_hooks as bh
 from backprop_hooks import testing
-from backprop_hooks.rules.lrp import is_conv2d_same, same_padding
+from backprop_hooks.rules.layers import is_conv2d_same, same_padding
 
 timm_layers = pytest.importorskip("timm.layers")
 
