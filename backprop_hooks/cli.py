@@ -20,7 +20,7 @@ from .errors import BackpropHooksError
 
 SUBCOMMANDS = {
     "explain": "backprop_hooks.eval.explain",
-    "finetune": "backprop_hooks.models.finetune",
+    "finetune": "backprop_hooks.models.finetune_command",
     "perturb": "backprop_hooks.eval.perturb",
     "mask": "backprop_hooks.eval.mask",
     "explain-text": "backprop_hooks.eval.explain_text",

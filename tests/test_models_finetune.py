@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from backprop_hooks.models import data, finetune as finetune_module
+from backprop_hooks.models import data, finetune_command
+from backprop_hooks.models import finetune as finetune_module
 from backprop_hooks.errors import OptionError, ResumeError
 from backprop_hooks.models.finetune import finetune
 from backprop_hooks.models.digits_data import digits
@@ -122,7 +123,7 @@ def test_image_folder_layout_and_command_line(tmp_path):
     assert splits.class_names == ["cat", "dog"] and len(splits.train) == len(splits.val) == 6
 
     parser = argparse.ArgumentParser(prog="backprop-hooks")
-    finetune_module.add_parser(parser.add_subparsers(dest="command"))
+    finetune_command.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(
         [
             "finetune",
