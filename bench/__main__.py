@@ -218,83 +218,9 @@ def scaling(device: torch.device, quick: bool, repeats: int) -> List[Dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="small models and inputs: a few minutes on 2 CPU cores")
-    p.add_argument("--out", default="out/bench", help="folder for results.json and results.md")
-    p.add_argument("--methods", nargs="+", default=None, help=f"default: all of {CNN_METHODS + VIT_METHODS}")
-    p.add_argument("--targets", nargs="+", default=["logit", "weighted", "mean", "max"])
-    p.add_argument(
-        "--models",
-        nargs="+",
-        default=None,
-        help="resnet18 resnet50 vgg11_bn vgg16_bn vit_tiny tv_vit hf_vit bert_small gpt2_small llama_small (suffix @C: "
-        "C classes; vit_tiny_dN: N blocks)",
-    )
-    p.add_argument("--batch", nargs="+", type=int, default=None)
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--no-peers", action="store_true")
-    p.add_argument("--skip-peers", nargs="+", default=[], metavar="METHOD:PEER", help="e.g. fullgrad:pytorch-grad-cam")
-    p.add_argument("--no-memory", action="store_true")
-    p.add_argument(
-        "--scaling", action="store_true", help="also the ratios vs batch size, resolution, depth and number of classes"
-    )
-    p.add_argument(
-        "--per-class", action="store_true", help="also time the earlier code's C per-class backward passes (batch 1)"
-    )
-    p.add_argument(
-        "--compile",
-        default=None,
-        metavar="BACKEND",
-        help="also measure every model compiled with torch.compile(backend=BACKEND), e.g. inductor",
-    )
-    a = p.parse_args(argv)
-    device = torch.device(a.device)
-    warnings.simplefilter("ignore")
-    models = a.models or (["resnet18", "vit_tiny"] if a.quick else ["resnet50", "vgg16_bn", "vit_tiny"])
-    batches = a.batch or ([2] if a.quick else [8, 32])
-    size = a.size or (112 if a.quick else 224)
-    repeats = a.repeats or (3 if a.quick else 5)
-    methods = a.methods or CNN_METHODS + VIT_METHODS
-    rows = []
-    for model_name in models:
-        for b in batches + ([1] if a.per_class and 1 not in batches else []):
-            ms = methods if b in batches else ["gradient"]  # batch 1: the per-class comparison only
-            rows += bench_case(
-                model_name,
-                b,
-                size,
-                ms,
-                a.targets,
-                device,
-                repeats,
-                not a.no_peers,
-                not a.no_memory and b in batches,
-                a.per_class,
-                a.skip_peers,
-            )
-            print(f"done: {model_name} batch {b}", file=sys.stderr)
-            if a.compile and b in batches:
-                rows += bench_case(
-                    model_name, b, size, ms, a.targets, device, repeats, False, False, False, (), a.compile
-                )
-                print(f"done: {model_name}+compile:{a.compile} batch {b}", file=sys.stderr)
-    if a.scaling:
-        rows += scaling(device, a.quick, repeats)
+def write_results(out: Path, meta: dict, rows: List[dict]) -> str:
+    """Write ``out/results.json`` and ``out/results.md`` (and the scaling figure) for ``rows``; returns the text."""
     goals = check_goals([r for r in rows if "sweep" not in r])
-    meta = dict(
-        machine=machine(device),
-        device=str(device),
-        command="python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        date=datetime.date.today().isoformat(),
-        python=platform.python_version(),
-        torch=torch.__version__,
-    )
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows, goals=goals), indent=1))
     main_rows = [r for r in rows if "sweep" not in r]
@@ -350,7 +276,88 @@ def main(argv=None) -> int:
         if figure is not None:
             text += ["", f"![ratios vs batch, resolution, depth and classes]({figure.name})"]
     (out / "results.md").write_text("\n".join(text) + "\n")
-    print("\n".join(text))
+    return "\n".join(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="small models and inputs: a few minutes on 2 CPU cores")
+    p.add_argument("--out", default="out/bench", help="folder for results.json and results.md")
+    p.add_argument("--methods", nargs="+", default=None, help=f"default: all of {CNN_METHODS + VIT_METHODS}")
+    p.add_argument("--targets", nargs="+", default=["logit", "weighted", "mean", "max"])
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="resnet18 resnet50 vgg11_bn vgg16_bn vit_tiny tv_vit hf_vit bert_small gpt2_small llama_small (suffix @C: "
+        "C classes; vit_tiny_dN: N blocks)",
+    )
+    p.add_argument("--batch", nargs="+", type=int, default=None)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--skip-peers", nargs="+", default=[], metavar="METHOD:PEER", help="e.g. fullgrad:pytorch-grad-cam")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument(
+        "--scaling", action="store_true", help="also the ratios vs batch size, resolution, depth and number of classes"
+    )
+    p.add_argument(
+        "--per-class", action="store_true", help="also time the earlier code's C per-class backward passes (batch 1)"
+    )
+    p.add_argument(
+        "--compile",
+        default=None,
+        metavar="BACKEND",
+        help="also measure every model compiled with torch.compile(backend=BACKEND), e.g. inductor",
+    )
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    warnings.simplefilter("ignore")
+    models = a.models or (["resnet18", "vit_tiny"] if a.quick else ["resnet50", "vgg16_bn", "vit_tiny"])
+    batches = a.batch or ([2] if a.quick else [8, 32])
+    size = a.size or (112 if a.quick else 224)
+    repeats = a.repeats or (3 if a.quick else 5)
+    methods = a.methods or CNN_METHODS + VIT_METHODS
+    meta = dict(
+        machine=machine(device),
+        device=str(device),
+        command="python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        date=datetime.date.today().isoformat(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+    )
+    out = Path(a.out)
+    rows = []
+    for model_name in models:
+        for b in batches + ([1] if a.per_class and 1 not in batches else []):
+            ms = methods if b in batches else ["gradient"]  # batch 1: the per-class comparison only
+            rows += bench_case(
+                model_name,
+                b,
+                size,
+                ms,
+                a.targets,
+                device,
+                repeats,
+                not a.no_peers,
+                not a.no_memory and b in batches,
+                a.per_class,
+                a.skip_peers,
+            )
+            write_results(out, meta, rows)  # a run stopped early keeps what it measured
+            print(f"done: {model_name} batch {b}", file=sys.stderr)
+            if a.compile and b in batches:
+                rows += bench_case(
+                    model_name, b, size, ms, a.targets, device, repeats, False, False, False, (), a.compile
+                )
+                write_results(out, meta, rows)
+                print(f"done: {model_name}+compile:{a.compile} batch {b}", file=sys.stderr)
+    if a.scaling:
+        rows += scaling(device, a.quick, repeats)
+    print(write_results(out, meta, rows))
     return 0
 
 
