@@ -1,0 +1,221 @@
+r"""Autograd nodes of the attention capture.
+
+* :class:`DeferredAttention` (``F.scaled_dot_product_attention``) and :class:`DeferredMultihead`
+  (``nn.MultiheadAttention``): the forward runs the model's own computation only; the backward computes the
+  attention probabilities ``A`` once, from the saved inputs, where they are needed anyway:
+
+      ∂f/∂A = g vᵀ,   ∂f/∂v = Aᵀ g,   ∂f/∂(q, k) through the softmax (unless the attention is held),
+
+  and hands ``(A, ∂f/∂A)`` to the capture through a :class:`Handoff` (paired by the call's index in forward
+  order). A per-call *probe* (a zero-size leaf, an input of the node) lets one ``torch.autograd.grad`` run
+  exactly the part of the graph that reaches every attention call.
+* :class:`AttentionValue`: a fused kernel's output with the backward of ``A v`` for an ``A`` computed in the
+  forward (timm's module-level capture, masks that require a gradient).
+* :class:`_Hold`: the AH-rule's gate between ``A`` and the scores, switched by a :class:`_Switch`.
+
+No node references the capture: a capture holds graph tensors (probes, attention maps), and a reference back
+from the graph would be a cycle through autograd's C++ nodes that Python's garbage collector cannot free. The
+nodes reference a :class:`_Switch` and a :class:`Handoff` only, which reference nothing of the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .attention_maths import _mha_merge, _mha_output_to_heads, _mha_probabilities, fold_heads, repeat_heads
+from .attention_maths import sdpa_probabilities
+
+Reduce = Callable[[int, torch.Tensor, torch.Tensor], Any]
+
+
+class _Switch:
+    """A flag shared by a capture and the hold gates of its graph (see the module docstring for why the gates
+    never reference the capture itself)."""
+
+    __slots__ = ("on",)
+
+    def __init__(self, on: bool = False) -> None:
+        self.on = on
+
+
+class Handoff:
+    """Where deferred attention nodes deliver ``(A_l, ∂f/∂A_l)`` during a backward pass that asked for them
+    (``reduce`` set by :meth:`AttentionCapture.gradients`): ``results[l] = reduce(l, A_l, G_l)``. Outside such
+    a pass (``reduce is None``) nothing is kept. ``keep``: the graph is retained, so a node may cache its
+    ``A`` for the next pass."""
+
+    __slots__ = ("reduce", "results", "keep")
+
+    def __init__(self) -> None:
+        self.reduce: Optional[Reduce] = None
+        self.results: Dict[int, Any] = {}
+        self.keep = False
+
+    def deliver(self, index: int, attn: torch.Tensor, grad: torch.Tensor) -> None:
+        if self.reduce is not None:
+            self.results[index] = self.reduce(index, attn, grad)
+
+
+class _Call:
+    """What a deferred node needs besides its tensors: its index, SDPA's options, the hold switch, the handoff."""
+
+    __slots__ = ("index", "is_causal", "scale", "enable_gqa", "switch", "handoff")
+
+    def __init__(self, index: int, is_causal: bool, scale, enable_gqa: bool, switch: _Switch, handoff: Handoff):
+        self.index, self.is_causal, self.scale, self.enable_gqa = index, is_causal, scale, enable_gqa
+        self.switch, self.handoff = switch, handoff
+
+
+class _Hold(torch.autograd.Function):
+    """Identity on the attention probabilities; in the backward pass it lets the gradient through to the
+    scores, or, while the capture's ``hold_attention`` is set (AH-rule), stops it there (no gradient reaches
+    the scores, so nothing below them is computed): the gradient reaching the attention's inputs then flows
+    through the values only. ``∂f/∂A`` itself is the same in both modes."""
+
+    @staticmethod
+    def forward(ctx, attn: torch.Tensor, switch: _Switch) -> torch.Tensor:
+        ctx.switch = switch
+        return attn.view_as(attn)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (None if ctx.switch.on else grad), None
+
+
+class AttentionValue(torch.autograd.Function):
+    r"""``AttentionValue.apply(A, v, out, to_heads=None)``: the tensor ``out`` (a fused kernel's result for
+    ``A v``, unchanged) with the backward of ``A v``: ``∂/∂A = h vᵀ``, ``∂/∂v = Aᵀ h``, ``h = to_heads(g)``
+    the output gradient per head (B..., heads, Lq, Dv); ``to_heads=None``: ``out`` is per head already.
+    ``A v`` is not computed. Shapes: ``A`` (B..., heads, Lq, Lk), ``v`` (B..., heads, Lk, Dv)."""
+
+    @staticmethod
+    def forward(ctx, attn: torch.Tensor, v: torch.Tensor, out: torch.Tensor, to_heads=None) -> torch.Tensor:
+        ctx.save_for_backward(attn, v)
+        ctx.to_heads = to_heads
+        return out.detach()  # shares out's memory; a tensor of its own for autograd (in-place ops allowed)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        attn, v = ctx.saved_tensors
+        h = g if ctx.to_heads is None else ctx.to_heads(g)
+        g_attn = h @ v.transpose(-2, -1).to(h.dtype) if ctx.needs_input_grad[0] else None
+        g_v = None
+        if ctx.needs_input_grad[1]:
+            g_v = attn.transpose(-2, -1).to(h.dtype) @ h
+            g_v = g_v if g_v.shape == v.shape else g_v.sum_to_size(v.shape)
+        return g_attn, g_v, None, None
+
+
+def attention_value(
+    attn: torch.Tensor, v: torch.Tensor, out: torch.Tensor, to_heads: Optional[Callable] = None
+) -> torch.Tensor:
+    """:class:`AttentionValue` on ``out`` detached: ``out``'s own graph (the fused kernel's) gets no gradient
+    and is not kept alive by this one. A ``v`` that is a view into a larger tensor (timm's packed ``qkv``) is
+    kept as a copy of its own: holding the view would hold the whole ``qkv`` until the backward pass."""
+    if v.untyped_storage().nbytes() > v.numel() * v.element_size():
+        v = v.clone(memory_format=torch.contiguous_format)
+    return AttentionValue.apply(attn, v, out.detach(), to_heads)
+
+
+def probe_like(t: torch.Tensor) -> torch.Tensor:
+    """A zero-size leaf that requires a gradient: a deferred node's handle for ``torch.autograd.grad``."""
+    return t.new_zeros(0).requires_grad_(True)
+
+
+class DeferredAttention(torch.autograd.Function):
+    r"""``DeferredAttention.apply(probe, q, k, v, attn_mask, call, kernel)``: ``kernel()`` (the model's own
+    ``F.scaled_dot_product_attention`` call, bit for bit), with SDPA's gradient computed in the backward from
+    ``A = softmax(q kᵀ · scale + mask)`` (:func:`sdpa_probabilities`, masks, causal, ``scale``, GQA):
+    ``∂f/∂v = Aᵀ g`` (summed over repeated heads), ``∂f/∂(q, k)`` through ``A`` with ``∂f/∂A = g vᵀ`` unless
+    the attention is held; ``(A, ∂f/∂A)`` goes to ``call.handoff``. ``A`` is cached on the node while the
+    handoff keeps the graph (a second pass over it reuses ``A`` unless it needs the scores' gradient)."""
+
+    @staticmethod
+    def forward(ctx, probe, q, k, v, attn_mask, call: _Call, kernel: Callable[[], torch.Tensor]):
+        ctx.save_for_backward(q, k, v, attn_mask)
+        ctx.call, ctx.attn = call, None
+        return kernel()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        q, k, v, mask = ctx.saved_tensors
+        c: _Call = ctx.call
+        need_probe, need_q, need_k, need_v = ctx.needs_input_grad[:4]
+        through_scores = (need_q or need_k) and not c.switch.on
+        attn, dq, dk = ctx.attn, None, None
+        if attn is None or through_scores:
+            with torch.enable_grad():
+                qq = q.detach().requires_grad_(need_q and through_scores)
+                kk = k.detach().requires_grad_(need_k and through_scores)
+                probs, _ = sdpa_probabilities(qq, kk, v, mask, c.is_causal, c.scale, c.enable_gqa)
+            attn = probs.detach()
+        v_heads = repeat_heads(v, q.shape[-3]) if c.enable_gqa else v
+        grad_attn = g @ v_heads.transpose(-2, -1).to(g.dtype)
+        if through_scores:
+            wanted = [t for t, need in ((qq, need_q), (kk, need_k)) if need]
+            grads = iter(torch.autograd.grad(probs, wanted, grad_attn))
+            dq, dk = (next(grads) if need_q else None), (next(grads) if need_k else None)
+            del probs
+        dv = fold_heads(attn.transpose(-2, -1).to(g.dtype) @ g, v) if need_v else None
+        ctx.attn = attn if c.handoff.keep else None
+        c.handoff.deliver(c.index, attn, grad_attn)
+        return (q.new_zeros(0) if need_probe else None), dq, dk, dv, None, None, None
+
+
+def mha_parameters(m: nn.MultiheadAttention) -> list:
+    """The parameters of ``nn.MultiheadAttention``'s computation, in a fixed order (absent ones left out)."""
+    named = (m.in_proj_weight, m.in_proj_bias, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)
+    return [p for p in named + (m.out_proj.weight, m.out_proj.bias) if p is not None]
+
+
+class DeferredMultihead(torch.autograd.Function):
+    r"""``DeferredMultihead.apply(probe, out, query, key, value, call, module, *mha_parameters(module))``:
+    ``out`` (the module's own output, whose graph gives every plain gradient), with ``(A, ∂f/∂A)`` computed in
+    the backward from the saved inputs (``∂f/∂A = h vᵀ``, ``h`` the output gradient per head before the
+    output projection) and handed to ``call.handoff``. Held (AH-rule): the module's own graph is not used; the
+    gradient flows through the value path only, ``∂̃out/∂value = W_vᵀ Aᵀ W_oᵀ g`` (and the value path's
+    parameters), recomputed from the saved inputs like activation checkpointing of this one block."""
+
+    @staticmethod
+    def forward(ctx, probe, out, query, key, value, call: _Call, module: nn.Module, *params):
+        ctx.save_for_backward(query, key, value)
+        ctx.same = (key is query, value is query, value is key)
+        ctx.call, ctx.module = call, module
+        return out.detach()  # shares out's memory: the module's own numbers
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        query, key, value = ctx.saved_tensors
+        c: _Call = ctx.call
+        m, needs, (qk, vq, vk) = ctx.module, ctx.needs_input_grad, ctx.same
+        held = c.switch.on
+        with torch.enable_grad() if held else torch.no_grad():
+            v_leaf = value.detach().requires_grad_(held and needs[4])
+            q_leaf = v_leaf if vq else query.detach()
+            k_leaf = q_leaf if qk else (v_leaf if vk else key.detach())
+            attn, v = _mha_probabilities(m, q_leaf, k_leaf, v_leaf, with_values=True)
+        attn = attn.detach()
+        h = _mha_output_to_heads(m)(g)
+        c.handoff.deliver(c.index, attn, h @ v.detach().transpose(-2, -1).to(h.dtype))
+        grads = [g.new_zeros(0) if needs[0] else None] + [None] * (len(needs) - 1)
+        if not held:  # the module's own graph carries every gradient
+            grads[1] = g
+            return tuple(grads)
+        params = mha_parameters(m)
+        slots = [i for i, p in enumerate(params) if needs[7 + i]]
+        wanted = ([v_leaf] if v_leaf.requires_grad else []) + [params[i] for i in slots]
+        if wanted:
+            with torch.enable_grad():
+                out = _mha_merge(m, attn.to(v.dtype) @ v)
+            found = list(torch.autograd.grad(out, wanted, g, allow_unused=True))
+            if v_leaf.requires_grad:
+                grads[4] = found.pop(0)
+            for i, d in zip(slots, found):
+                grads[7 + i] = d
+        return tuple(grads)
