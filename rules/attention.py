@@ -215,14 +215,14 @@ class AttentionCapture(Rule):
         ``reduce``, ``[reduce(l, A_l, G_l)]``, each computed as its layer's pair arrives (deferred calls: in
         the backward pass), so that a method need not hold every layer's (B, heads, N, N) pair at once.
         ``A_l`` is detached; ``G_l`` is a tensor of its own (a reduction may modify it in place).
-        ``retain_graph=True`` keeps the graph (and each deferred call's ``A``) for another pass."""
+        ``retain_graph=True`` keeps the graph for another pass (deferred calls compute ``A`` again in it)."""
         if not self.shapes:
             return []
         if any(p is None and not a.requires_grad for a, p in zip(self.attentions, self._probes)):
             raise RuleError("the attention was recorded outside the autograd graph: it has no gradient")
         reduce = reduce if reduce is not None else (lambda i, a, g: (a, g))
         handoff = self._handoff
-        handoff.reduce, handoff.keep, handoff.results = reduce, retain_graph, {}
+        handoff.reduce, handoff.results = reduce, {}
         try:
             inputs = [p if p is not None else a for a, p in zip(self.attentions, self._probes)]
             grads = torch.autograd.grad(logits, inputs, seed, retain_graph=retain_graph)
@@ -232,7 +232,7 @@ class AttentionCapture(Rule):
                     results[i] = reduce(i, a.detach(), g)
             return [results[i] for i in range(len(inputs))]
         finally:
-            handoff.reduce, handoff.keep, handoff.results = None, False, {}
+            handoff.reduce, handoff.results = None, {}
 
     # -- function level -------------------------------------------------------------------------------
     def _on_softmax(self, func, args: tuple, kwargs: dict) -> Any:
@@ -340,7 +340,8 @@ class AttentionCapture(Rule):
         lq, lk = (query.shape[1], key.shape[1]) if module.batch_first else (query.shape[0], key.shape[0])
         batch = query.shape[0] if module.batch_first else query.shape[1]
         call, probe = self._call(is_causal=False, scale=None, enable_gqa=False), probe_like(output[0])
-        out = DeferredMultihead.apply(probe, output[0], query, key, value, call, module, *mha_parameters(module))
+        detached = output[0].detach()  # the module's own graph is freed: the backward recomputes the explicit path
+        out = DeferredMultihead.apply(probe, query, key, value, call, module, lambda: detached, *mha_parameters(module))
         self._record(None, module, shape=(batch, module.num_heads, lq, lk), probe=probe)
         return (out,) + tuple(output[1:])
 

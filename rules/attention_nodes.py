@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .attention_maths import _mha_merge, _mha_output_to_heads, _mha_probabilities, fold_heads, repeat_heads
+from .attention_maths import _mha_merge, _mha_probabilities, fold_heads, repeat_heads
 from .attention_maths import sdpa_probabilities
 
 Reduce = Callable[[int, torch.Tensor, torch.Tensor], Any]
@@ -45,15 +45,13 @@ class _Switch:
 class Handoff:
     """Where deferred attention nodes deliver ``(A_l, ∂f/∂A_l)`` during a backward pass that asked for them
     (``reduce`` set by :meth:`AttentionCapture.gradients`): ``results[l] = reduce(l, A_l, G_l)``. Outside such
-    a pass (``reduce is None``) nothing is kept. ``keep``: the graph is retained, so a node may cache its
-    ``A`` for the next pass."""
+    a pass (``reduce is None``) nothing is kept."""
 
-    __slots__ = ("reduce", "results", "keep")
+    __slots__ = ("reduce", "results")
 
     def __init__(self) -> None:
         self.reduce: Optional[Reduce] = None
         self.results: Dict[int, Any] = {}
-        self.keep = False
 
     def deliver(self, index: int, attn: torch.Tensor, grad: torch.Tensor) -> None:
         if self.reduce is not None:
@@ -131,13 +129,14 @@ class DeferredAttention(torch.autograd.Function):
     ``F.scaled_dot_product_attention`` call, bit for bit), with SDPA's gradient computed in the backward from
     ``A = softmax(q kᵀ · scale + mask)`` (:func:`sdpa_probabilities`, masks, causal, ``scale``, GQA):
     ``∂f/∂v = Aᵀ g`` (summed over repeated heads), ``∂f/∂(q, k)`` through ``A`` with ``∂f/∂A = g vᵀ`` unless
-    the attention is held; ``(A, ∂f/∂A)`` goes to ``call.handoff``. ``A`` is cached on the node while the
-    handoff keeps the graph (a second pass over it reuses ``A`` unless it needs the scores' gradient)."""
+    the attention is held; ``(A, ∂f/∂A)`` goes to ``call.handoff``. ``A`` is computed once per backward pass
+    and not kept on the node (a second pass over a retained graph computes it again: holding every layer's
+    ``A`` between two passes would cost more memory than the recomputation costs time)."""
 
     @staticmethod
     def forward(ctx, probe, q, k, v, attn_mask, call: _Call, kernel: Callable[[], torch.Tensor]):
         ctx.save_for_backward(q, k, v, attn_mask)
-        ctx.call, ctx.attn = call, None
+        ctx.call = call
         return kernel()
 
     @staticmethod
@@ -147,22 +146,20 @@ class DeferredAttention(torch.autograd.Function):
         c: _Call = ctx.call
         need_probe, need_q, need_k, need_v = ctx.needs_input_grad[:4]
         through_scores = (need_q or need_k) and not c.switch.on
-        attn, dq, dk = ctx.attn, None, None
-        if attn is None or through_scores:
-            with torch.enable_grad():
-                qq = q.detach().requires_grad_(need_q and through_scores)
-                kk = k.detach().requires_grad_(need_k and through_scores)
-                probs, _ = sdpa_probabilities(qq, kk, v, mask, c.is_causal, c.scale, c.enable_gqa)
-            attn = probs.detach()
+        with torch.enable_grad() if through_scores else torch.no_grad():
+            qq = q.detach().requires_grad_(need_q and through_scores)
+            kk = k.detach().requires_grad_(need_k and through_scores)
+            probs, _ = sdpa_probabilities(qq, kk, v, mask, c.is_causal, c.scale, c.enable_gqa)
+        attn = probs.detach()
         v_heads = repeat_heads(v, q.shape[-3]) if c.enable_gqa else v
         grad_attn = g @ v_heads.transpose(-2, -1).to(g.dtype)
+        dq = dk = None
         if through_scores:
             wanted = [t for t, need in ((qq, need_q), (kk, need_k)) if need]
             grads = iter(torch.autograd.grad(probs, wanted, grad_attn))
             dq, dk = (next(grads) if need_q else None), (next(grads) if need_k else None)
-            del probs
+        del probs
         dv = fold_heads(attn.transpose(-2, -1).to(g.dtype) @ g, v) if need_v else None
-        ctx.attn = attn if c.handoff.keep else None
         c.handoff.deliver(c.index, attn, grad_attn)
         return (q.new_zeros(0) if need_probe else None), dq, dk, dv, None, None, None
 
@@ -174,19 +171,19 @@ def mha_parameters(m: nn.MultiheadAttention) -> list:
 
 
 class DeferredMultihead(torch.autograd.Function):
-    r"""``DeferredMultihead.apply(probe, out, query, key, value, call, module, *mha_parameters(module))``:
-    ``out`` (the module's own output, whose graph gives every plain gradient), with ``(A, ∂f/∂A)`` computed in
-    the backward from the saved inputs (``∂f/∂A = h vᵀ``, ``h`` the output gradient per head before the
-    output projection) and handed to ``call.handoff``. Held (AH-rule): the module's own graph is not used; the
-    gradient flows through the value path only, ``∂̃out/∂value = W_vᵀ Aᵀ W_oᵀ g`` (and the value path's
-    parameters), recomputed from the saved inputs like activation checkpointing of this one block."""
+    r"""``DeferredMultihead.apply(probe, query, key, value, call, module, output, *mha_parameters(module))``:
+    ``output()`` (the module's own output, detached: its graph is not kept), with the gradient of the module's
+    explicit path recomputed in the backward from the saved inputs, like activation checkpointing of this one
+    block: projections, ``A``, ``A v``, the output projection, then ``∂f/∂A = h vᵀ`` (``h`` the output gradient
+    per head), handed to ``call.handoff`` with ``A``, and the gradients of the inputs and parameters, through
+    the scores unless the attention is held (AH-rule: ``∂̃out/∂value = W_vᵀ Aᵀ W_oᵀ g``)."""
 
     @staticmethod
-    def forward(ctx, probe, out, query, key, value, call: _Call, module: nn.Module, *params):
+    def forward(ctx, probe, query, key, value, call: _Call, module: nn.Module, output: Callable, *params):
         ctx.save_for_backward(query, key, value)
         ctx.same = (key is query, value is query, value is key)
         ctx.call, ctx.module = call, module
-        return out.detach()  # shares out's memory: the module's own numbers
+        return output()
 
     @staticmethod
     @once_differentiable
@@ -195,27 +192,24 @@ class DeferredMultihead(torch.autograd.Function):
         c: _Call = ctx.call
         m, needs, (qk, vq, vk) = ctx.module, ctx.needs_input_grad, ctx.same
         held = c.switch.on
-        with torch.enable_grad() if held else torch.no_grad():
-            v_leaf = value.detach().requires_grad_(held and needs[4])
-            q_leaf = v_leaf if vq else query.detach()
-            k_leaf = q_leaf if qk else (v_leaf if vk else key.detach())
+        with torch.enable_grad():
+            q_leaf = query.detach().requires_grad_(needs[1] or (vq and needs[3]) or (qk and needs[2]))
+            k_leaf = q_leaf if qk else key.detach().requires_grad_(needs[2] or (vk and needs[3]))
+            v_leaf = q_leaf if vq else (k_leaf if vk else value.detach().requires_grad_(needs[3]))
             attn, v = _mha_probabilities(m, q_leaf, k_leaf, v_leaf, with_values=True)
-        attn = attn.detach()
-        h = _mha_output_to_heads(m)(g)
-        c.handoff.deliver(c.index, attn, h @ v.detach().transpose(-2, -1).to(h.dtype))
-        grads = [g.new_zeros(0) if needs[0] else None] + [None] * (len(needs) - 1)
-        if not held:  # the module's own graph carries every gradient
-            grads[1] = g
-            return tuple(grads)
+            a_leaf = attn.detach().requires_grad_(True)
+            used = a_leaf if held else attn + (a_leaf - a_leaf.detach())  # attn's value, ∂f/∂A read at a_leaf
+            out = _mha_merge(m, used.to(v.dtype) @ v)
         params = mha_parameters(m)
         slots = [i for i, p in enumerate(params) if needs[7 + i]]
-        wanted = ([v_leaf] if v_leaf.requires_grad else []) + [params[i] for i in slots]
-        if wanted:
-            with torch.enable_grad():
-                out = _mha_merge(m, attn.to(v.dtype) @ v)
-            found = list(torch.autograd.grad(out, wanted, g, allow_unused=True))
-            if v_leaf.requires_grad:
-                grads[4] = found.pop(0)
-            for i, d in zip(slots, found):
-                grads[7 + i] = d
+        leaves = list({id(t): t for t in (q_leaf, k_leaf, v_leaf) if t.requires_grad}.values())
+        wanted = [a_leaf] + leaves + [params[i] for i in slots]
+        found = torch.autograd.grad(out, wanted, g, allow_unused=True)
+        c.handoff.deliver(c.index, attn.detach(), found[0])
+        by_leaf = dict(zip(map(id, leaves), found[1 : 1 + len(leaves)]))
+        grads = [g.new_zeros(0) if needs[0] else None] + [None] * (len(needs) - 1)
+        for slot, leaf in ((1, q_leaf), (2, k_leaf), (3, v_leaf)):  # a tensor passed twice: its gradient once
+            grads[slot] = by_leaf.pop(id(leaf), None)
+        for i, d in zip(slots, found[1 + len(leaves) :]):
+            grads[7 + i] = d
         return tuple(grads)

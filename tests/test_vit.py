@@ -288,8 +288,7 @@ def test_nothing_of_a_capture_outlives_it():
             else:
                 with capture.recording():
                     y = model(x.clone().requires_grad_(True))
-            if per_module:
-                capture.gradients(y, torch.ones_like(y), retain_graph=True)  # A cached on the deferred nodes
+            capture.gradients(y, torch.ones_like(y), retain_graph=True)  # a graph retained, pairs handed over
             graph = [t for t in capture.attentions + capture._probes if t is not None]
             refs = [weakref.ref(capture), weakref.ref(y)] + [weakref.ref(t) for t in graph]
             del capture, y, graph
