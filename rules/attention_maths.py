@@ -165,3 +165,14 @@ def _mha_explicit(
     (B, heads, Lq, Lk). (AttnLRP rules these products; the capture needs only ``A`` and ``v``.)"""
     attn, v = _mha_probabilities(m, query, key, value, with_values=True)
     return _mha_merge(m, attn @ v), attn
+
+
+def _mha_output_to_heads(m: nn.MultiheadAttention) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gradient at ``nn.MultiheadAttention``'s output -> per head before its output projection."""
+    weight, batch_first, heads = m.out_proj.weight.detach(), m.batch_first, m.num_heads
+
+    def to_heads(g: torch.Tensor) -> torch.Tensor:
+        g = g if batch_first else g.transpose(0, 1)
+        return (g @ weight.to(g.dtype)).unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    return to_heads

@@ -20,13 +20,13 @@ nodes reference a :class:`_Switch` and a :class:`Handoff` only, which reference 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .attention_maths import _mha_merge, _mha_probabilities, fold_heads, repeat_heads
+from .attention_maths import _mha_output_to_heads, _mha_probabilities, fold_heads, repeat_heads
 from .attention_maths import sdpa_probabilities
 
 Reduce = Callable[[int, torch.Tensor, torch.Tensor], Any]
@@ -119,6 +119,28 @@ def attention_value(
     return AttentionValue.apply(attn, v, out.detach(), to_heads)
 
 
+def _wanted(ctx) -> Tuple[bool, ...]:
+    """``ctx.needs_input_grad`` narrowed to the gradients this backward pass will use: autograd runs only the
+    part of the graph that reaches the inputs asked for, and a custom node must skip the rest itself (e.g. the
+    first layer's ``q``, ``k``, ``v`` and the parameters when only the probes are asked for). The engine
+    answers per next node (``torch.autograd.grad`` answers a leaf only by refusing when it is one of the
+    inputs, i.e. wanted). The probe (input 0) is always answered."""
+    will = getattr(torch._C, "_will_engine_execute_node", None)
+    needs = ctx.needs_input_grad
+    nodes = iter(node for node, _ in ctx.next_functions)  # one per tensor input, in order
+    out = [needs[0]]
+    next(nodes)
+    for need, arg in zip(needs[1:], ctx.tensor_inputs[1:]):
+        node = next(nodes) if arg else None
+        if need and node is not None and will is not None:
+            try:
+                need = will(node)
+            except RuntimeError:  # a leaf that is an input of torch.autograd.grad
+                need = True
+        out.append(bool(need) and node is not None)
+    return tuple(out)
+
+
 def probe_like(t: torch.Tensor) -> torch.Tensor:
     """A zero-size leaf that requires a gradient: a deferred node's handle for ``torch.autograd.grad``."""
     return t.new_zeros(0).requires_grad_(True)
@@ -136,7 +158,7 @@ class DeferredAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, probe, q, k, v, attn_mask, call: _Call, kernel: Callable[[], torch.Tensor]):
         ctx.save_for_backward(q, k, v, attn_mask)
-        ctx.call = call
+        ctx.call, ctx.tensor_inputs = call, (True, True, True, True, attn_mask is not None)
         return kernel()
 
     @staticmethod
@@ -144,7 +166,7 @@ class DeferredAttention(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         q, k, v, mask = ctx.saved_tensors
         c: _Call = ctx.call
-        need_probe, need_q, need_k, need_v = ctx.needs_input_grad[:4]
+        need_probe, need_q, need_k, need_v = _wanted(ctx)[:4]
         through_scores = (need_q or need_k) and not c.switch.on
         with torch.enable_grad() if through_scores else torch.no_grad():
             qq = q.detach().requires_grad_(need_q and through_scores)
@@ -183,6 +205,7 @@ class DeferredMultihead(torch.autograd.Function):
         ctx.save_for_backward(query, key, value)
         ctx.same = (key is query, value is query, value is key)
         ctx.call, ctx.module = call, module
+        ctx.tensor_inputs = (True, True, True, True, False, False, False) + (True,) * len(params)
         return output()
 
     @staticmethod
@@ -190,26 +213,40 @@ class DeferredMultihead(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         query, key, value = ctx.saved_tensors
         c: _Call = ctx.call
-        m, needs, (qk, vq, vk) = ctx.module, ctx.needs_input_grad, ctx.same
+        m, needs, (qk, vq, vk) = ctx.module, _wanted(ctx), ctx.same
         held = c.switch.on
         with torch.enable_grad():
             q_leaf = query.detach().requires_grad_(needs[1] or (vq and needs[3]) or (qk and needs[2]))
             k_leaf = q_leaf if qk else key.detach().requires_grad_(needs[2] or (vk and needs[3]))
             v_leaf = q_leaf if vq else (k_leaf if vk else value.detach().requires_grad_(needs[3]))
             attn, v = _mha_probabilities(m, q_leaf, k_leaf, v_leaf, with_values=True)
-            a_leaf = attn.detach().requires_grad_(True)
-            used = a_leaf if held else attn + (a_leaf - a_leaf.detach())  # attn's value, ∂f/∂A read at a_leaf
-            out = _mha_merge(m, used.to(v.dtype) @ v)
-        params = mha_parameters(m)
-        slots = [i for i, p in enumerate(params) if needs[7 + i]]
-        leaves = list({id(t): t for t in (q_leaf, k_leaf, v_leaf) if t.requires_grad}.values())
-        wanted = [a_leaf] + leaves + [params[i] for i in slots]
-        found = torch.autograd.grad(out, wanted, g, allow_unused=True)
-        c.handoff.deliver(c.index, attn.detach(), found[0])
-        by_leaf = dict(zip(map(id, leaves), found[1 : 1 + len(leaves)]))
+        a, h = attn.detach(), _mha_output_to_heads(m)(g)
+        grad_attn = h @ v.detach().transpose(-2, -1)
+        c.handoff.deliver(c.index, a, grad_attn)
         grads = [g.new_zeros(0) if needs[0] else None] + [None] * (len(needs) - 1)
+        params = mha_parameters(m)
+        out_proj = (m.out_proj.weight, m.out_proj.bias)
+        slots = [i for i, p in enumerate(params) if needs[7 + i] and not any(p is o for o in out_proj)]
+        leaves = list({id(t): t for t in (q_leaf, k_leaf, v_leaf) if t.requires_grad}.values())
+        wanted = leaves + [params[i] for i in slots]
+        paths = [(v, a.transpose(-2, -1).to(h.dtype) @ h)] + ([] if held else [(attn, grad_attn)])
+        paths = [(t, d) for t, d in paths if t.requires_grad]  # the values, and the scores unless held
+        found: tuple = ()
+        if wanted and paths:
+            outputs, grad_outputs = zip(*paths)
+            found = torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True)
+        by_leaf = dict(zip(map(id, leaves), found[: len(leaves)]))
         for slot, leaf in ((1, q_leaf), (2, k_leaf), (3, v_leaf)):  # a tensor passed twice: its gradient once
             grads[slot] = by_leaf.pop(id(leaf), None)
-        for i, d in zip(slots, found[1 + len(leaves) :]):
+        for i, d in zip(slots, found[len(leaves) :]):
             grads[7 + i] = d
+        wants_out_proj = [needs[7 + i] for i, p in enumerate(params) if any(p is o for o in out_proj)]
+        if any(wants_out_proj):  # out = merged W_oᵀ + b_o: ∂W_o = gᵀ merged, ∂b_o = Σ g (merged = A v)
+            g2 = (g if m.batch_first else g.transpose(0, 1)).flatten(0, 1)
+            merged = (a @ v.detach()).transpose(1, 2).flatten(2).flatten(0, 1)
+            found_out = (g2.transpose(0, 1) @ merged.to(g2.dtype), g2.sum(0))
+            for i, p in enumerate(params):
+                for o, d in zip(out_proj, found_out):
+                    if p is o and needs[7 + i]:
+                        grads[7 + i] = d
         return tuple(grads)

@@ -181,3 +181,32 @@ def test_no_attention_map_is_held_from_the_forward_to_the_backward():
     assert peak_mib(lambda: method(x, classes=t, target="logit"), cpu) < 1.35 * peak_mib(
         forward_backward(model, x, t), cpu
     )
+
+
+def test_the_capture_pass_computes_only_the_gradients_it_uses(monkeypatch):
+    """In the capture's own pass (its inputs: the probes) a deferred node skips the gradients that reach no
+    probe: the first call's q, k, v, and leaves. A user's torch.autograd.grad gets all it asks for."""
+    seen = []
+    original = attention_nodes._wanted
+
+    def recorded(ctx):
+        seen.append(original(ctx)[:4])
+        return seen[-1]
+
+    monkeypatch.setattr(attention_nodes, "_wanted", recorded)
+    q, k, v, seed = _tensors()
+    capture = AttentionCapture()
+    with capture.recording():
+        h = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(h, k, v)
+    capture.gradients(out, seed, retain_graph=True)
+    assert seen == [(True, True, False, False), (True, False, False, False)]  # backward order: last call first
+    seen.clear()
+    grads = torch.autograd.grad(out, [q, k, v], seed, retain_graph=True)
+    assert seen == [(True, True, True, True)] * 2
+    seen.clear()
+    torch.autograd.grad(out, [v], seed)
+    assert seen == [(True, True, False, True), (True, False, False, True)]
+    want = torch.autograd.grad(sdpa_explicit(sdpa_explicit(q, k, v)[0], k, v)[0], [q, k, v], seed)
+    for got, w in zip(grads, want):
+        torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-13)
