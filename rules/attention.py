@@ -222,7 +222,7 @@ class AttentionCapture(Rule):
             raise RuleError("the attention was recorded outside the autograd graph: it has no gradient")
         reduce = reduce if reduce is not None else (lambda i, a, g: (a, g))
         handoff = self._handoff
-        handoff.reduce, handoff.results = reduce, {}
+        handoff.reduce, handoff.results, handoff.keep = reduce, {}, retain_graph
         try:
             inputs = [p if p is not None else a for a, p in zip(self.attentions, self._probes)]
             grads = torch.autograd.grad(logits, inputs, seed, retain_graph=retain_graph)
@@ -232,7 +232,7 @@ class AttentionCapture(Rule):
                     results[i] = reduce(i, a.detach(), g)
             return [results[i] for i in range(len(inputs))]
         finally:
-            handoff.reduce, handoff.results = None, {}
+            handoff.reduce, handoff.results, handoff.keep = None, {}, False
 
     # -- function level -------------------------------------------------------------------------------
     def _on_softmax(self, func, args: tuple, kwargs: dict) -> Any:

@@ -151,6 +151,15 @@ def _mha_probabilities(
     return attn, v
 
 
+def _mha_values(m: nn.MultiheadAttention, value: torch.Tensor) -> torch.Tensor:
+    """``v`` (B, heads, Lk, head_dim) of an ``nn.MultiheadAttention`` call: the value projection alone."""
+    value = value if m.batch_first else value.transpose(0, 1)
+    e = m.embed_dim
+    w_v = m.in_proj_weight[2 * e :] if m._qkv_same_embed_dim else m.v_proj_weight
+    b_v = None if m.in_proj_bias is None else m.in_proj_bias[2 * e :]
+    return F.linear(value, w_v, b_v).unflatten(-1, (m.num_heads, -1)).transpose(1, 2)
+
+
 def _mha_merge(m: nn.MultiheadAttention, heads_out: torch.Tensor) -> torch.Tensor:
     """(B, heads, L, head_dim) per-head outputs -> the module's output (output projection, its layout)."""
     b, heads, lq, d = heads_out.shape

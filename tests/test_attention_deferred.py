@@ -210,3 +210,33 @@ def test_the_capture_pass_computes_only_the_gradients_it_uses(monkeypatch):
     want = torch.autograd.grad(sdpa_explicit(sdpa_explicit(q, k, v)[0], k, v)[0], [q, k, v], seed)
     for got, w in zip(grads, want):
         torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-13)
+
+
+def test_multihead_keeps_its_attention_for_a_held_pass_only_while_the_graph_is_kept(monkeypatch):
+    """nn.MultiheadAttention (transformer_attribution's order): A once in a plain pass that retains the graph;
+    a held pass over it reuses that A and recomputes the value projection alone."""
+    import backprop_hooks as bh
+
+    counts = {"probabilities": 0, "values": 0}
+    for name, key in (("_mha_probabilities", "probabilities"), ("_mha_values", "values")):
+        original = getattr(attention_nodes, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            counts[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(attention_nodes, name, counted)
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True).double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 8, dtype=torch.float64)
+    capture = AttentionCapture()
+    with bh.attach(mha, {"": capture}):
+        out = mha(x, x, x, need_weights=False)[0]
+    [(a, plain)] = capture.gradients(out, g, retain_graph=True)
+    assert counts == {"probabilities": 1, "values": 0}
+    capture.hold_attention = True
+    [(a_held, held)] = capture.gradients(out, g)
+    assert counts == {"probabilities": 1, "values": 1}
+    assert torch.equal(a, a_held)
+    torch.testing.assert_close(held, plain, rtol=1e-12, atol=1e-14)  # one layer: the same ∂f/∂A in both modes
