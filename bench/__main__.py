@@ -5,11 +5,12 @@ every method x target as a ratio to those floors, the peers' time for the same e
 pytorch-grad-cam, Zennit, LXT, and the earlier code's C per-class backward passes for contrast targets, and a
 batch-size-1 loop for ViT rollouts), and peak tensor memory (CUDA allocator; CPU allocator events).
 Everything within one model x batch is measured interleaved, so the ratios are side by side in one run.
-Transformers also get the row ``capture``: the forward the attention methods run (the model under the
-attention capture, gradients on), as a ratio to the plain forward with gradients on (``fwd``): what recording
-the attention maps costs. ``--scaling`` adds the ratios vs batch size, input resolution, depth and number of
-classes, and their plot (``DIR/scaling.png``). ``--compile BACKEND`` adds
-every model compiled with ``torch.compile(model, backend=BACKEND)`` (rows ``MODEL+compile:BACKEND``), each
+Transformers also get the row ``capture``: the forward the gradient attention methods run (the model under
+the attention capture, gradients on; fused attention deferred to the backward pass), as a ratio to the plain
+forward with gradients on (``fwd``): what recording the attention calls costs in the forward. ``--scaling``
+adds the ratios vs batch size, input resolution, depth and number of classes, and their plot
+(``DIR/scaling.png``). ``--compile BACKEND`` adds every model compiled with
+``torch.compile(model, backend=BACKEND)`` (rows ``MODEL+compile:BACKEND``), each
 method's time as a ratio to the *compiled* model's own forward and forward+backward: the gradient family
 runs the compiled graph; methods with rules run the eager module (their ratio shows the cost).
 Output: ``DIR/results.json`` and ``DIR/results.md``.

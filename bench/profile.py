@@ -7,10 +7,12 @@ every autograd node the rules build), the method's forward and its read-out. Eve
 time (its time minus its children's) goes to the innermost marked phase around it, so the phases add up to
 the call:
 
-* ``forward``: the model's own forward ops; ``capture``: computing the attention maps beside it;
+* ``forward``: the model's own forward ops; ``capture``: what the attention capture adds to it (the maps
+  themselves for ``rollout``; the gradient methods compute them in the backward, in ``rules bwd``);
   ``rules fwd``: the rules' forward work and hook plumbing;
 * ``backward``: autograd's backward through the model; ``rules bwd``: the rules' backward work (LRP
-  redistribution, hold gates, ``A v``'s backward, BatchNorm pass-through, ...);
+  redistribution, hold gates, the deferred attention nodes: ``A``, ``∂f/∂A`` and the attention's gradient,
+  BatchNorm pass-through, ...);
 * ``read-out``: after the backward (rollout products, head fusion, ...); ``call``: the rest of the call
   (argument checks, attaching rules, the seed, the Explanation).
 
@@ -151,9 +153,21 @@ def _phase_of(event, default: str) -> str:
                 return "forward" if "aten::softmax" in inside else "capture"
             return "forward" if phase == "capture" and "aten::scaled_dot_product_attention" in inside else phase
         if e.name.startswith(_ENGINE):
-            return "backward"
+            return "rules bwd" if _inside_rule_backward(e.cpu_parent) else "backward"
         e = e.cpu_parent
     return default
+
+
+def _inside_rule_backward(event) -> bool:
+    """Whether the nearest marked range or backward engine above ``event`` is a rule's backward: a rule that
+    runs ``torch.autograd.grad`` inside its own backward (the deferred attention nodes) does rule work."""
+    while event is not None:
+        if event.name.startswith(_ENGINE):
+            return False
+        if event.name.startswith(_MARK) and event.name != _MARK + "call":
+            return event.name == _MARK + "rules bwd"
+        event = event.cpu_parent
+    return False
 
 
 def breakdown(

@@ -108,8 +108,10 @@ def forward(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tenso
 
 
 def capture_forward(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """The forward the attention methods run: ``forward`` under :class:`AttentionCapture` (per function call;
-    ``nn.MultiheadAttention`` per module), the maps in the graph."""
+    """The forward the gradient attention methods (``grad_rollout``, ``transformer_attribution``) run:
+    ``forward`` under :class:`AttentionCapture` (per function call; ``nn.MultiheadAttention`` per module),
+    gradients on, so the fused calls are deferred (their maps are computed in the backward pass). ``rollout``
+    computes the maps in its forward (without a graph): its own row measures that."""
     import backprop_hooks as bh
     from backprop_hooks.rules.attention import AttentionCapture
 

@@ -36,7 +36,7 @@ from torch import nn
 from backprop_hooks.errors import RuleError
 from backprop_hooks.rule import Rule
 
-from .attention import _mha_explicit, _straight_through
+from .attention_maths import _mha_explicit, _straight_through
 from .composites import Spec, _members, get_composite
 from .gates import GateHeld, is_gated_activation
 from .layers import CONV_TYPES, is_hf_conv1d

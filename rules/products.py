@@ -34,7 +34,7 @@ import torch
 
 from backprop_hooks.errors import OptionError, RuleError, choices
 
-from .attention import _SDPA, _SOFTMAXES, _sdpa_arguments
+from .attention_maths import _SDPA, _SOFTMAXES, _sdpa_arguments
 from .intercept import Handler, Intercept, current
 
 PRODUCT_RULES = ("uniform", "gradient")

@@ -45,21 +45,24 @@ def test_transformer_rows_and_the_scaling_figure(tmp_path):
 
 def test_profile_splits_each_call_into_its_phases():
     """bench.profile: the phases of a call add up to it (every event's self time lands in one phase), the rules'
-    work is found where it runs (LRP in the backward, the capture in the forward), and the library is left
-    unmarked afterwards."""
+    work is found where it runs (LRP in the backward; the deferred attention capture in the backward, where it
+    computes the attention maps, also inside its own autograd call; rollout's capture in the forward), and the
+    library is left unmarked afterwards."""
     from bench import profile
     from backprop_hooks.methods.base import Method
 
     cpu = torch.device("cpu")
     rows = profile.rows_for("resnet18@10", 1, 32, ["lrp"], cpu, repeats=1)
-    rows += profile.rows_for("vit_tiny_d3@10", 1, 32, ["grad_rollout"], cpu, repeats=1)
+    rows += profile.rows_for("vit_tiny_d3@10", 1, 32, ["grad_rollout", "rollout"], cpu, repeats=1)
     by = {(r["model"], r["method"]): r for r in rows}
     for r in rows:
         assert 95 <= sum(r[p] for p in profile.PHASES) <= 100.5, r
         assert 95 <= sum(r[c] for c in profile.CLASSES) <= 100.5, r
     assert by[("resnet18@10", "fwd")]["forward"] > 99
     assert by[("resnet18@10", "lrp")]["rules bwd"] > 10
-    assert by[("vit_tiny_d3@10", "grad_rollout")]["capture"] > 0.5
+    deferred = by[("vit_tiny_d3@10", "grad_rollout")]["phases_ms"]  # A's softmax: in the capture's backward
+    assert deferred["rules bwd"]["softmax"] > 0 and "softmax" not in deferred["backward"], deferred
+    assert by[("vit_tiny_d3@10", "rollout")]["capture"] > 0.5
     assert "forward" in vars(Method) and not hasattr(vars(Method)["forward"], "__wrapped__")
 
 

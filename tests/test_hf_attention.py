@@ -57,12 +57,12 @@ def test_capture_equals_hf_output_attentions_and_keeps_the_model(name, attn):
     capture = AttentionCapture()
     with capture.recording():
         y = model(**kwargs).logits
-    grads = torch.autograd.grad(y, capture.attentions, seed_like(y.detach()))
+    pairs = capture.gradients(y, seed_like(y.detach()))
     assert torch.equal(y.detach(), plain)  # bit-identical: the model's own numbers
-    assert len(capture.attentions) == len(a_ref) == 2
+    assert len(pairs) == len(a_ref) == 2
     # HF's vision models take their eager softmax in float32 (dtype=torch.float32): the oracle is float32-exact
     tol = 1e-7 if name in VISION_MODELS else 1e-12
-    for a, r, g, gr in zip(capture.attentions, a_ref, grads, g_ref):
+    for (a, g), r, gr in zip(pairs, a_ref, g_ref):
         torch.testing.assert_close(a.detach().to(r.dtype), r, rtol=0, atol=tol)
         torch.testing.assert_close(g.to(gr.dtype), gr, rtol=1e-9 if tol < 1e-9 else 1e-5, atol=tol)
     torch.testing.assert_close(y.detach(), y_ref, rtol=0, atol=100 * tol)
@@ -76,9 +76,9 @@ def test_padded_keys_get_zero_attention_and_causal_rows_see_no_future():
         model, kwargs = build(name), model_inputs(name)
         capture = AttentionCapture()
         with capture.recording():
-            model(**kwargs)
+            y = model(**kwargs).logits
         mask = kwargs["attention_mask"]
-        for a in capture.attentions:
+        for a, _ in capture.gradients(y, torch.ones_like(y)):
             assert torch.all(a.detach().masked_select((mask == 0)[:, None, None, :].expand_as(a)) == 0)
             if name == "gpt2":
                 assert torch.all(a.detach().triu(1) == 0)

@@ -180,14 +180,14 @@ def test_rollout_keeps_no_activations_for_a_backward():
 
 def test_capture_on_multihead_attention_matches_need_weights():
     model, x = small_torchvision_vit(), inputs(2)
-    with torch.no_grad():
-        plain = model(x)
+    plain = model(x)  # with gradients on, as the capture runs (the module picks its path by it)
     capture = AttentionCapture()
     with bh.attach(model, {is_attention: capture}):
         y = model(x)
-    # the capture computes the attention explicitly (not PyTorch's fused path): equal to rounding
     assert plain.abs().amax() > 0.1
-    torch.testing.assert_close(y.detach(), plain, rtol=0, atol=1e-12)
+    assert torch.equal(y.detach(), plain.detach())  # deferred: the module's own output, bit for bit
+    assert all(a is None for a in capture.attentions)  # nothing computed beside the module in the forward
+    (a, _), *_ = capture.gradients(y, torch.ones_like(y))
     # oracle: nn.MultiheadAttention's own weights (need_weights=True, per head) on the same block input
     block = model.encoder.layers[0]
     with torch.no_grad():
@@ -195,7 +195,8 @@ def test_capture_on_multihead_attention_matches_need_weights():
         tokens = torch.cat([model.class_token.expand(2, -1, -1), tokens], 1) + model.encoder.pos_embedding
         h = block.ln_1(tokens)
         _, w = block.self_attention(h, h, h, need_weights=True, average_attn_weights=False)
-    torch.testing.assert_close(capture.attentions[0].detach(), w, rtol=0, atol=1e-12)
+    assert capture.shapes[0] == w.shape
+    torch.testing.assert_close(a, w, rtol=0, atol=1e-12)
     testing.assert_no_hooks_left(model)
 
 
@@ -224,29 +225,44 @@ def test_attention_value_returns_the_kernel_output_with_the_gradient_of_a_v():
 
 
 def test_held_multihead_attention_passes_the_value_path_only():
-    """nn.MultiheadAttention under the capture: its output bit for bit, the plain gradient at its input equal to
-    autograd's through the module, and with hold_attention the value path written out, W_vᵀ Aᵀ W_oᵀ g."""
+    """nn.MultiheadAttention under the capture: its output bit for bit, the plain gradients at its input and
+    parameters equal to autograd's through the module, ∂f/∂A to the explicit path's, and with hold_attention
+    the value path written out, W_vᵀ Aᵀ W_oᵀ g (for the input and the parameters)."""
+    from backprop_hooks.rules.attention_maths import _mha_merge, _mha_probabilities
+
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(8, 2, batch_first=False).double().eval()
+    params = list(mha.parameters())
     x = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)  # (L, B, E): not batch-first
     g = torch.randn(5, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     plain_out = mha(x, x, x, need_weights=False)[0]
-    plain = torch.autograd.grad(plain_out, x, g)[0]
+    plain = torch.autograd.grad(plain_out, [x] + params, g)
     for hold in (False, True):
         capture = AttentionCapture(hold_attention=hold)
         with bh.attach(mha, {"": capture}):
             out = mha(x, x, x, need_weights=False)[0]
-            got = torch.autograd.grad(out, x, g)[0]
+            [(a, grad_a)] = capture.gradients(out, g, retain_graph=True)
+            got = torch.autograd.grad(out, [x] + params, g)
         assert torch.equal(out.detach(), plain_out.detach())
+        with torch.no_grad():
+            attn_ref, v_ref = _mha_probabilities(mha, x, x, x, with_values=True)
+        a_leaf = attn_ref.clone().requires_grad_(True)
+        path = _mha_merge(mha, a_leaf @ v_ref)
+        torch.testing.assert_close(a, attn_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(grad_a, torch.autograd.grad(path, a_leaf, g)[0], rtol=1e-10, atol=1e-12)
         if not hold:
             torch.testing.assert_close(got, plain, rtol=1e-10, atol=1e-12)
             continue
-        a = capture.attentions[0].detach()  # (B, heads, L, L)
         w_v, w_o = mha.in_proj_weight[16:].detach(), mha.out_proj.weight.detach()
         g_heads = (g.transpose(0, 1) @ w_o).view(2, 5, 2, 4).transpose(1, 2)
         want = ((a.transpose(-2, -1) @ g_heads).transpose(1, 2).reshape(2, 5, 8) @ w_v).transpose(0, 1)
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-        assert not torch.allclose(got, plain)
+        torch.testing.assert_close(got[0], want, rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(got[0], plain[0])
+        # the parameters: autograd of the explicit path with A held constant
+        _, v_p = _mha_probabilities(mha, x.detach(), x.detach(), x.detach(), with_values=True)
+        want_params = torch.autograd.grad(_mha_merge(mha, attn_ref @ v_p), params, g, allow_unused=True)
+        for got_p, want_p in zip(got[1:], want_params):  # the query and key rows of in_proj get zero
+            torch.testing.assert_close(got_p, torch.zeros_like(got_p) if want_p is None else want_p)
     testing.assert_no_hooks_left(mha)
 
 
@@ -272,8 +288,10 @@ def test_nothing_of_a_capture_outlives_it():
             else:
                 with capture.recording():
                     y = model(x.clone().requires_grad_(True))
-            refs = [weakref.ref(capture), weakref.ref(y)] + [weakref.ref(a) for a in capture.attentions]
-            del capture, y
+            capture.gradients(y, torch.ones_like(y), retain_graph=True)  # a graph retained, pairs handed over
+            graph = [t for t in capture.attentions + capture._probes if t is not None]
+            refs = [weakref.ref(capture), weakref.ref(y)] + [weakref.ref(t) for t in graph]
+            del capture, y, graph
             assert all(r() is None for r in refs)
         for model in (model, small_torchvision_vit()):
             for name in ROLLOUTS:
@@ -363,10 +381,11 @@ def test_grad_rollout_pairs_each_gradient_with_its_own_layer(layer):
     noise = torch.randn(3, 2, 17, 17, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
 
     class Perturbed(GradRollout):
-        def attention_gradients(self, logits, attentions, seed, retain_graph=False):
-            grads = super().attention_gradients(logits, attentions, seed, retain_graph)
-            grads[layer] = grads[layer] + noise
-            return grads
+        def attention_gradients(self, logits, seed, reduce, retain_graph=False):
+            def perturbed(index, attn, grad):
+                return reduce(index, attn, grad + noise if index == layer else grad)
+
+            return super().attention_gradients(logits, seed, perturbed, retain_graph)
 
     e = Perturbed(model)(x, target="logit")
     _, a_ref, g_ref = explicit_oracle(model, x, lambda y: bh.targets.Logit().seed(y, e.classes))

@@ -5,7 +5,8 @@ Attention probabilities ``A_l`` (B, heads, N, N) come from
 :class:`backprop_hooks.rules.attention.AttentionCapture` on the unmodified model: per function call
 (``scaled_dot_product_attention`` with its masks, explicit softmax attention) for timm, Hugging Face and any
 model that computes attention either way, per module for ``nn.MultiheadAttention`` (torchvision);
-per-layer gradients ``G_l = ∂f/∂A_l`` from one seeded backward pass, paired with ``A_l`` by tensor identity.
+per-layer gradients ``G_l = ∂f/∂A_l`` from one seeded backward pass (fused attention: ``A_l`` itself is computed
+in that pass, from the saved ``q``, ``k``, ``v``), paired with ``A_l`` by the call's index in forward order.
 Each rollout method turns ``(A_l, G_l)`` into a token-mixing matrix ``M_l``
 and hands the list to :func:`~.rollout.rollout`:
 
@@ -30,12 +31,13 @@ None of the rollouts is linear in the seed (products over layers; ``rollout`` ig
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from backprop_hooks.rules.attention import AttentionCapture, is_attention
+from backprop_hooks.rules.attention_nodes import Reduce
 from backprop_hooks.rules.capture import Capture
 from backprop_hooks.rules.vit_relevance import GELUHeld, LayerNormHeld
 from backprop_hooks.rules.gates import HF_GELUS, GateHeld
@@ -302,26 +304,25 @@ class _AttentionRollout(Method):
         with self._capture.recording():
             return super().forward(x, classes, target)
 
-    def layer_matrices(
-        self, attentions: Sequence[torch.Tensor], logits: torch.Tensor, seed: torch.Tensor
-    ) -> List[torch.Tensor]:
+    def layer_matrices(self, capture: AttentionCapture, logits: torch.Tensor, seed: torch.Tensor) -> List[torch.Tensor]:
         raise NotImplementedError
 
     def attention_gradients(
-        self, logits: torch.Tensor, attentions: Sequence[torch.Tensor], seed: torch.Tensor, retain_graph: bool = False
+        self, logits: torch.Tensor, seed: torch.Tensor, reduce: Reduce, retain_graph: bool = False
     ) -> List[torch.Tensor]:
-        """``[∂f/∂A_l]`` in one backward pass, in the order of ``attentions`` (paired by identity)."""
-        return list(torch.autograd.grad(logits, list(attentions), seed, retain_graph=retain_graph))
+        """``[reduce(l, A_l, ∂f/∂A_l)]`` from one backward pass, in forward order (see
+        :meth:`AttentionCapture.gradients`: each layer's pair is reduced as it arrives)."""
+        return self._capture.gradients(logits, seed, retain_graph=retain_graph, reduce=reduce)
 
     def attribute(self, x, logits, seed):
-        layout, attentions = self._layout, self._capture.attentions
-        if not attentions:
+        layout, capture = self._layout, self._capture
+        if not capture.shapes:
             raise RuleError(
                 f"no attention ran in {type(self.model).__name__}'s forward pass (scaled_dot_product_attention, "
                 "a softmax over the last axis of (B, heads, N, N) scores, or nn.MultiheadAttention)"
             )
-        layout.check(attentions[0].shape[-1], "the attention")
-        mats = self.layer_matrices(attentions, logits, seed)
+        layout.check(capture.shapes[0][-1], "the attention")
+        mats = self.layer_matrices(capture, logits, seed)
         if self.discard_ratio:
             mats = [discard(m, self.discard_ratio) for m in mats]
         flow = rollout(mats, self.residual, self.normalize, rows=layout.readout_rows(mats[0]))
@@ -342,8 +343,8 @@ class Rollout(_AttentionRollout):
         with torch.autograd.graph.saved_tensors_hooks(_discard, _discarded):
             return super().forward(x, classes, target)
 
-    def layer_matrices(self, attentions, logits, seed):
-        return [fuse_heads(a.detach(), self.head_fusion) for a in attentions]
+    def layer_matrices(self, capture, logits, seed):
+        return [fuse_heads(a.detach(), self.head_fusion) for a in capture.attentions]
 
 
 def _discard(tensor: torch.Tensor) -> None:
@@ -365,10 +366,12 @@ class GradRollout(_AttentionRollout):
         super().__init__(model, **kw)
         self.clamp = clamp
 
-    def layer_matrices(self, attentions, logits, seed):
-        grads = self.attention_gradients(logits, attentions, seed)
-        mats = [fuse_heads(g * a.detach(), self.head_fusion) for a, g in zip(attentions, grads)]
-        return [m.clamp_min(0) for m in mats] if self.clamp else mats
+    def layer_matrices(self, capture, logits, seed):
+        def reduce(index: int, attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+            m = fuse_heads(grad.mul_(attn), self.head_fusion)  # the gradient is ours alone: in place
+            return m.clamp_min(0) if self.clamp else m
+
+        return self.attention_gradients(logits, seed, reduce)
 
 
 @register
@@ -407,21 +410,20 @@ class TransformerAttribution(_AttentionRollout):
         for rule in self._held:
             rule.enabled = on
 
-    def layer_matrices(self, attentions, logits, seed):
-        grads = self.attention_gradients(logits, attentions, seed, retain_graph=True)
-        for g, a in zip(grads, attentions):  # G_l ⊙ A_l in place: these gradients are ours alone
-            g.mul_(a.detach())
+    def layer_matrices(self, capture, logits, seed):
+        """Two passes over one graph: ``G_l ⊙ A_l`` per head (kept until the second pass), then each layer's
+        ``mean_h[G_l ⊙ A_l ⊙ ∂̃f/∂A_l]`` as its held gradient arrives (its first-pass term freed at once)."""
+        weighted = self.attention_gradients(logits, seed, lambda i, a, g: g.mul_(a), retain_graph=True)
+
+        def reduce(index: int, attn: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+            m, weighted[index] = weighted[index].mul_(held), None
+            return fuse_heads(m.clamp_min_(0) if self.clamp else m, self.head_fusion)
+
         self._relevance_mode(True)
         try:
-            held = self.attention_gradients(logits, attentions, seed)
+            return self.attention_gradients(logits, seed, reduce)
         finally:
             self._relevance_mode(False)
-        mats = []
-        for i, h in enumerate(held):  # one layer at a time, each gradient freed once used
-            m = grads[i].mul_(h)
-            grads[i] = held[i] = None
-            mats.append(fuse_heads(m.clamp_min_(0) if self.clamp else m, self.head_fusion))
-        return mats
 
 
 class _TokenCapture(Capture):
