@@ -37,7 +37,7 @@ from . import runtime
 from . import targets as _targets
 from .errors import InputError, ModelError, NonLinearContrastWarning, OptionError, choices
 from .explanation import Explanation
-from .methods.vit import TextLayout
+from .methods.tokens import TextLayout
 from .validate import Classes, LogitsFn, check_model
 
 GRADIENT_METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients")

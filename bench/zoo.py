@@ -59,7 +59,7 @@ class HFLogits(nn.Module):
         return self.model(pixel_values=x, interpolate_pos_encoding=resize).logits
 
     def token_layout(self, x):
-        from backprop_hooks.methods.vit import TextLayout, token_layout
+        from backprop_hooks.methods.tokens import TextLayout, token_layout
 
         if self.text:
             mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)

@@ -76,7 +76,7 @@ class DigitsViT(Task):
 
     def __init__(self, n: int, batch_size: int) -> None:
         from backprop_hooks import models
-        from backprop_hooks.methods.vit import token_layout
+        from backprop_hooks.methods.tokens import token_layout
 
         self.model = models.create("digits_vit")
         x, _ = models.digits("test")

@@ -14,7 +14,7 @@ import torch
 import backprop_hooks as bh
 from backprop_hooks import testing
 from backprop_hooks.methods.rollout import fuse_heads, rollout
-from backprop_hooks.methods.vit import token_layout
+from backprop_hooks.methods.tokens import token_layout
 from backprop_hooks.rules.attention import AttentionCapture, sdpa_explicit
 
 from _hf import TEXT_MODELS, VISION_MODELS, build, model_inputs, pixels

@@ -11,7 +11,8 @@ from .fullgrad import FullGrad
 from .guided import Deconvnet, GuidedBackprop, GuidedGradCAM, ModifiedReLU
 from .lrp import LRP
 from .attnlrp import AttnLRP
-from .vit import GradRollout, Rollout, TokenLayout, TransformerAttribution, ViTGradCAM, token_layout
+from .tokens import TokenLayout, token_layout
+from .vit import GradRollout, Rollout, TransformerAttribution, ViTGradCAM
 
 __all__ = [
     "Method",
