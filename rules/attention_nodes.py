@@ -175,8 +175,11 @@ class DeferredAttention(torch.autograd.Function):
             kk = k.detach().requires_grad_(need_k and through_scores)
             probs, _ = sdpa_probabilities(qq, kk, v, mask, c.is_causal, c.scale, c.enable_gqa)
         attn = probs.detach()
-        v_heads = repeat_heads(v, q.shape[-3]) if c.enable_gqa else v
-        grad_attn = g @ v_heads.transpose(-2, -1).to(g.dtype)
+        delivering = c.handoff.reduce is not None  # a plain backward of the user's own: no ∂f/∂A unless used
+        grad_attn = None
+        if through_scores or delivering:
+            v_heads = repeat_heads(v, q.shape[-3]) if c.enable_gqa else v
+            grad_attn = g @ v_heads.transpose(-2, -1).to(g.dtype)
         dq = dk = None
         if through_scores:
             wanted = [t for t, need in ((qq, need_q), (kk, need_k)) if need]
@@ -184,7 +187,8 @@ class DeferredAttention(torch.autograd.Function):
             dq, dk = (next(grads) if need_q else None), (next(grads) if need_k else None)
         del probs
         dv = fold_heads(attn.transpose(-2, -1).to(g.dtype) @ g, v) if need_v else None
-        c.handoff.deliver(c.index, attn, grad_attn)
+        if delivering:
+            c.handoff.deliver(c.index, attn, grad_attn)
         return (q.new_zeros(0) if need_probe else None), dq, dk, dv, None, None, None
 
 
