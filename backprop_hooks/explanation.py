@@ -69,8 +69,8 @@ class Explanation:
         """Draw the signed maps over ``image``; returns a matplotlib ``Figure`` (or ``ax`` when given).
 
         ``image``: the explained input, (B, C, H, W) or one (C, H, W) image, in [0, 1] (None: the maps alone).
-        The scale is the command line's: pixel-space maps on ±the 99th percentile of |value|, each pixel as
-        opaque as it is strong; layer and token-grid maps on ±max |value| at opacity 0.5 (``alpha=``,
+        The scale is the command line's: pixel-space maps on ±the 99th percentile of ``|value|``, each pixel as
+        opaque as it is strong; layer and token-grid maps on ±max ``|value|`` at opacity 0.5 (``alpha=``,
         ``percentile=`` override). The colour bar says what the colours mean ("red: for t, blue: against t",
         or a magnitude for a map without sign), the title names method, target and class (``class_names=``
         names them). A batch draws as a grid on one scale (``index=i``: one sample; ``columns``,

@@ -72,6 +72,8 @@ class Task:
 
 
 class DigitsViT(Task):
+    """The bundled digits ViT on the held-out digits; the units removed are its 64 patches."""
+
     name, units_name = "digits_vit", "patches"
 
     def __init__(self, n: int, batch_size: int) -> None:
@@ -114,6 +116,8 @@ class DigitsViT(Task):
 
 
 class TextTopics(Task):
+    """The bundled text classifier on its held-out sentences; the units removed are its tokens."""
+
     name, units_name = "text_topics", "tokens"
 
     def __init__(self, n: int, batch_size: int) -> None:
@@ -173,6 +177,7 @@ def run(task: Task, fractions: Sequence[float], random_orders: int, seed: int) -
 
 
 def figure(curves: Dict[str, torch.Tensor], fractions: Sequence[float], title: str, units: str):
+    """The mean log-odds of t against the fraction of units removed, one curve per order."""
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.2, 3.6), layout="constrained")
@@ -186,7 +191,8 @@ def figure(curves: Dict[str, torch.Tensor], fractions: Sequence[float], title: s
     return fig
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The options of ``python -m backprop_hooks.eval.deletion``."""
     p = argparse.ArgumentParser(
         prog="python -m backprop_hooks.eval.deletion",
         description=__doc__,
@@ -199,7 +205,12 @@ def main(argv=None) -> int:
     p.add_argument("--random-orders", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    """Run the deletion check, print its table and write it to ``--out`` (results.md, .json, curves.png)."""
+    a = parser().parse_args(argv)
     torch.manual_seed(a.seed)
     task = TASKS[a.model](a.n or 10**9, a.batch_size)
     fractions = [i / (a.fractions - 1) for i in range(a.fractions)]

@@ -47,6 +47,7 @@ def dataset() -> Tuple[List[List[str]], List[List[str]]]:
 
 
 def build(tokenizer: Tokenizer):
+    """A random-init GPT-2 of the shipped shape (``CONFIG``) over ``tokenizer``'s vocabulary."""
     import transformers
 
     start, pad = tokenizer.index[CLS], tokenizer.index[PAD]
@@ -90,6 +91,7 @@ def train(epochs: int = 40, seed: int = 0, batch_size: int = 32, lr: float = 3e-
 
 
 def save(model, tokenizer: Tokenizer, path: Path, accuracy: float, perplexity: float) -> None:
+    """Write the weights (float16, under 1 MB), the vocabulary, the test accuracy and perplexity to ``path``."""
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}  # < 1 MB
     torch.save(dict(state_dict=state, vocab=tokenizer.vocab, test_accuracy=accuracy, test_perplexity=perplexity), path)
 
@@ -110,6 +112,7 @@ def load(path: Path = WEIGHTS):
 
 
 def main(argv=None) -> int:
+    """Train the language model and write its weights (``python -m backprop_hooks.models.python_docs_lm``)."""
     p = argparse.ArgumentParser(
         prog="python -m backprop_hooks.models.python_docs_lm", description=__doc__.splitlines()[0]
     )

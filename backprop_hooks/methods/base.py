@@ -61,6 +61,8 @@ def available() -> List[str]:
 
 
 def get(name: str) -> Type["Method"]:
+    """The method class registered as ``name`` (``"gradcam"``); :class:`~backprop_hooks.errors.UnknownNameError`
+    lists the names when there is none."""
     if name not in _REGISTRY:
         raise UnknownNameError(f"unknown method {name!r}; available: {choices(available(), 30)}")
     return _REGISTRY[name]

@@ -3,7 +3,7 @@
 Conventions (paper and review): maps are bilinearly upsampled to the input (``Explanation.maps``), drawn
 over the image at alpha 0.5 with a diverging colour scale centred on zero: red positive, blue negative,
 white zero, symmetric by the largest absolute value (``bwr`` with ``vmin = -m``, ``vmax = m``).
-Pixel-space maps (gradients) use a scale clipped at a percentile of |value|, each pixel as opaque as it is
+Pixel-space maps (gradients) use a scale clipped at a percentile of ``|value|``, each pixel as opaque as it is
 strong (:func:`overlay` with ``alpha=None``).
 """
 
@@ -25,7 +25,9 @@ if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn: `backprop-ho
     from matplotlib.image import AxesImage
 
 ArrayLike = Union[torch.Tensor, "np.ndarray"]
+#: The diverging colour map of every heat-map: red positive, blue negative, white zero.
 CMAP = "bwr"
+#: The resolution of saved figures, in dots per inch.
 DPI = 120
 
 
@@ -79,7 +81,7 @@ def image_hwc(image: ArrayLike) -> np.ndarray:
 def symmetric_limit(maps: ArrayLike, percentile: float = 100.0) -> float:
     """``max |value|`` over ``maps`` (any shape), the half-range of a zero-centred colour scale (> 0).
 
-    With ``percentile`` < 100, the given percentile of |value| over the non-zero values instead: pixel-space
+    With ``percentile`` < 100, the given percentile of ``|value|`` over the non-zero values instead: pixel-space
     maps (gradients) are dominated by a few extreme pixels, and a scale set by them shows faint speckle."""
     values = np.abs(to_numpy(maps))
     if percentile < 100:
@@ -98,7 +100,7 @@ def overlay(
     vmax: Optional[float] = None,
     cmap: str = CMAP,
 ) -> AxesImage:
-    """Draw ``heatmap`` (H, W) over ``image`` on ``ax``, zero-centred (``vmax``: default max |heatmap|).
+    """Draw ``heatmap`` (H, W) over ``image`` on ``ax``, zero-centred (``vmax``: default max ``|heatmap|``).
 
     ``alpha`` None: each pixel's opacity follows its strength, ``min(|value| / vmax, 1)``, over a faded grey
     copy of the image: pixel-space maps (gradients) stay readable, and where they are weak the image shows.
@@ -159,9 +161,9 @@ def explanation_grid(
     """A figure of one image and its maps: a row per class, the image first, then one column per map kind.
 
     ``columns[j]`` holds the (rows, H, W) maps of column ``j`` (e.g. one target for every class); each
-    column shares one zero-centred scale (symmetric by its max |value|), shown in a colour bar below it,
+    column shares one zero-centred scale (symmetric by its max ``|value|``), shown in a colour bar below it,
     so the rows of a column compare directly. ``row_labels`` label the rows (class names, probabilities).
-    ``percentile`` < 100 clips the scale at that percentile of |value| (said in the colour bar); ``alpha``
+    ``percentile`` < 100 clips the scale at that percentile of ``|value|`` (said in the colour bar); ``alpha``
     None makes each pixel as opaque as it is strong (for pixel-space maps, see :func:`overlay`).
     """
     columns = [to_numpy(c) for c in columns]

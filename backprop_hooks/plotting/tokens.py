@@ -22,7 +22,8 @@ import torch
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-Row = Tuple[Sequence[str], Sequence[float], str]  # tokens, scores, caption
+#: One row of a token heat-map: its tokens, their scores and a caption.
+Row = Tuple[Sequence[str], Sequence[float], str]
 Tokens = Union[Sequence[Sequence[str]], Callable[[List[int]], Sequence[str]], None]
 LEGEND = (
     "red: evidence for the class (or for it and not the others), blue: against; scaled per sentence by its "
@@ -122,6 +123,7 @@ def html(rows_: Sequence[Row], title: str = "Token attributions") -> str:
 
 
 def save_html(path, rows_: Sequence[Row], title: str = "Token attributions") -> Path:
+    """Write :func:`html` of the rows to ``path`` (folders made as needed) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html(rows_, title), encoding="utf-8")
@@ -130,7 +132,7 @@ def save_html(path, rows_: Sequence[Row], title: str = "Token attributions") -> 
 
 def figure(rows_: Sequence[Row], width: float = 8.0, fontsize: float = 10.0, dpi: int = 100) -> Figure:
     """The rows as a figure: each caption, then its tokens on their colours, wrapped at ``width`` inches; a
-    colour bar (-1 to 1: each sequence's scores divided by its largest |score|) at the bottom."""
+    colour bar (-1 to 1: each sequence's scores divided by its largest ``|score|``) at the bottom."""
     from .maps import colorbar, new_figure
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
