@@ -24,7 +24,6 @@ release = version = "0.1.0"
 
 extensions = [
     "sphinx.ext.autodoc",
-    "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "myst_nb",  # Markdown pages (MyST) and the executed notebook
     "sphinxarg.ext",  # the command line's options, from its parser
@@ -64,8 +63,9 @@ autodoc_mock_imports: list = []
 python_use_unqualified_type_names = True
 add_module_names = False
 
-# MyST: Markdown with $math$, definition lists, heading anchors for [text](page.md#anchor) links
-myst_enable_extensions = ["dollarmath", "deflist", "colon_fence", "attrs_inline"]
+# MyST: Markdown with definition lists, heading anchors for [text](page.md#anchor) links; no math extension, so
+# the site loads nothing from outside (MathJax would come from a CDN)
+myst_enable_extensions = ["deflist", "colon_fence", "attrs_inline"]
 myst_heading_anchors = 3
 
 # MyST-NB: the notebook runs at build time on the bundled models, in a fresh kernel of this Python, in a
