@@ -18,10 +18,12 @@ method of the framework sees a differentiable float input. Token scores (B, L):
   ``"last"``, the last real token, the default for causal models).
 
 Padded positions (``attention_mask == 0``) get exactly zero, and a padded batch gives each sequence the
-scores it gets alone. Every target works; on a language model's next-token logits
-(``logits=lambda out: out.logits[:, -1]``) ``Versus(foil)`` is the contrastive explanation of Yin & Neubig
-(2022), "why this token and not the foil", and ``weighted``/``max`` contrast against every other token of
-the vocabulary in the same single backward pass.
+scores it gets alone. A causal language model is explained at its next token by default: the logits at each
+row's last real token (left or right padding alike), with the absolute positions each left-padded row has
+alone (``position_ids``, see :mod:`backprop_hooks.causal`); a ``logits=`` function that reads a padding
+position is refused. Every target works; on a language model's next token ``Versus(foil)`` is the
+contrastive explanation of Yin & Neubig (2022), "why this token and not the foil", and ``weighted``/``max``
+contrast against every other token of the vocabulary in the same single backward pass.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from . import causal
 from . import methods as _methods
 from . import runtime
 from . import targets as _targets
-from .errors import InputError, ModelError, NonLinearContrastWarning, OptionError, choices
+from .errors import InputError, ModelError, NonLinearContrastWarning, OptionError, PaddingWarning, choices
 from .explanation import Explanation
 from .methods.tokens import TextLayout
-from .validate import Classes, LogitsFn, check_model
+from .validate import Classes, LogitsFn, check_logits_fn, check_model
 
 GRADIENT_METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients")
 RELEVANCE_METHODS = ("attnlrp",)
@@ -92,11 +95,6 @@ def _check_ids(input_ids: Any, attention_mask: Any):
     return attention_mask
 
 
-def is_causal_model(model: nn.Module) -> bool:
-    """True when one of ``model``'s modules declares ``is_causal = True`` (Hugging Face decoder attention)."""
-    return any(getattr(m, "is_causal", False) is True for m in model.modules())
-
-
 def _embeddings(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
@@ -143,13 +141,15 @@ def explain_text(
 ) -> Explanation:
     """Token scores (B, L) for a text model (see the module docstring).
 
-    ``logits``: selects the (B, C) logits from the model's output (default: its ``.logits``); for a language
-    model's next token ``lambda out: out.logits[:, -1]``. ``reduce``: ``"sum"`` | ``"l1"`` | ``"l2"`` over the
-    hidden size (gradient family; default ``"l2"`` for ``gradient``/``smoothgrad``, else ``"sum"``).
+    ``logits``: selects the (B, C) logits from the model's output (default: its ``.logits``; for a causal
+    language model the logits at each row's last real token, i.e. its next token). ``reduce``: ``"sum"`` |
+    ``"l1"`` | ``"l2"`` over the hidden size (gradient family; default ``"l2"`` for ``gradient``/``smoothgrad``,
+    else ``"sum"``).
     ``readout``: the token an attention method reads out (``"first"``, ``"last"`` or an index; default by
     the model's kind). ``model_kwargs``: further model inputs
     (``token_type_ids=...``). ``options`` go to the method (``n_steps=``, ``baseline=``, ``layer=``, ...).
-    ``Explanation.extras`` holds ``input_ids`` and ``attention_mask``.
+    ``Explanation.extras`` holds ``input_ids`` and ``attention_mask`` (and for a causal LM's default read-out
+    ``positions``, the column each row is read at).
     """
     if method not in TEXT_METHODS:
         raise OptionError(f"explain_text has no method {method!r}; accepted: {choices(TEXT_METHODS)}")
@@ -166,16 +166,41 @@ def explain_text(
         return _explain(model, input_ids, mask, method, target, classes, logits, reduce, readout, model_kwargs, options)
 
 
+def _readout(model: nn.Module, mask: torch.Tensor, logits: Optional[LogitsFn], model_kwargs: Optional[Dict[str, Any]]):
+    """``(logits fn, model kwargs, extras)`` for a padded batch: a causal LM reads each row's next token (or the
+    user's ``logits=``, refused where it reads padding) with the positions each left-padded row has alone; any
+    other model keeps ``logits``, with a warning when it is left-padded."""
+    check_logits_fn(logits)
+    model_kwargs = dict(model_kwargs or {})
+    if not causal.is_causal(model):
+        if causal.left_padded(mask) and "position_ids" not in model_kwargs:
+            warnings.warn(
+                f"attention_mask pads on the left: {type(model).__name__} counts positions from column 0, so a "
+                "left-padded row may be explained at other positions than alone; pad on the right "
+                "(tokenizer.padding_side = 'right') or pass model_kwargs={'position_ids': ...}",
+                PaddingWarning,
+                stacklevel=4,
+            )
+        return logits, model_kwargs, {}
+    if causal.left_padded(mask) and "position_ids" not in model_kwargs and causal.takes(model, "position_ids"):
+        model_kwargs["position_ids"] = causal.position_ids(mask)
+    if logits is not None:
+        return (causal.CheckedReadout(logits, mask) if not bool(mask.all()) else logits), model_kwargs, {}
+    positions = causal.last_real(mask)
+    return causal.NextToken(positions), model_kwargs, {"positions": positions}
+
+
 def _explain(model, input_ids, mask, method, target, classes, logits, reduce, readout, model_kwargs, options):
     emb = _embeddings(model)
     with torch.no_grad():
         embeds = emb(input_ids)
     if not embeds.is_floating_point() or embeds.shape[:2] != input_ids.shape:
         raise ModelError(f"the input embeddings have shape {tuple(embeds.shape)}; expected (B, L, D) floats")
+    logits, model_kwargs, readout_extras = _readout(model, mask, logits, model_kwargs)
     wrapped = TextModel(model, mask, model_kwargs)
     if method in ATTENTION_METHODS:
         if readout is None:
-            readout = "last" if is_causal_model(model) else "first"
+            readout = "last" if causal.is_causal(model) else "first"
         options["layout"] = TextLayout(mask, readout)
         if method == "vit_gradcam" and options.get("layer") is not None:
             options["layer"] = f"model.{options['layer']}"
@@ -203,7 +228,7 @@ def _explain(model, input_ids, mask, method, target, classes, logits, reduce, re
                     stacklevel=3,
                 )
         scores = scores * mask.to(scores.dtype)
-    extras = dict(e.extras, input_ids=input_ids, attention_mask=mask)
+    extras = dict(e.extras, input_ids=input_ids, attention_mask=mask, **readout_extras)
     return Explanation(
         attributions=scores,
         logits=e.logits,

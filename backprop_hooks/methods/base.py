@@ -11,7 +11,8 @@ The logits are the model's output when it is a (B, C) tensor, its tensor ``.logi
 Face ``ModelOutput``) or its ``"logits"`` key (a dict). Any other output needs ``logits=fn`` (output ->
 (B, C) logits), a per-call option of every method: ``method(x, classes, target, logits=fn)``, and
 ``bh.explain(..., logits=fn)``. Examples: ``lambda out: out[0]`` (a tuple), ``lambda out: out.logits[:, -1]``
-(a causal language model's next token), ``lambda out: out["scores"]`` (a detection head's class scores).
+(a causal language model's next token on an unpadded batch; ``bh.explain_text`` reads padded ones right),
+``lambda out: out["scores"]`` (a detection head's class scores).
 
 Where it runs: every call enables gradients and leaves inference mode inside the call only (so it works
 under ``torch.no_grad()`` and ``torch.inference_mode()``, on inference tensors, with the same numbers),
