@@ -155,6 +155,7 @@ def test_transformers_and_text(tmp_path):
     text, namespace = run_page("transformers.md")
     assert text["e"].attributions.shape == text["ids"].shape
     assert text["why"].attributions.shape == (1, 8)
+    assert text["batch"].extras["positions"].tolist() == [3, 1]  # each row's next token, padding not read
     assert text["r"].attributions.shape == (1, 4, 4)
     assert (tmp_path / "out" / "tokens.html").is_file()
     assert [row[2].split("(")[-1] for row in namespace["rows"]] == ["logit)", "weighted)", "versus)"]
