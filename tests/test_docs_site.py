@@ -76,9 +76,14 @@ def url(site):
     server.server_close()
 
 
-def chromium(tmp_path: Path, *args: str) -> str:
+@pytest.fixture(scope="module")
+def browser():
+    """Skip (before the site is built) where there is no Chromium."""
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium): the site is not opened in a browser")
+
+
+def chromium(tmp_path: Path, *args: str) -> str:
     profile = tmp_path / f"profile{len(list(tmp_path.glob('profile*')))}"  # a fresh profile per run
     run = subprocess.run(
         [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=180
@@ -117,7 +122,7 @@ def test_the_command_line_page_lists_every_option_of_every_subcommand(site):
                 assert option in page, (name, option)
 
 
-def test_the_front_page_in_a_browser(url, tmp_path):
+def test_the_front_page_in_a_browser(browser, url, tmp_path):
     from PIL import Image
 
     shot = tmp_path / "front.png"
@@ -132,7 +137,7 @@ def test_the_front_page_in_a_browser(url, tmp_path):
 
 
 @pytest.mark.parametrize("query, entry", SEARCHES)
-def test_the_search_finds_the_reference_entry(url, tmp_path, query, entry):
+def test_the_search_finds_the_reference_entry(browser, url, tmp_path, query, entry):
     """The search page runs its script in the browser; the results link to the name's entry, which is there."""
     dom = chromium(tmp_path, "--virtual-time-budget=20000", "--dump-dom", f"{url}/search.html?q={query}")
     links = re.findall(r'<ul[^>]*class="search"[^>]*>(.*?)</ul>', dom, re.S)
@@ -143,6 +148,6 @@ def test_the_search_finds_the_reference_entry(url, tmp_path, query, entry):
     assert f'id="{anchor}"' in chromium(tmp_path, "--dump-dom", f"{url}/{page}")
 
 
-def test_a_search_for_nothing_finds_nothing(url, tmp_path):
+def test_a_search_for_nothing_finds_nothing(browser, url, tmp_path):
     dom = chromium(tmp_path, "--virtual-time-budget=20000", "--dump-dom", f"{url}/search.html?q=zzqxjv")
     assert "backprop_hooks.targets.Weighted" not in dom
