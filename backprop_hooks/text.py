@@ -95,7 +95,7 @@ def _check_ids(input_ids: Any, attention_mask: Any):
     return attention_mask
 
 
-def _embeddings(model: nn.Module) -> nn.Module:
+def embeddings(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
     if not isinstance(emb, nn.Module):
@@ -106,7 +106,7 @@ def _embeddings(model: nn.Module) -> nn.Module:
     return emb
 
 
-def _baseline(model: nn.Module, emb: nn.Module, embeds: torch.Tensor, baseline: Any) -> Any:
+def ig_baseline(model: nn.Module, emb: nn.Module, embeds: torch.Tensor, baseline: Any) -> Any:
     if isinstance(baseline, torch.Tensor) or isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
         return baseline
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
@@ -123,6 +123,34 @@ def _baseline(model: nn.Module, emb: nn.Module, embeds: torch.Tensor, baseline: 
             ids = torch.full((1, 1), int(pad), dtype=torch.long, device=embeds.device)
             return emb(ids).to(embeds.dtype)
     raise OptionError(f"unknown baseline {baseline!r}; accepted: 'pad', 'zero', a number or a tensor")
+
+
+def default_reduce(method: str, reduce: Optional[str]) -> str:
+    """The reduction over the hidden size: ``reduce`` checked, or the method's default (``"l2"`` for
+    ``gradient``/``smoothgrad``, whose signed sum vanishes behind a LayerNorm on the embeddings; else ``"sum"``)."""
+    if reduce is None:
+        reduce = "l2" if method in ("gradient", "smoothgrad") else "sum"
+    if reduce not in REDUCTIONS:
+        raise OptionError(f"unknown reduce {reduce!r}; accepted: {choices(REDUCTIONS)}")
+    return reduce
+
+
+def reduce_hidden(attributions: torch.Tensor, reduce: str) -> torch.Tensor:
+    """(..., D) -> (...): ``Σ_d`` (signed, linear in the seed), ``Σ_d |·|`` (``"l1"``) or ``‖·‖₂`` (``"l2"``)."""
+    if reduce == "sum":
+        return attributions.sum(dim=-1)
+    return attributions.abs().sum(dim=-1) if reduce == "l1" else attributions.norm(dim=-1)
+
+
+def warn_norm(reduce: str, target: _targets.Target, stacklevel: int = 3) -> None:
+    """A norm over the hidden size is not linear: say so for a contrast target."""
+    if target.contrastive:
+        warnings.warn(
+            f"reduce={reduce!r} takes a norm of the token attributions: the {target.name!r} scores are not "
+            "the per-class composition of the logit scores",
+            NonLinearContrastWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def explain_text(
@@ -153,10 +181,7 @@ def explain_text(
     """
     if method not in TEXT_METHODS:
         raise OptionError(f"explain_text has no method {method!r}; accepted: {choices(TEXT_METHODS)}")
-    if reduce is None:
-        reduce = "l2" if method in ("gradient", "smoothgrad") else "sum"
-    if reduce not in REDUCTIONS:
-        raise OptionError(f"unknown reduce {reduce!r}; accepted: {choices(REDUCTIONS)}")
+    reduce = default_reduce(method, reduce)
     check_model(model)
     mask = _check_ids(input_ids, attention_mask)
     with runtime.explaining(model):  # also under no_grad/inference_mode: a graph for this call only
@@ -191,7 +216,7 @@ def _readout(model: nn.Module, mask: torch.Tensor, logits: Optional[LogitsFn], m
 
 
 def _explain(model, input_ids, mask, method, target, classes, logits, reduce, readout, model_kwargs, options):
-    emb = _embeddings(model)
+    emb = embeddings(model)
     with torch.no_grad():
         embeds = emb(input_ids)
     if not embeds.is_floating_point() or embeds.shape[:2] != input_ids.shape:
@@ -207,7 +232,7 @@ def _explain(model, input_ids, mask, method, target, classes, logits, reduce, re
     elif readout is not None:
         raise OptionError(f"readout= is an option of the attention methods, not of {method!r}")
     if method == "integrated_gradients":
-        options["baseline"] = _baseline(model, emb, embeds, options.get("baseline"))
+        options["baseline"] = ig_baseline(model, emb, embeds, options.get("baseline"))
     explainer = _methods.get(method)(wrapped, **options)
     with warnings.catch_warnings():
         if method in EMBEDDING_METHODS and reduce != "sum":
@@ -215,19 +240,10 @@ def _explain(model, input_ids, mask, method, target, classes, logits, reduce, re
         e = explainer(embeds, classes=classes, target=target, logits=logits)
     scores, linear = e.attributions, e.linear
     if method in EMBEDDING_METHODS:
-        if reduce == "sum":
-            scores = scores.sum(dim=-1)
-        else:
-            scores = scores.abs().sum(dim=-1) if reduce == "l1" else scores.norm(dim=-1)
-            linear = False
-            if _targets.get(target).contrastive:
-                warnings.warn(
-                    f"reduce={reduce!r} takes a norm of the token attributions: the {e.target!r} scores are not "
-                    "the per-class composition of the logit scores",
-                    NonLinearContrastWarning,
-                    stacklevel=3,
-                )
-        scores = scores * mask.to(scores.dtype)
+        scores = reduce_hidden(scores, reduce) * mask.to(scores.dtype)
+        linear = linear and reduce == "sum"
+        if reduce != "sum":
+            warn_norm(reduce, _targets.get(target), stacklevel=4)
     extras = dict(e.extras, input_ids=input_ids, attention_mask=mask, **readout_extras)
     return Explanation(
         attributions=scores,

@@ -26,9 +26,10 @@ the original model. See :mod:`backprop_hooks.runtime`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
 import weakref
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, ContextManager, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -115,11 +116,18 @@ class Method:
                 self.release()
                 self.logits_fn, self.run = None, self.model
 
+    def forward_context(self, x: torch.Tensor) -> ContextManager:
+        """What the method's forward pass runs inside (function-level rules); nothing by default."""
+        return contextlib.nullcontext()
+
+    def model_output(self, x: torch.Tensor) -> Any:
+        """Run the call's forward on ``x`` inside :meth:`forward_context`: the model's raw output."""
+        with forward_errors(self.model, x), self.forward_context(x):
+            return self.run(x)
+
     def model_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Run the call's forward on ``x`` and select the (B, C) logits; typed errors for both steps."""
-        with forward_errors(self.model, x):
-            output = self.run(x)
-        return self.logits(output, x.shape[0])
+        return self.logits(self.model_output(x), x.shape[0])
 
     def logits(self, output: Any, batch: int) -> torch.Tensor:
         """The checked (B, C) logits in the model's ``output`` (see ``logits=`` in the module docstring)."""
@@ -207,9 +215,31 @@ class Method:
         return f"{type(self).__name__}(model={type(self.model).__name__})"
 
 
+_SEVERAL_SEEDS: contextvars.ContextVar[Tuple[bool, bool]] = contextvars.ContextVar(
+    "several_seeds", default=(False, False)
+)
+
+
+@contextlib.contextmanager
+def several_seeds(batched: bool = False) -> Iterator[None]:
+    """Inside, :func:`grad` keeps the autograd graph, so one forward pass serves several seeds (``retain_graph``);
+    with ``batched``, a seed with a leading axis of ``k`` is ``k`` seeds in one backward pass
+    (``is_grads_batched``: the vector-Jacobian products vectorised), and each gradient gets that axis."""
+    token = _SEVERAL_SEEDS.set((True, batched))
+    try:
+        yield
+    finally:
+        _SEVERAL_SEEDS.reset(token)
+
+
 def grad(outputs: torch.Tensor, inputs, seed: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """One seeded vector-Jacobian product; parameters' ``.grad`` are never touched."""
+    """One seeded vector-Jacobian product; parameters' ``.grad`` are never touched (see :func:`several_seeds`)."""
     single = isinstance(inputs, torch.Tensor)
-    grads = torch.autograd.grad(outputs, [inputs] if single else list(inputs), grad_outputs=seed, allow_unused=True)
-    grads = tuple(torch.zeros_like(i) if g is None else g for i, g in zip([inputs] if single else inputs, grads))
+    inputs = [inputs] if single else list(inputs)
+    retain, batched = _SEVERAL_SEEDS.get()
+    grads = torch.autograd.grad(
+        outputs, inputs, grad_outputs=seed, allow_unused=True, retain_graph=retain or None, is_grads_batched=batched
+    )
+    lead = seed.shape[:1] if batched else ()
+    grads = tuple(i.new_zeros(*lead, *i.shape) if g is None else g for i, g in zip(inputs, grads))
     return grads[0] if single else grads
