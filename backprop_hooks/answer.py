@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -112,6 +112,19 @@ class AnswerExplanation:
             [(decode([t]) if decode is not None else str(t)) if real else "" for t, real in zip(row, keep)]
             for row, keep in zip(ids.tolist(), mask.tolist())
         ]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The numbers as plain lists (JSON): tokens, ``total``, ``matrix``, probabilities, potentials, the
+        foil's, and what was explained; padding columns included (``attention_mask``)."""
+
+        def plain(value: Any) -> Any:
+            return value.tolist() if isinstance(value, torch.Tensor) else value
+
+        out = {k: plain(v) for k, v in vars(self).items() if k != "tokenizer" and v is not None}
+        out.update(tokens=self.tokens(), potential=plain(self.potential))
+        if self.foil_input_ids is not None:
+            out["foil_tokens"] = self.tokens(foil=True)
+        return out
 
     def plot(self, index: int = 0, **options: Any):
         """The step × token heat-map of sample ``index`` under its answer-level row (matplotlib ``Figure``; the

@@ -145,3 +145,12 @@ def answer_html(g, index: int = 0, percentile: float = 99.0, max_tokens: Optiona
         "<p style='font-size:10px;color:#555'>red: for the answer, blue: against (±the 99th percentile of |value| "
         "of each part); grey: not seen by the step</p></div>"
     )
+
+
+def answer_page(g, title: str = "Why this answer") -> str:
+    """A self-contained HTML page (no script, no external file) with every sample's table."""
+    tables = "".join(answer_html(g, i) for i in range(g.total.shape[0]))
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_html.escape(title)}</title></head>"
+        f"<body style='font-family:sans-serif'><h3>{_html.escape(title)}</h3>{tables}</body></html>"
+    )
