@@ -32,7 +32,8 @@ def explain(
     tensor ``.logits`` (Hugging Face) or its ``"logits"`` key; for anything else pass ``logits=fn``
     (output -> (B, C)), e.g. ``logits=lambda out: out.logits[:, -1]`` for a causal LM's next token.
     """
-    return _methods.get(method)(model, **options)(x, classes=classes, target=target, logits=logits)
+    _methods.get(method).check_options(options, ("target", "classes", "logits"), "bh.explain")
+    return _methods.create(method, model, **options)(x, classes=classes, target=target, logits=logits)
 
 
 @dataclass
@@ -124,7 +125,7 @@ def compare(
     if unknown:
         raise OptionError(f"options are given for {unknown}, which are not among the methods {methods}")
     for method in methods:
-        _methods.get(method)
+        _methods.get(method).check_options(options.get(method, {}))
     keys = list(dict.fromkeys(_targets.get(t).key for t in targets))
     if classes is not None and isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] == 1:
         count = torch.as_tensor(classes).numel()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -42,8 +42,17 @@ from ..errors import (
     choices,
 )
 from ..explanation import Explanation
+from ..options import check_options, constructor_options
 from ..runtime import check_parameters, eager_call, explaining, forward_errors, is_compiled, unwrap, usable
-from ..validate import Classes, LogitsFn, check_classes, check_input, check_logits_fn, check_model, select_logits
+from ..validate import (
+    Classes,
+    LogitsFn,
+    check_classes,
+    check_input,
+    check_logits_fn,
+    check_model,
+    select_logits,
+)
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
 _WARNED_EAGER: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
@@ -66,6 +75,14 @@ def get(name: str) -> Type["Method"]:
     return _REGISTRY[name]
 
 
+def create(name: str, model: nn.Module, **options: Any) -> "Method":
+    """The method ``name`` on ``model`` with ``options``; an unknown option is an :class:`OptionError` that names
+    the method's options (and close matches) before anything is built."""
+    cls = get(name)
+    cls.check_options(options)
+    return cls(model, **options)
+
+
 class Method:
     """Base class. Subclasses set ``name``/``linear`` and implement ``attribute`` (and maybe ``rules``)."""
 
@@ -82,6 +99,23 @@ class Method:
         self.check_finite = check_finite
         self.logits_fn: Optional[LogitsFn] = None  # the call's logits= selector
         self.run: Callable[..., Any] = self.model  # the call's forward: compiled graph or eager module
+
+    @classmethod
+    def options(cls) -> List[str]:
+        """The keyword options of the constructor (``layer``, ``n_steps``, ...), without ``model``."""
+        return constructor_options(cls)
+
+    @classmethod
+    def check_options(cls, options: Dict[str, Any], also: Sequence[str] = (), caller: str = "") -> None:
+        """:class:`OptionError` for an option the constructor does not take, naming those it takes; ``also``: the
+        keywords of the ``caller`` (``bh.explain``: ``classes``...), listed too, as close matches of a typo."""
+
+        def elsewhere(name: str) -> str:
+            takers = [m for m in available() if name in _REGISTRY[m].options()]
+            return f", an option of {choices(takers)}" if takers else ""
+
+        what = f"{caller} with method {cls.name!r}" if caller else f"method {cls.name!r}"
+        check_options(options, [*cls.options(), *also], what, elsewhere)
 
     def runner(self, spec: RuleSpec) -> Callable[..., Any]:
         """The forward of one call: the compiled graph when no rules are attached (to modules or, with
