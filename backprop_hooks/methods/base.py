@@ -48,6 +48,7 @@ from ..validate import (
     Classes,
     LogitsFn,
     check_classes,
+    check_finite_logits,
     check_input,
     check_logits_fn,
     check_model,
@@ -94,6 +95,7 @@ class Method:
     intercepts_calls: ClassVar[bool] = False  # rules on function calls during the forward: never a compiled graph
 
     def __init__(self, model: nn.Module, check_finite: bool = True):
+        """``check_finite``: refuse NaN or Inf in the input and in the logits (one host synchronisation each)."""
         self.original = check_model(model)  # what the user passed: maybe a compiled wrapper
         self.model = unwrap(model)  # the module itself: names as in the original model
         self.check_finite = check_finite
@@ -148,11 +150,15 @@ class Method:
                 self.release()
                 self.logits_fn, self.run = None, self.model
 
-    def model_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the call's forward on ``x`` and select the (B, C) logits; typed errors for both steps."""
+    def model_logits(self, x: torch.Tensor, samples: Optional[int] = None) -> torch.Tensor:
+        """Run the call's forward on ``x`` and select the (B, C) logits; typed errors for both steps and, with
+        ``check_finite``, for NaN or Inf logits (``samples``: ``x`` stacks points of that many samples)."""
         with forward_errors(self.model, x):
             output = self.run(x)
-        return self.logits(output, x.shape[0])
+        logits = self.logits(output, x.shape[0])
+        if not self.check_finite:
+            return logits
+        return check_finite_logits(logits, samples, f" at the points {self.name} evaluates" if samples else "")
 
     def logits(self, output: Any, batch: int) -> torch.Tensor:
         """The checked (B, C) logits in the model's ``output`` (see ``logits=`` in the module docstring)."""
@@ -187,7 +193,8 @@ class Method:
                 stacklevel=3,
             )
         check_parameters(self.model)
-        return usable(check_input(x, self.check_finite)), _targets.get(target)
+        embeds_tokens = callable(getattr(self.model, "get_input_embeddings", None))
+        return usable(check_input(x, self.check_finite, embeds_tokens)), _targets.get(target)
 
     def forward(self, x: torch.Tensor, classes: Classes, target: _targets.Target):
         """Run the model on ``x``; return checked logits, resolved classes and the target's seed."""
