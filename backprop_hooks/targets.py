@@ -256,7 +256,18 @@ class Versus(Target):
         return check_classes(self.other, logits, what="Versus class")
 
     def seed(self, logits, classes):
-        return _onehot(logits, classes) - _onehot(logits, self._other(logits, classes))
+        """``e_t − e_s``; a sample whose foil ``s`` is its own class ``t`` (``y_t − y_t = 0``, an empty map) is a
+        :class:`ClassIndexError` (one host synchronisation)."""
+        other = self._other(logits, classes)
+        same = other == classes
+        if bool(same.any()):
+            rows = same.nonzero().flatten()
+            raise ClassIndexError(
+                f"Versus: samples {rows.tolist()[:10]} explain classes {classes[rows].tolist()[:10]} against "
+                "themselves (y_t - y_t = 0, an empty map); pick a foil other than the explained class, or "
+                "target='max' (the runner-up)"
+            )
+        return _onehot(logits, classes) - _onehot(logits, other)
 
     def objective(self, logits, classes):
         return _pick(logits, classes) - _pick(logits, self._other(logits, classes))
