@@ -30,7 +30,8 @@ def explain(
     ``classes=None`` explains the predicted class; ``options`` go to the method (``layer=...``,
     ``relu=...``, ``n_steps=...``). The logits are the model's output when it is a (B, C) tensor, its
     tensor ``.logits`` (Hugging Face) or its ``"logits"`` key; for anything else pass ``logits=fn``
-    (output -> (B, C)), e.g. ``logits=lambda out: out.logits[:, -1]`` for a causal LM's next token.
+    (output -> (B, C)), e.g. ``logits=lambda out: out[0]``. Token ids go to :func:`backprop_hooks.explain_text`,
+    which reads a causal LM's next token after each row's last real token.
     """
     _methods.get(method).check_options(options, ("target", "classes", "logits"), "bh.explain")
     return _methods.create(method, model, **options)(x, classes=classes, target=target, logits=logits)

@@ -111,6 +111,11 @@ class ImageUpsampledWarning(BackpropHooksWarning):
     """An image smaller than the model's input is upsampled: its maps show interpolated, not real, detail."""
 
 
+class PaddingWarning(BackpropHooksWarning):
+    """A padded text batch that the model may read differently from each sequence alone (left padding on a model
+    whose positions count from column 0)."""
+
+
 class FunctionalReLUWarning(BackpropHooksWarning):
     """Some ReLUs are functional (``F.relu``): module rules cannot reach them, so they keep their gradient."""
 

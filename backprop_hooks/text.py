@@ -18,10 +18,12 @@ method of the framework sees a differentiable float input. Token scores (B, L):
   ``"last"``, the last real token, the default for causal models).
 
 Padded positions (``attention_mask == 0``) get exactly zero, and a padded batch gives each sequence the
-scores it gets alone. Every target works; on a language model's next-token logits
-(``logits=lambda out: out.logits[:, -1]``) ``Versus(foil)`` is the contrastive explanation of Yin & Neubig
-(2022), "why this token and not the foil", and ``weighted``/``max`` contrast against every other token of
-the vocabulary in the same single backward pass.
+scores it gets alone. A causal language model is explained at its next token by default: the logits at each
+row's last real token (left or right padding alike), with the absolute positions each left-padded row has
+alone (``position_ids``, see :mod:`backprop_hooks.causal`); a ``logits=`` function that reads a padding
+position is refused. Every target works; on a language model's next token ``Versus(foil)`` is the
+contrastive explanation of Yin & Neubig (2022), "why this token and not the foil", and ``weighted``/``max``
+contrast against every other token of the vocabulary in the same single backward pass.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from . import causal
 from . import methods as _methods
 from . import runtime
 from . import targets as _targets
-from .errors import InputError, ModelError, NonLinearContrastWarning, OptionError, choices
+from .errors import InputError, ModelError, NonLinearContrastWarning, OptionError, PaddingWarning, choices
 from .explanation import Explanation
 from .methods.tokens import TextLayout
 from .token_checks import check_length, check_vocabulary
-from .validate import Classes, LogitsFn, check_model
+from .validate import Classes, LogitsFn, check_logits_fn, check_model
 
 GRADIENT_METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients")
 RELEVANCE_METHODS = ("attnlrp",)
@@ -82,7 +85,7 @@ def _check_ids(input_ids: Any, attention_mask: Any, model: nn.Module):
         raise InputError(f"input_ids must be a (B, L) integer tensor of token ids, got {shape}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise InputError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
-    check_vocabulary(input_ids, _embeddings(model))
+    check_vocabulary(input_ids, embeddings(model))
     check_length(input_ids, model)
     if attention_mask is None:
         return torch.ones_like(input_ids)
@@ -102,12 +105,7 @@ def _check_ids(input_ids: Any, attention_mask: Any, model: nn.Module):
     return attention_mask
 
 
-def is_causal_model(model: nn.Module) -> bool:
-    """True when one of ``model``'s modules declares ``is_causal = True`` (Hugging Face decoder attention)."""
-    return any(getattr(m, "is_causal", False) is True for m in model.modules())
-
-
-def _embeddings(model: nn.Module) -> nn.Module:
+def embeddings(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
     if not isinstance(emb, nn.Module):
@@ -118,7 +116,7 @@ def _embeddings(model: nn.Module) -> nn.Module:
     return emb
 
 
-def _baseline(model: nn.Module, emb: nn.Module, embeds: torch.Tensor, baseline: Any) -> Any:
+def ig_baseline(model: nn.Module, emb: nn.Module, embeds: torch.Tensor, baseline: Any) -> Any:
     if isinstance(baseline, torch.Tensor) or isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
         return baseline
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
@@ -137,6 +135,34 @@ def _baseline(model: nn.Module, emb: nn.Module, embeds: torch.Tensor, baseline: 
     raise OptionError(f"unknown baseline {baseline!r}; accepted: 'pad', 'zero', a number or a tensor")
 
 
+def default_reduce(method: str, reduce: Optional[str]) -> str:
+    """The reduction over the hidden size: ``reduce`` checked, or the method's default (``"l2"`` for
+    ``gradient``/``smoothgrad``, whose signed sum vanishes behind a LayerNorm on the embeddings; else ``"sum"``)."""
+    if reduce is None:
+        reduce = "l2" if method in ("gradient", "smoothgrad") else "sum"
+    if reduce not in REDUCTIONS:
+        raise OptionError(f"unknown reduce {reduce!r}; accepted: {choices(REDUCTIONS)}")
+    return reduce
+
+
+def reduce_hidden(attributions: torch.Tensor, reduce: str) -> torch.Tensor:
+    """(..., D) -> (...): ``Σ_d`` (signed, linear in the seed), ``Σ_d |·|`` (``"l1"``) or ``‖·‖₂`` (``"l2"``)."""
+    if reduce == "sum":
+        return attributions.sum(dim=-1)
+    return attributions.abs().sum(dim=-1) if reduce == "l1" else attributions.norm(dim=-1)
+
+
+def warn_norm(reduce: str, target: _targets.Target, stacklevel: int = 3) -> None:
+    """A norm over the hidden size is not linear: say so for a contrast target."""
+    if target.contrastive:
+        warnings.warn(
+            f"reduce={reduce!r} takes a norm of the token attributions: the {target.name!r} scores are not "
+            "the per-class composition of the logit scores",
+            NonLinearContrastWarning,
+            stacklevel=stacklevel,
+        )
+
+
 def explain_text(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -153,20 +179,19 @@ def explain_text(
 ) -> Explanation:
     """Token scores (B, L) for a text model (see the module docstring).
 
-    ``logits``: selects the (B, C) logits from the model's output (default: its ``.logits``); for a language
-    model's next token ``lambda out: out.logits[:, -1]``. ``reduce``: ``"sum"`` | ``"l1"`` | ``"l2"`` over the
-    hidden size (gradient family; default ``"l2"`` for ``gradient``/``smoothgrad``, else ``"sum"``).
+    ``logits``: selects the (B, C) logits from the model's output (default: its ``.logits``; for a causal
+    language model the logits at each row's last real token, i.e. its next token). ``reduce``: ``"sum"`` |
+    ``"l1"`` | ``"l2"`` over the hidden size (gradient family; default ``"l2"`` for ``gradient``/``smoothgrad``,
+    else ``"sum"``).
     ``readout``: the token an attention method reads out (``"first"``, ``"last"`` or an index; default by
     the model's kind). ``model_kwargs``: further model inputs
     (``token_type_ids=...``). ``options`` go to the method (``n_steps=``, ``baseline=``, ``layer=``, ...).
-    ``Explanation.extras`` holds ``input_ids`` and ``attention_mask``.
+    ``Explanation.extras`` holds ``input_ids`` and ``attention_mask`` (and for a causal LM's default read-out
+    ``positions``, the column each row is read at).
     """
     if method not in TEXT_METHODS:
         raise OptionError(f"explain_text has no method {method!r}; accepted: {choices(TEXT_METHODS)}")
-    if reduce is None:
-        reduce = "l2" if method in ("gradient", "smoothgrad") else "sum"
-    if reduce not in REDUCTIONS:
-        raise OptionError(f"unknown reduce {reduce!r}; accepted: {choices(REDUCTIONS)}")
+    reduce = default_reduce(method, reduce)
     check_model(model)
     _methods.get(method).check_options(options, TEXT_KEYWORDS, "bh.explain_text")
     mask = _check_ids(input_ids, attention_mask, model)
@@ -177,23 +202,48 @@ def explain_text(
         return _explain(model, input_ids, mask, method, target, classes, logits, reduce, readout, model_kwargs, options)
 
 
+def _readout(model: nn.Module, mask: torch.Tensor, logits: Optional[LogitsFn], model_kwargs: Optional[Dict[str, Any]]):
+    """``(logits fn, model kwargs, extras)`` for a padded batch: a causal LM reads each row's next token (or the
+    user's ``logits=``, refused where it reads padding) with the positions each left-padded row has alone; any
+    other model keeps ``logits``, with a warning when it is left-padded."""
+    check_logits_fn(logits)
+    model_kwargs = dict(model_kwargs or {})
+    if not causal.is_causal(model):
+        if causal.left_padded(mask) and "position_ids" not in model_kwargs:
+            warnings.warn(
+                f"attention_mask pads on the left: {type(model).__name__} counts positions from column 0, so a "
+                "left-padded row may be explained at other positions than alone; pad on the right "
+                "(tokenizer.padding_side = 'right') or pass model_kwargs={'position_ids': ...}",
+                PaddingWarning,
+                stacklevel=4,
+            )
+        return logits, model_kwargs, {}
+    if causal.left_padded(mask) and "position_ids" not in model_kwargs and causal.takes(model, "position_ids"):
+        model_kwargs["position_ids"] = causal.position_ids(mask)
+    if logits is not None:
+        return (causal.CheckedReadout(logits, mask) if not bool(mask.all()) else logits), model_kwargs, {}
+    positions = causal.last_real(mask)
+    return causal.NextToken(positions), model_kwargs, {"positions": positions}
+
+
 def _explain(model, input_ids, mask, method, target, classes, logits, reduce, readout, model_kwargs, options):
-    emb = _embeddings(model)
+    emb = embeddings(model)
     with torch.no_grad():
         embeds = emb(input_ids)
     if not embeds.is_floating_point() or embeds.shape[:2] != input_ids.shape:
         raise ModelError(f"the input embeddings have shape {tuple(embeds.shape)}; expected (B, L, D) floats")
+    logits, model_kwargs, readout_extras = _readout(model, mask, logits, model_kwargs)
     wrapped = TextModel(model, mask, model_kwargs)
     if method in ATTENTION_METHODS:
         if readout is None:
-            readout = "last" if is_causal_model(model) else "first"
+            readout = "last" if causal.is_causal(model) else "first"
         options["layout"] = TextLayout(mask, readout)
         if method == "vit_gradcam" and options.get("layer") is not None:
             options["layer"] = f"model.{options['layer']}"
     elif readout is not None:
         raise OptionError(f"readout= is an option of the attention methods, not of {method!r}")
     if method == "integrated_gradients":
-        options["baseline"] = _baseline(model, emb, embeds, options.get("baseline"))
+        options["baseline"] = ig_baseline(model, emb, embeds, options.get("baseline"))
     explainer = _methods.create(method, wrapped, **options)
     with warnings.catch_warnings():
         if method in EMBEDDING_METHODS and reduce != "sum":
@@ -201,20 +251,11 @@ def _explain(model, input_ids, mask, method, target, classes, logits, reduce, re
         e = explainer(embeds, classes=classes, target=target, logits=logits)
     scores, linear = e.attributions, e.linear
     if method in EMBEDDING_METHODS:
-        if reduce == "sum":
-            scores = scores.sum(dim=-1)
-        else:
-            scores = scores.abs().sum(dim=-1) if reduce == "l1" else scores.norm(dim=-1)
-            linear = False
-            if _targets.get(target).contrastive:
-                warnings.warn(
-                    f"reduce={reduce!r} takes a norm of the token attributions: the {e.target!r} scores are not "
-                    "the per-class composition of the logit scores",
-                    NonLinearContrastWarning,
-                    stacklevel=3,
-                )
-        scores = scores * mask.to(scores.dtype)
-    extras = dict(e.extras, input_ids=input_ids, attention_mask=mask)
+        scores = reduce_hidden(scores, reduce) * mask.to(scores.dtype)
+        linear = linear and reduce == "sum"
+        if reduce != "sum":
+            warn_norm(reduce, _targets.get(target), stacklevel=4)
+    extras = dict(e.extras, input_ids=input_ids, attention_mask=mask, **readout_extras)
     return Explanation(
         attributions=scores,
         logits=e.logits,

@@ -57,6 +57,12 @@ def check_logits(logits: object, batch: int, source: str = "the model") -> torch
             f"{source} must return a (B, C) tensor of logits, got {type(logits).__name__}; "
             "pass logits=fn (output -> (B, C) logits) to select them, e.g. logits=lambda out: out[0]"
         )
+    if logits.dim() == 3 and logits.shape[0] == batch:
+        raise ModelOutputError(
+            f"{source} gives per-position logits of shape (B, L, V) = {tuple(logits.shape)}, as a language model "
+            "does; pick one position per sample: bh.explain_text reads a causal LM's next token after each row's "
+            "last real token by default, or pass logits=lambda out: out.logits[:, i]"
+        )
     if logits.dim() != 2 or logits.shape[0] != batch:
         raise ModelOutputError(
             f"{source} must return logits of shape (B, C) = ({batch}, C), got shape {tuple(logits.shape)}"

@@ -36,6 +36,7 @@ def test_the_text_and_hugging_face_section(tmp_path):
     namespace = run_block(block_with("text_topics.load()"))
     assert namespace["e"].attributions.shape == namespace["ids"].shape
     assert namespace["why"].attributions.shape == (1, 8)
+    assert namespace["batch"].extras["positions"].tolist() == [3, 1]  # each row's next token, padding not read
     assert namespace["r"].attributions.shape == (1, 4, 4)
     assert (tmp_path / "out" / "tokens.html").is_file()
 

@@ -138,8 +138,9 @@ def test_attention_methods_over_tokens(bert, gpt2, method):
     assert e.attributions.shape == (3, 7) and torch.isfinite(e.attributions).all()
     assert torch.all(e.attributions[mask == 0] == 0)
     gids, gmask = text_inputs("gpt2", batch=2, length=6)
-    e = bh.explain_text(gpt2, gids, gmask, method=method, target="max", logits=lambda out: out.logits[:, -1])
+    e = bh.explain_text(gpt2, gids, gmask, method=method, target="max")  # each row's next token (row 1 is padded)
     assert e.attributions.shape == (2, 6) and torch.isfinite(e.attributions).all()
+    assert torch.all(e.attributions[gmask == 0] == 0)
 
 
 def test_rollout_on_text_reads_out_the_class_token_row(bert):

@@ -48,9 +48,8 @@ class AttnLRP(Method):
     def rules(self, x):
         return self.composite.spec(self.model)
 
-    def forward(self, x, classes, target):
-        with self.composite.functions(x):
-            return super().forward(x, classes, target)
+    def forward_context(self, x):
+        return self.composite.functions(x)
 
     def attribute(self, x, logits, seed):
         return x.detach() * grad(logits, x, seed)

@@ -11,7 +11,8 @@ The logits are the model's output when it is a (B, C) tensor, its tensor ``.logi
 Face ``ModelOutput``) or its ``"logits"`` key (a dict). Any other output needs ``logits=fn`` (output ->
 (B, C) logits), a per-call option of every method: ``method(x, classes, target, logits=fn)``, and
 ``bh.explain(..., logits=fn)``. Examples: ``lambda out: out[0]`` (a tuple), ``lambda out: out.logits[:, -1]``
-(a causal language model's next token), ``lambda out: out["scores"]`` (a detection head's class scores).
+(a causal language model's next token on an unpadded batch; ``bh.explain_text`` reads padded ones right),
+``lambda out: out["scores"]`` (a detection head's class scores).
 
 Where it runs: every call enables gradients and leaves inference mode inside the call only (so it works
 under ``torch.no_grad()`` and ``torch.inference_mode()``, on inference tensors, with the same numbers),
@@ -25,9 +26,10 @@ the original model. See :mod:`backprop_hooks.runtime`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
 import weakref
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, ClassVar, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -150,12 +152,19 @@ class Method:
                 self.release()
                 self.logits_fn, self.run = None, self.model
 
+    def forward_context(self, x: torch.Tensor) -> ContextManager:
+        """What the method's forward pass runs inside (function-level rules); nothing by default."""
+        return contextlib.nullcontext()
+
+    def model_output(self, x: torch.Tensor) -> Any:
+        """Run the call's forward on ``x`` inside :meth:`forward_context`: the model's raw output."""
+        with forward_errors(self.model, x), self.forward_context(x):
+            return self.run(x)
+
     def model_logits(self, x: torch.Tensor, samples: Optional[int] = None) -> torch.Tensor:
         """Run the call's forward on ``x`` and select the (B, C) logits; typed errors for both steps and, with
         ``check_finite``, for NaN or Inf logits (``samples``: ``x`` stacks points of that many samples)."""
-        with forward_errors(self.model, x):
-            output = self.run(x)
-        logits = self.logits(output, x.shape[0])
+        logits = self.logits(self.model_output(x), x.shape[0])
         if not self.check_finite:
             return logits
         return check_finite_logits(logits, samples, f" at the points {self.name} evaluates" if samples else "")
@@ -247,9 +256,31 @@ class Method:
         return f"{type(self).__name__}(model={type(self.model).__name__})"
 
 
+_SEVERAL_SEEDS: contextvars.ContextVar[Tuple[bool, bool]] = contextvars.ContextVar(
+    "several_seeds", default=(False, False)
+)
+
+
+@contextlib.contextmanager
+def several_seeds(batched: bool = False) -> Iterator[None]:
+    """Inside, :func:`grad` keeps the autograd graph, so one forward pass serves several seeds (``retain_graph``);
+    with ``batched``, a seed with a leading axis of ``k`` is ``k`` seeds in one backward pass
+    (``is_grads_batched``: the vector-Jacobian products vectorised), and each gradient gets that axis."""
+    token = _SEVERAL_SEEDS.set((True, batched))
+    try:
+        yield
+    finally:
+        _SEVERAL_SEEDS.reset(token)
+
+
 def grad(outputs: torch.Tensor, inputs, seed: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """One seeded vector-Jacobian product; parameters' ``.grad`` are never touched."""
+    """One seeded vector-Jacobian product; parameters' ``.grad`` are never touched (see :func:`several_seeds`)."""
     single = isinstance(inputs, torch.Tensor)
-    grads = torch.autograd.grad(outputs, [inputs] if single else list(inputs), grad_outputs=seed, allow_unused=True)
-    grads = tuple(torch.zeros_like(i) if g is None else g for i, g in zip([inputs] if single else inputs, grads))
+    inputs = [inputs] if single else list(inputs)
+    retain, batched = _SEVERAL_SEEDS.get()
+    grads = torch.autograd.grad(
+        outputs, inputs, grad_outputs=seed, allow_unused=True, retain_graph=retain or None, is_grads_batched=batched
+    )
+    lead = seed.shape[:1] if batched else ()
+    grads = tuple(i.new_zeros(*lead, *i.shape) if g is None else g for i, g in zip(inputs, grads))
     return grads[0] if single else grads

@@ -13,6 +13,7 @@ from torch import nn
 
 from backprop_hooks.rules.attention import is_attention
 
+from ..causal import last_real
 from ..errors import OptionError, TokenLayoutError
 from .layers import get_module
 
@@ -72,8 +73,7 @@ class TextLayout:
         if readout == "first":
             self.readout_index = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
         elif readout == "last":
-            positions = torch.arange(length, device=mask.device).expand_as(mask)
-            self.readout_index = (positions * (mask != 0)).amax(dim=1)
+            self.readout_index = last_real(mask)
         elif isinstance(readout, int) and -length <= readout < length:
             self.readout_index = torch.full((mask.shape[0],), readout % length, dtype=torch.long, device=mask.device)
         else:
