@@ -108,6 +108,9 @@ class Target:
         classes = torch.arange(c, device=logits.device).repeat(b)
         return self.potential(stacked, classes).view(b, c)
 
+    def check_explained(self, logits: torch.Tensor, classes: torch.Tensor) -> None:
+        """Refuse ``classes`` the target cannot explain at ``logits`` (``Versus``: a class against itself)."""
+
     def check(self, num_classes: int) -> None:
         if num_classes < self.min_classes:
             raise ClassIndexError(
@@ -255,11 +258,10 @@ class Versus(Target):
     def _other(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         return check_classes(self.other, logits, what="Versus class")
 
-    def seed(self, logits, classes):
-        """``e_t − e_s``; a sample whose foil ``s`` is its own class ``t`` (``y_t − y_t = 0``, an empty map) is a
+    def check_explained(self, logits, classes):
+        """A sample whose foil ``s`` is its own class ``t`` (``y_t − y_t = 0``, an empty map) is a
         :class:`ClassIndexError` (one host synchronisation)."""
-        other = self._other(logits, classes)
-        same = other == classes
+        same = self._other(logits, classes) == classes
         if bool(same.any()):
             rows = same.nonzero().flatten()
             raise ClassIndexError(
@@ -267,7 +269,9 @@ class Versus(Target):
                 "themselves (y_t - y_t = 0, an empty map); pick a foil other than the explained class, or "
                 "target='max' (the runner-up)"
             )
-        return _onehot(logits, classes) - _onehot(logits, other)
+
+    def seed(self, logits, classes):
+        return _onehot(logits, classes) - _onehot(logits, self._other(logits, classes))
 
     def objective(self, logits, classes):
         return _pick(logits, classes) - _pick(logits, self._other(logits, classes))

@@ -289,6 +289,13 @@ def test_option_typos_name_the_methods_options():
     )
 
 
+def test_explain_generation_checks_options_before_generating():
+    gpt2 = build("gpt2")
+    prompt = torch.randint(2, VOCAB, (1, 4))
+    message = r"bh.explain_generation with method 'smoothgrad' has no option 'n_sample' \(did you mean 'n_samples'"
+    refused(errors.OptionError, message, bh.explain_generation, gpt2, prompt, method="smoothgrad", n_sample=2)
+
+
 def test_compare_checks_every_methods_options_before_explaining(monkeypatch):
     model, x = cnn(), torch.rand(1, 3, 6, 6, dtype=torch.float64)
     calls = []

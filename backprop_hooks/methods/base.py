@@ -210,6 +210,7 @@ class Method:
         logits = self.model_logits(x)
         target.check(logits.shape[1])
         classes = check_classes(usable(classes), logits)
+        target.check_explained(logits, classes)
         return logits, classes, target.seed(logits.detach(), classes)
 
     def __call__(
