@@ -59,9 +59,10 @@ def check_logits(logits: object, batch: int, source: str = "the model") -> torch
         )
     if logits.dim() == 3 and logits.shape[0] == batch:
         raise ModelOutputError(
-            f"{source} gives per-position logits of shape (B, L, V) = {tuple(logits.shape)}, as a language model "
-            "does; pick one position per sample: bh.explain_text reads a causal LM's next token after each row's "
-            "last real token by default, or pass logits=lambda out: out.logits[:, i]"
+            f"{source} must return logits of shape (B, C) = ({batch}, C), got shape {tuple(logits.shape)}: "
+            "per-position logits (B, L, V), as a language model's? Pick one position per sample: bh.explain_text "
+            "reads a causal LM's next token after each row's last real token by default; or pass logits=fn, e.g. "
+            "logits=lambda out: out.logits[:, i]"
         )
     if logits.dim() != 2 or logits.shape[0] != batch:
         raise ModelOutputError(

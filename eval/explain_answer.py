@@ -23,7 +23,7 @@ import backprop_hooks as bh
 from backprop_hooks.errors import UsageError, WeightsUnavailableError
 from backprop_hooks.generation import GENERATION_METHODS
 
-DEFAULT_PROMPT = "The break statement, like continue, may only occur syntactically nested in a for or while"
+DEFAULT_PROMPT = 'A "break" statement executed in the first suite terminates the loop without executing the'
 
 
 def load(model: Any) -> Tuple[Any, Any]:
@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if g.foil_ids is not None:
         foil = "".join(g.tokens(foil=True)[0][g.prompt_length :])
         line += f"; foil {foil!r}: p = {float(g.foil_probabilities[0].prod()):.3g}"
-    print(f"{line}; {g.target} of the answer: {float(g.potential[0]):+.4g} ({args.method})")
+    what = f"{g.target} of the answer" + (" minus the foil's" if g.foil_ids is not None else "")
+    print(f"{line}; {what}: {float(g.potential[0]):+.4g} ({args.method})")
     pro, con = strongest(g)
     print("  for:     " + ", ".join(f"{t!r} {s:+.3g}" for t, s in pro))
     print("  against: " + ", ".join(f"{t!r} {s:+.3g}" for t, s in con))

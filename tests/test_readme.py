@@ -44,7 +44,8 @@ def test_the_text_and_hugging_face_section(tmp_path):
 def test_the_attnlrp_section(tmp_path):
     namespace = run_block(block_with("python_docs_lm.load()"))
     assert [row[2].split("(")[-1] for row in namespace["rows"]] == ["logit)", "weighted)", "versus)"]
-    assert namespace["tokenizer"].vocab[namespace["correct"]] == "clause"
+    assert namespace["tokenizer"].decode(namespace["correct"]) == " clause"
+    assert namespace["words"][:3] == ["<|endoftext|>", "A", '"']  # BOS from the tokenizer, tokens as words
     assert (tmp_path / "out" / "next_token.png").is_file() and (tmp_path / "out" / "next_token.html").is_file()
 
 

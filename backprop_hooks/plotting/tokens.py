@@ -6,7 +6,8 @@ symmetric by the largest absolute score of each sequence).
 * :func:`html` / :func:`save_html`: a self-contained HTML page (inline styles, no script, no external file),
   each token's score in its tooltip; :func:`fragment`: the same without the page, for a notebook;
 * :func:`terminal`: the same colours as ANSI 24-bit backgrounds (``color=False``: ``token(+0.42)``);
-* :func:`figure`: a matplotlib figure of the rows with a colour bar (PNG in notebooks and README figures).
+* :func:`figure`: a matplotlib figure of the rows with a colour bar (PNG in notebooks and README figures);
+* :func:`readable`: a tokenizer's tokens as people read them (byte-level BPE's ``Ġ`` as a space).
 
 Padded positions (``attention_mask == 0``) are not shown.
 """
@@ -169,3 +170,22 @@ def figure(rows_: Sequence[Row], width: float = 8.0, fontsize: float = 10.0, dpi
     scale = ScalarMappable(Normalize(-1.0, 1.0), "bwr")
     colorbar(fig, scale, "red: for t, blue: against t (per sequence, ÷ its largest |score|)", cax=cax)
     return fig
+
+
+_INVISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥"}
+
+
+def readable(tokenizer, strip: bool = True) -> Callable[[Sequence[int]], List[str]]:
+    """A function of a sequence's ids that returns its tokens as people read them (for ``rows``, ``named`` and
+    the plots): each token decoded alone, so byte-level BPE's ``Ġ`` is a space again, special tokens as they are;
+    ``strip``: without the surrounding spaces (a token of spaces alone shows as ``␣``)."""
+
+    def strings(ids: Sequence[int]) -> List[str]:
+        out = []
+        for i in ids:
+            text = tokenizer.decode([int(i)])
+            shown = text.strip() if strip else text
+            out.append(shown or "".join(_INVISIBLE.get(c, c) for c in text) or "∅")
+        return out
+
+    return strings
