@@ -33,7 +33,8 @@ def explain(
     (output -> (B, C)), e.g. ``logits=lambda out: out[0]``. Token ids go to :func:`backprop_hooks.explain_text`,
     which reads a causal LM's next token after each row's last real token.
     """
-    return _methods.get(method)(model, **options)(x, classes=classes, target=target, logits=logits)
+    _methods.get(method).check_options(options, ("target", "classes", "logits"), "bh.explain")
+    return _methods.create(method, model, **options)(x, classes=classes, target=target, logits=logits)
 
 
 @dataclass
@@ -125,7 +126,7 @@ def compare(
     if unknown:
         raise OptionError(f"options are given for {unknown}, which are not among the methods {methods}")
     for method in methods:
-        _methods.get(method)
+        _methods.get(method).check_options(options.get(method, {}))
     keys = list(dict.fromkeys(_targets.get(t).key for t in targets))
     if classes is not None and isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] == 1:
         count = torch.as_tensor(classes).numel()

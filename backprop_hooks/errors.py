@@ -29,7 +29,7 @@ class ClassIndexError(BackpropHooksError, ValueError):
 
 
 class ModelOutputError(BackpropHooksError, ValueError):
-    """The model's output is not a (B, C) tensor of logits matching the input's batch."""
+    """The model's output is not a (B, C) tensor of logits matching the input's batch, or holds NaN or Inf."""
 
 
 class ForwardError(BackpropHooksError, RuntimeError):

@@ -55,6 +55,7 @@ from .text import TextModel, default_reduce, embeddings, ig_baseline, reduce_hid
 from .validate import check_classes, check_model
 
 GENERATION_METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", "attnlrp")
+GENERATION_KEYWORDS = ("answer_ids", "target", "foil_ids", "attention_mask", "per_step", "tokenizer", "reduce")
 
 
 def explain_generation(
@@ -90,6 +91,7 @@ def explain_generation(
     if method not in GENERATION_METHODS:
         raise OptionError(f"explain_generation has no method {method!r}; accepted: {choices(GENERATION_METHODS)}")
     check_model(model)
+    _methods.get(method).check_options(options, GENERATION_KEYWORDS, "bh.explain_generation")
     reduce = default_reduce(method, reduce)
     target = _targets.get(target)
     prompts, answers, foils = _rows(model, input_ids, answer_ids, foil_ids, attention_mask, tokenizer, chat)
@@ -238,7 +240,7 @@ def _explain(model, emb, lay, method, target, per_step, reduce, batch_steps, mod
     if method == "integrated_gradients":
         options["baseline"] = ig_baseline(model, emb, embeds, options.get("baseline"))
     wrapped = TextModel(model, lay.mask, _model_kwargs(model, lay, model_kwargs))
-    explainer = _methods.get(method)(wrapped, **options)
+    explainer = _methods.create(method, wrapped, **options)
     with explainer.session(None):
         x, target = explainer.prepare(embeds, target)
         spec = explainer.rules(x)

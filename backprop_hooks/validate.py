@@ -21,11 +21,23 @@ def check_model(model: object, what: str = "model must be") -> nn.Module:
     return model
 
 
-def check_input(x: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
-    """Check that ``x`` is a floating (B, ...) tensor with a batch dimension and finite values."""
+def check_input(x: torch.Tensor, check_finite: bool = True, embeds_tokens: bool = False) -> torch.Tensor:
+    """Check that ``x`` is a floating (B, ...) tensor with a batch dimension and finite values. ``embeds_tokens``:
+    the model embeds token ids (``get_input_embeddings()``), so integer (B, L) input is pointed to explain_text."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"input must be a torch.Tensor of shape (B, C, H, W) or (B, F), got {type(x).__name__}")
     if not x.is_floating_point():
+        integer = not x.is_complex() and x.dtype != torch.bool
+        if integer and x.dim() == 2:
+            text = "bh.explain_text(model, input_ids, attention_mask, method, target)"
+            if embeds_tokens:
+                raise InputError(
+                    f"input is an integer (B, L) tensor (dtype {x.dtype}), token ids: explain them with {text}"
+                )
+            raise InputError(
+                f"input must be a floating-point tensor (float32/float64/...), got dtype {x.dtype}; use x.float(), "
+                f"or, for the token ids of a text model, {text}"
+            )
         raise InputError(
             f"input must be a floating-point tensor (float32/float64/...), got dtype {x.dtype}; use x.float()"
         )
@@ -60,6 +72,24 @@ def check_logits(logits: object, batch: int, source: str = "the model") -> torch
     if not logits.is_floating_point():
         raise ModelOutputError(f"the logits must be floating point, got dtype {logits.dtype}")
     return logits
+
+
+def check_finite_logits(logits: torch.Tensor, samples: Optional[int] = None, where: str = "") -> torch.Tensor:
+    """``logits`` when every value is finite (one host synchronisation), else a :class:`ModelOutputError` naming
+    the samples and how many classes are NaN or Inf. ``samples``: the logits stack points of that many samples
+    (row ``r`` belongs to sample ``r mod samples``); ``where``: where the points are, for the message."""
+    if bool(torch.isfinite(logits).all()):
+        return logits
+    bad = (~torch.isfinite(logits.detach())).sum(dim=1)
+    rows = bad.nonzero().flatten()
+    names = sorted(set((rows % samples if samples else rows).tolist()))
+    counts = sorted(set(bad[rows].tolist()), reverse=True)
+    count = str(counts[0]) if len(counts) == 1 else f"{counts[-1]} to {counts[0]}"
+    shown = str(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    raise ModelOutputError(
+        f"the model's logits are NaN or Inf{where} in samples {shown} ({count} of {logits.shape[1]} classes): "
+        "check the model's weights and the input's dtype (float16 overflows past 65504)"
+    )
 
 
 def check_logits_fn(logits: Optional[LogitsFn]) -> Optional[LogitsFn]:

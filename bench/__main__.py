@@ -56,7 +56,7 @@ def explain_fn(method: str, model, x, t, target: str, layer) -> Callable:
     options = dict(METHOD_OPTIONS.get(method, {}))
     if layer is not None and method in ("gradcam", "xgradcam", "linear_approx", "guided_gradcam", "vit_gradcam"):
         options["layer"] = layer
-    m = bh.methods.get(method)(model, **options)
+    m = bh.methods.create(method, model, **options)
     return lambda: m(x, classes=t, target=target)
 
 

@@ -105,7 +105,7 @@ class _ManyPoints(Method):
             for start, k in _chunks(k_total, per_chunk):
                 xs = self.points(x, start, k).reshape(k * batch, *x.shape[1:]).detach().requires_grad_(True)
                 with attach(self.model, self.rules(xs)):
-                    out = self.model_logits(xs)
+                    out = self.model_logits(xs, samples=batch)
                     if self.pointwise:  # the gradient of the potential at each point
                         s = target.seed(out.detach(), classes.repeat(k))
                     else:
