@@ -37,7 +37,7 @@ from . import methods as _methods
 from . import targets as _targets
 from .answer import AnswerExplanation
 from .attach import attach
-from .errors import InputError, NonLinearContrastWarning, OptionError, choices
+from .errors import InputError, ModelOutputError, NonLinearContrastWarning, OptionError, choices
 from .generation_inputs import (
     Layout,
     as_batch,
@@ -51,6 +51,7 @@ from .generation_inputs import (
 )
 from .methods.base import grad, several_seeds
 from .methods.gradient import _chunks, _ManyPoints
+from .token_checks import check_length, check_vocabulary
 from .text import TextModel, default_reduce, embeddings, ig_baseline, reduce_hidden, warn_norm
 from .validate import check_classes, check_model
 
@@ -107,7 +108,8 @@ def explain_generation(
     emb = embeddings(model)
     device = emb.weight.device if isinstance(getattr(emb, "weight", None), torch.Tensor) else None
     lay = layout(prompts, answers + (foils or []), pad_id(model, tokenizer), device)
-    _check_vocabulary(lay, emb)
+    check_vocabulary(lay.ids, emb)
+    check_length(lay.ids, model)
     with runtime.explaining(model):
         parts = _explain(model, emb, lay, method, target, per_step, reduce, batch_steps, model_kwargs, options)
     total, matrix, logits_parts, linear = parts
@@ -165,19 +167,6 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], str))
 
 
-def _check_vocabulary(lay: Layout, emb: nn.Module) -> None:
-    size = getattr(emb, "num_embeddings", None)
-    if not isinstance(size, int):
-        return
-    bad = ((lay.ids < 0) | (lay.ids >= size)) & (lay.mask == 1)
-    if bool(bad.any()):
-        row, column = bad.nonzero()[0].tolist()
-        raise InputError(
-            f"token id {int(lay.ids[row, column])} (sequence {row}, position {column}) is outside the vocabulary "
-            f"of {size} tokens (ids 0..{size - 1})"
-        )
-
-
 def _model_kwargs(model: nn.Module, lay: Layout, given: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """Positions each row has alone, no KV cache, and only the logits the steps read (``logits_to_keep``)."""
     kwargs = dict(given or {})
@@ -201,6 +190,7 @@ def step_seeds(target: _targets.Target, logits: torch.Tensor, steps: torch.Tenso
     """``(seeds (R, c, V), probabilities (R, c), potentials (R, c))`` of every step's target (``target`` already
     spread over the steps, see :func:`per_step_target`), zero at padded steps."""
     rows, c, vocab = logits.shape
+    _check_finite(logits, step_mask)
     flat = logits.reshape(rows * c, vocab)
     real = step_mask.reshape(-1).bool()
     classes = check_classes(steps.reshape(-1), flat, what="answer token")
@@ -211,6 +201,17 @@ def step_seeds(target: _targets.Target, logits: torch.Tensor, steps: torch.Tenso
     except NotImplementedError:
         potentials = torch.full_like(probabilities, float("nan"))
     return seeds.view(rows, c, vocab), probabilities.view(rows, c), potentials.view(rows, c)
+
+
+def _check_finite(logits: torch.Tensor, step_mask: torch.Tensor) -> None:
+    """A :class:`ModelOutputError` naming the sequences and steps whose logits hold NaN or Inf (one host sync)."""
+    bad = ~torch.isfinite(logits).all(dim=2) & step_mask.bool()
+    if bool(bad.any()):
+        rows, steps = (sorted(set(v.tolist())) for v in bad.nonzero().unbind(1))
+        raise ModelOutputError(
+            f"the model's logits are NaN or Inf at answer steps {steps[:10]} of sequences {rows[:10]} (answers first, "
+            "then foils): check the model's weights and the input's dtype (float16 overflows past 65504)"
+        )
 
 
 def per_step_target(target: _targets.Target, lay: Layout, vocab: int, copies: int = 1) -> _targets.Target:

@@ -201,9 +201,19 @@ def test_bad_requests_get_typed_errors(lms):
         (dict(answer_ids=torch.tensor([[6], [7], [8]])), bh.errors.InputError, "3 rows for 1 prompts"),
         (dict(target=bh.targets.Versus(torch.tensor([[1, 2, 3, 4]]))), bh.errors.OptionError, "per-step Versus"),
         (dict(reduce="max"), bh.errors.OptionError, "reduce"),
+        (dict(n_step=3), bh.errors.OptionError, "did you mean"),
+        (dict(input_ids=torch.randint(2, VOCAB, (1, 31))), bh.errors.InputError, "33 tokens, the model has 32"),
     ]
     for change, error, message in cases:
         kw = dict(input_ids=prompt, answer_ids=answer)
         kw.update(change)
         with pytest.raises(error, match=message):
             bh.explain_generation(model, **kw)
+
+
+def test_non_finite_logits_name_the_steps():
+    broken = build("gpt2")
+    with torch.no_grad():
+        broken.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(bh.errors.ModelOutputError, match=r"NaN or Inf at answer steps \[0, 1\] of sequences \[0\]"):
+        bh.explain_generation(broken, torch.tensor([[3, 4, 5]]), torch.tensor([[6, 7]]))
