@@ -62,7 +62,7 @@ def figure(result: ClassExplanations, title: str, max_rows: int = DEFAULT_MAX_RO
     if result.method in CLASS_INDEPENDENT:
         title += f"\n({result.method} does not depend on the class: every row and column shows the same map)"
     labels = [f"{result.method} of {objective(k)}\n{legend(result.maps(k))}" for k in keys]
-    layer_alpha, percentile = plotted.scale(next(iter(result.explanations.values())))
+    layer_alpha, percentile = plotted.method_scale(next(iter(result.explanations.values())))
     return drawing.explanation_grid(
         result.image,
         [result.maps(k)[:shown] for k in keys],
