@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 COMPARE_SCALES = ("column", "row", "panel")
 SCALE_NOTES = {
     "column": "each method × target ÷ its limit over the rows",
-    "row": "each method and row ÷ its limit over the targets",
-    "panel": "each panel ÷ its own limit",
+    "row": "each method and row ÷ its limit over the targets (beneath each panel)",
+    "panel": "each panel ÷ its own limit (beneath it)",
 }
 
 
@@ -108,9 +108,8 @@ def comparison_figure(
         heading = labels.target_title(key, names) if names is not None or not key.startswith("versus:") else key
         axes[0, k + 1].set_title(heading, fontsize=9)
     legend = "red: magnitude (no sign)" if sign == "positive" else "red: for t, blue: against t"
-    pixel = " (pixel-space methods: the 99th percentile of |value|)" if any(p < 100 for p in percentiles) else ""
-    limit_note = "" if scale == "column" else ", beneath it"
-    label = f"{legend}\nscale ({scale!r}): {SCALE_NOTES[scale]}{limit_note}; ±1 = that limit\n(max |value|{pixel})"
+    pixel = "; pixel-space methods: the 99th percentile of |value|" if any(p < 100 for p in percentiles) else ""
+    label = f"{legend}\nscale={scale!r}: {SCALE_NOTES[scale]}\n(limit: max |value|{pixel})"
     under(fig, artist, list(axes[:, 1:].flat), label)
     shown = "" if len(row_list) == batch * len(methods) else f" (the first {len(row_list)} rows)"
     fig.suptitle((title or "methods × targets") + shown, fontsize=10)

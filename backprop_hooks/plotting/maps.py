@@ -3,7 +3,8 @@
 Conventions (paper and review): maps are bilinearly upsampled to the input (``Explanation.maps``), drawn
 over the image at alpha 0.5 with a diverging colour scale centred on zero: red positive, blue negative,
 white zero, symmetric by the largest absolute value (``bwr`` with ``vmin = -m``, ``vmax = m``). A map
-without sign (a magnitude: gradient norms, rollouts) is drawn in one hue on [0, m] (``Reds``).
+without sign (a magnitude: gradient norms, rollouts) is drawn in one hue on [0, m]: ``bwr``'s red half, so that
+a red means the same strength in a signed panel beside it.
 Pixel-space maps (gradients) use a scale clipped at a percentile of |value|, each pixel as opaque as it is
 strong (:func:`overlay` with ``alpha=None``).
 """
@@ -84,14 +85,17 @@ def sign_of(maps: ArrayLike) -> str:
     return "signed"
 
 
-def colour_range(sign: str, m: float) -> Tuple[str, float, float]:
+def colour_range(sign: str, m: float) -> Tuple[Any, float, float]:
     """``(cmap, vmin, vmax)`` for maps of ``sign`` on the half-range ``m``: ``bwr`` on [-m, m] for signed maps,
-    one hue on the half that holds values otherwise (``Reds`` on [0, m], ``Blues_r`` on [-m, 0])."""
-    if sign == "positive":
-        return "Reds", 0.0, m
-    if sign == "negative":
-        return "Blues_r", -m, 0.0
-    return CMAP, -m, m
+    otherwise the half of ``bwr`` that holds values (white to red on [0, m], blue to white on [-m, 0])."""
+    if sign == "signed":
+        return CMAP, -m, m
+    from matplotlib import colormaps
+    from matplotlib.colors import LinearSegmentedColormap
+
+    half = np.linspace(0.5, 1.0, 128) if sign == "positive" else np.linspace(0.0, 0.5, 128)
+    cmap = LinearSegmentedColormap.from_list(f"{CMAP}_{sign}", colormaps[CMAP](half))
+    return cmap, *((0.0, m) if sign == "positive" else (-m, 0.0))
 
 
 def symmetric_limit(maps: ArrayLike, percentile: float = 100.0) -> float:
