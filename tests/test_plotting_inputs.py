@@ -49,6 +49,7 @@ FORMATS = {
     "0-255 float tensor": lambda: CAT * 255,
     "PIL image": lambda: Image.fromarray(UINT8),
     "float (H, W, 3) array in [0, 1]": lambda: CAT.permute(1, 2, 0).numpy(),
+    "bfloat16 tensor": lambda: CAT.bfloat16(),
 }
 
 

@@ -62,8 +62,12 @@ def _get(source: Any, key: str) -> Any:
 
 
 def to_float(value: Any) -> Any:
-    """A tensor as a numpy array (detached, on the CPU; dtype kept), anything else unchanged."""
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    """A tensor as a numpy array (detached, on the CPU; integers keep their dtype, floats become float32 or
+    float64), anything else unchanged."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach().cpu()
+    return (value.float() if value.is_floating_point() and value.dtype != torch.float64 else value).numpy()
 
 
 def _array(image: Any) -> np.ndarray:
