@@ -295,7 +295,7 @@ def test_scaling_sweeps_and_report(monkeypatch, tmp_path):
 def test_the_harness_prints_progress_and_the_table_without_noise(tmp_path, capfd):
     """``python -m bench``: a line per case, then the table; not the profiler's ``USDT`` lines, the CPU
     allocator's warning or pytorch-grad-cam's "target_layers is ignored" (FullGrad)."""
-    argv = ["--models", "resnet18@10", "--batch", "1", "--size", "32", "--methods", "gradient", "fullgrad"]
+    argv = ["--models", "resnet18@10", "--batch", "1", "--size", "32", "--methods", "fullgrad"]
     assert harness.main(argv + ["--targets", "logit", "--repeats", "1", "--out", str(tmp_path)]) == 0
     out, err = capfd.readouterr()
     assert "[1/1] resnet18@10 batch 1: " in err and "| resnet18@10 | 1 | fullgrad | logit | pytorch-grad-cam |" in out
