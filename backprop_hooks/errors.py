@@ -116,6 +116,10 @@ class PaddingWarning(BackpropHooksWarning):
     whose positions count from column 0)."""
 
 
+class ImageRangeWarning(BackpropHooksWarning):
+    """An image to draw is neither in [0, 1] nor on the 0-255 scale (it looks normalised): drawn stretched."""
+
+
 class FunctionalReLUWarning(BackpropHooksWarning):
     """Some ReLUs are functional (``F.relu``): module rules cannot reach them, so they keep their gradient."""
 

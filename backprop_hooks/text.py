@@ -40,6 +40,7 @@ from . import runtime
 from . import targets as _targets
 from .errors import InputError, ModelError, NonLinearContrastWarning, OptionError, PaddingWarning, choices
 from .explanation import Explanation
+from .api import model_class_names
 from .methods.tokens import TextLayout
 from .token_checks import check_length, check_vocabulary
 from .validate import Classes, LogitsFn, check_logits_fn, check_model
@@ -187,7 +188,8 @@ def explain_text(
     the model's kind). ``model_kwargs``: further model inputs
     (``token_type_ids=...``). ``options`` go to the method (``n_steps=``, ``baseline=``, ``layer=``, ...).
     ``Explanation.extras`` holds ``input_ids`` and ``attention_mask`` (and for a causal LM's default read-out
-    ``positions``, the column each row is read at).
+    ``positions``, the column each row is read at), and the model's class names when its config names them
+    (``id2label``).
     """
     if method not in TEXT_METHODS:
         raise OptionError(f"explain_text has no method {method!r}; accepted: {choices(TEXT_METHODS)}")
@@ -256,6 +258,9 @@ def _explain(model, input_ids, mask, method, target, classes, logits, reduce, re
         if reduce != "sum":
             warn_norm(reduce, _targets.get(target), stacklevel=4)
     extras = dict(e.extras, input_ids=input_ids, attention_mask=mask, **readout_extras)
+    names = model_class_names(model)  # a Hugging Face config's id2label names the classes in plots
+    if names is not None:
+        extras.setdefault("class_names", names)
     return Explanation(
         attributions=scores,
         logits=e.logits,
