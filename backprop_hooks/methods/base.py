@@ -34,6 +34,8 @@ from torch import nn
 
 from .. import targets as _targets
 from ..attach import RuleSpec, attach
+from ..checkpointing import gradients
+from ..precision import widen
 from ..errors import (
     CompiledModelWarning,
     NonLinearContrastWarning,
@@ -44,6 +46,7 @@ from ..errors import (
 from ..explanation import Explanation
 from ..runtime import check_parameters, eager_call, explaining, forward_errors, is_compiled, unwrap, usable
 from ..validate import Classes, LogitsFn, check_classes, check_input, check_logits_fn, check_model, select_logits
+from ..validate import training_effects
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
 _WARNED_EAGER: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
@@ -145,10 +148,12 @@ class Method:
 
     # -- the template ------------------------------------------------------------------------------
     def prepare(self, x: torch.Tensor, target: Any) -> Tuple[torch.Tensor, _targets.Target]:
-        if self.model.training:
+        effects = training_effects(self.model) if self.model.training else []
+        if effects:  # training mode with no dropout and no batch statistics (gradient checkpointing) is fine
             warnings.warn(
-                f"{type(self.model).__name__} is in training mode: its forward pass updates BatchNorm running "
-                "statistics and applies dropout; call model.eval() before explaining",
+                f"{type(self.model).__name__} is in training mode, which changes its forward pass: active dropout "
+                f"or batch statistics in {choices(effects, 3)}; call model.eval() before explaining (or set every "
+                "dropout to 0, as gradient checkpointing in training mode needs)",
                 TrainingModeWarning,
                 stacklevel=3,
             )
@@ -160,7 +165,7 @@ class Method:
         logits = self.model_logits(x)
         target.check(logits.shape[1])
         classes = check_classes(usable(classes), logits)
-        return logits, classes, target.seed(logits.detach(), classes)
+        return logits, classes, target.seed(widen(logits.detach()), classes)  # float32 for a half-precision model
 
     def __call__(
         self, x: torch.Tensor, classes: Classes = None, target: Any = "logit", logits: Optional[LogitsFn] = None
@@ -209,6 +214,6 @@ class Method:
 def grad(outputs: torch.Tensor, inputs, seed: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """One seeded vector-Jacobian product; parameters' ``.grad`` are never touched."""
     single = isinstance(inputs, torch.Tensor)
-    grads = torch.autograd.grad(outputs, [inputs] if single else list(inputs), grad_outputs=seed, allow_unused=True)
+    grads = gradients(outputs, [inputs] if single else list(inputs), seed, allow_unused=True)
     grads = tuple(torch.zeros_like(i) if g is None else g for i, g in zip([inputs] if single else inputs, grads))
     return grads[0] if single else grads
