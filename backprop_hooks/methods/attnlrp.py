@@ -15,6 +15,7 @@ from typing import Any, Union
 
 from backprop_hooks.rules.attnlrp import AttnLRPComposite, get_attnlrp_composite
 
+from ..precision import widen
 from .base import Method, grad, register
 
 
@@ -45,4 +46,4 @@ class AttnLRP(Method):
             return super().forward(x, classes, target)
 
     def attribute(self, x, logits, seed):
-        return x.detach() * grad(logits, x, seed)
+        return widen(x.detach()) * widen(grad(logits, x, seed))  # exact products for half-precision factors
