@@ -108,6 +108,21 @@ def test_rules_do_not_act_on_a_recomputation(other_thread):
     assert len(runs) == 2 and counted.calls == 1
 
 
+def test_function_rules_do_not_act_on_a_recomputation():
+    """The attention capture replaces SDPA by a deferred node: the recomputation (without it: autograd runs the
+    backward pass without the forward's torch-function modes) matches, and each layer is recorded once."""
+    from backprop_hooks.rules.attention import AttentionCapture
+
+    model = _lm.enable_checkpointing(_lm.build("llama"))
+    ids, mask = _lm.inputs("llama")
+    capture = AttentionCapture()
+    x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with capture.recording(), _lm.threads_of(model.model.layers[0].self_attn) as runs:
+        logits = model(inputs_embeds=x, attention_mask=mask).logits[:, -1]
+        torch.autograd.grad(logits.sum(), x)
+    assert len(runs) == 2 and len(capture.shapes) == len(model.model.layers)
+
+
 def test_recomputing_is_false_outside_a_backward_pass_and_in_a_reentrant_one():
     from backprop_hooks import checkpointing
 
