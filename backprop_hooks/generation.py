@@ -51,6 +51,7 @@ from .generation_inputs import (
 )
 from .methods.base import grad, several_seeds
 from .methods.gradient import _chunks, _ManyPoints
+from .precision import accumulation_dtype, widen
 from .token_checks import check_length, check_vocabulary
 from .text import TextModel, default_reduce, embeddings, ig_baseline, reduce_hidden, warn_norm
 from .validate import check_classes, check_model
@@ -191,7 +192,7 @@ def step_seeds(target: _targets.Target, logits: torch.Tensor, steps: torch.Tenso
     spread over the steps, see :func:`per_step_target`), zero at padded steps."""
     rows, c, vocab = logits.shape
     _check_finite(logits, step_mask)
-    flat = logits.reshape(rows * c, vocab)
+    flat = widen(logits).reshape(rows * c, vocab)  # float32 for a half-precision model
     real = step_mask.reshape(-1).bool()
     classes = check_classes(steps.reshape(-1), flat, what="answer token")
     seeds = target.seed(flat, classes) * real[:, None].to(flat.dtype)
@@ -307,11 +308,12 @@ def _many_points(explainer, x, lay, target, per_step):
     explainer.begin(x)
     k_total = explainer.num_points()
     per_chunk = k_total if explainer.internal_batch_size is None else max(1, explainer.internal_batch_size // rows)
-    total = torch.zeros_like(x)
-    matrix = torch.zeros(lay.continuation, *x.shape, dtype=x.dtype, device=x.device) if per_step else None
+    dtype = accumulation_dtype(x.dtype)  # float32 for a half-precision model
+    total = torch.zeros_like(x, dtype=dtype)
+    matrix = torch.zeros(lay.continuation, *x.shape, dtype=dtype, device=x.device) if per_step else None
     signs = _signs(lay, seeds)
     for start, k in _chunks(k_total, per_chunk):
-        xs = explainer.points(x, start, k).reshape(k * rows, *x.shape[1:]).detach().requires_grad_(True)
+        xs = explainer.points(x, start, k).to(x.dtype).reshape(k * rows, *x.shape[1:]).detach().requires_grad_(True)
         logits = step_logits(explainer.model_output(xs), lay.continuation)
         if explainer.pointwise:  # the seeds at each point: SmoothGrad / IG of the steps' potentials
             each = per_step_target(target, lay, logits.shape[-1], copies=k)

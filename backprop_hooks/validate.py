@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+import re
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -12,6 +13,7 @@ from .errors import BackpropHooksError, ClassIndexError, InputError, ModelError,
 
 Classes = Union[None, int, Sequence[int], torch.Tensor]
 LogitsFn = Callable[[Any], torch.Tensor]
+_RANDOM = re.compile("drop|jitter|noise")  # float attributes that randomise a forward pass in training mode
 
 
 def check_model(model: object, what: str = "model must be") -> nn.Module:
@@ -168,3 +170,28 @@ def check_classes(classes: Classes, logits: torch.Tensor, what: str = "class") -
             f"{what} index {int(first)} is out of range; the model has {num_classes} classes (0..{num_classes - 1})"
         )
     return classes.to(device=logits.device, dtype=torch.long)
+
+
+def training_effects(model: nn.Module) -> List[str]:
+    """What training mode changes in ``model``'s forward pass, one entry per module: active dropout (dropout
+    modules with ``p > 0``; positive float attributes named ``*drop*``, ``*jitter*`` or ``*noise*``: an
+    attention's ``attention_dropout``, stochastic depth, layer drop, a router's jitter noise) and norms that use
+    batch statistics. Empty: training mode computes what
+    eval mode computes (e.g. a model in training mode for gradient checkpointing, with every dropout at 0)."""
+    found: List[str] = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        where = name or type(module).__name__
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            if module.p > 0:
+                found.append(f"{where} (p={module.p})")
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
+        ):
+            found.append(f"{where} (batch statistics)")
+        else:
+            drops = [f"{k}={v}" for k, v in vars(module).items() if type(v) is float and v > 0 and _RANDOM.search(k)]
+            if drops:
+                found.append(f"{where} ({', '.join(drops)})")
+    return found

@@ -17,6 +17,7 @@ from backprop_hooks.rules.attnlrp import ATTNLRP_COMPOSITES, AttnLRPComposite, g
 
 from ..options import constructor_options
 
+from ..precision import widen
 from .base import Method, grad, register
 
 
@@ -52,4 +53,4 @@ class AttnLRP(Method):
         return self.composite.functions(x)
 
     def attribute(self, x, logits, seed):
-        return x.detach() * grad(logits, x, seed)
+        return widen(x.detach()) * widen(grad(logits, x, seed))  # exact products for half-precision factors

@@ -36,6 +36,8 @@ from torch import nn
 
 from .. import targets as _targets
 from ..attach import RuleSpec, attach
+from ..checkpointing import gradients
+from ..precision import widen
 from ..errors import (
     CompiledModelWarning,
     NonLinearContrastWarning,
@@ -55,6 +57,7 @@ from ..validate import (
     check_logits_fn,
     check_model,
     select_logits,
+    training_effects,
 )
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
@@ -194,10 +197,12 @@ class Method:
 
     # -- the template ------------------------------------------------------------------------------
     def prepare(self, x: torch.Tensor, target: Any) -> Tuple[torch.Tensor, _targets.Target]:
-        if self.model.training:
+        effects = training_effects(self.model) if self.model.training else []
+        if effects:  # training mode with no dropout and no batch statistics (gradient checkpointing) is fine
             warnings.warn(
-                f"{type(self.model).__name__} is in training mode: its forward pass updates BatchNorm running "
-                "statistics and applies dropout; call model.eval() before explaining",
+                f"{type(self.model).__name__} is in training mode, which changes its forward pass: active dropout "
+                f"or batch statistics in {choices(effects, 3)}; call model.eval() before explaining (or set every "
+                "dropout to 0, as gradient checkpointing in training mode needs)",
                 TrainingModeWarning,
                 stacklevel=3,
             )
@@ -211,7 +216,7 @@ class Method:
         target.check(logits.shape[1])
         classes = check_classes(usable(classes), logits)
         target.check_explained(logits, classes)
-        return logits, classes, target.seed(logits.detach(), classes)
+        return logits, classes, target.seed(widen(logits.detach()), classes)  # float32 for a half-precision model
 
     def __call__(
         self, x: torch.Tensor, classes: Classes = None, target: Any = "logit", logits: Optional[LogitsFn] = None
@@ -279,9 +284,7 @@ def grad(outputs: torch.Tensor, inputs, seed: torch.Tensor) -> Tuple[torch.Tenso
     single = isinstance(inputs, torch.Tensor)
     inputs = [inputs] if single else list(inputs)
     retain, batched = _SEVERAL_SEEDS.get()
-    grads = torch.autograd.grad(
-        outputs, inputs, grad_outputs=seed, allow_unused=True, retain_graph=retain or None, is_grads_batched=batched
-    )
+    grads = gradients(outputs, inputs, seed, allow_unused=True, retain_graph=retain or None, is_grads_batched=batched)
     lead = seed.shape[:1] if batched else ()
     grads = tuple(i.new_zeros(*lead, *i.shape) if g is None else g for i, g in zip(inputs, grads))
     return grads[0] if single else grads
