@@ -17,6 +17,8 @@ from . import rules
 from . import methods, testing
 from .api import Comparison, compare, explain
 from .text import explain_text
+from .generation import explain_generation
+from .answer import AnswerExplanation
 from . import interop  # Captum, pytorch-grad-cam and Quantus adapters: imported only when used
 
 __version__ = "0.1.0"
@@ -28,6 +30,8 @@ __all__ = [
     "Handle",
     "explain",
     "explain_text",
+    "explain_generation",
+    "AnswerExplanation",
     "compare",
     "Comparison",
     "Explanation",

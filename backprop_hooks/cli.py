@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "perturb": "backprop_hooks.eval.perturb",
     "mask": "backprop_hooks.eval.mask",
     "explain-text": "backprop_hooks.eval.explain_text",
+    "explain-answer": "backprop_hooks.eval.explain_answer",
     "models": "backprop_hooks.eval.catalog",
     "faithfulness": "backprop_hooks.eval.faithfulness",
 }

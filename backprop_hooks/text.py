@@ -40,7 +40,9 @@ from . import runtime
 from . import targets as _targets
 from .errors import InputError, ModelError, NonLinearContrastWarning, OptionError, PaddingWarning, choices
 from .explanation import Explanation
+from .api import model_class_names
 from .methods.tokens import TextLayout
+from .token_checks import check_length, check_vocabulary
 from .validate import Classes, LogitsFn, check_logits_fn, check_model
 
 GRADIENT_METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients")
@@ -49,6 +51,7 @@ EMBEDDING_METHODS = GRADIENT_METHODS + RELEVANCE_METHODS  # attributions on the 
 ATTENTION_METHODS = ("rollout", "grad_rollout", "transformer_attribution", "vit_gradcam")
 TEXT_METHODS = EMBEDDING_METHODS + ATTENTION_METHODS
 REDUCTIONS = ("sum", "l1", "l2")
+TEXT_KEYWORDS = ("attention_mask", "target", "classes", "logits", "reduce", "readout", "model_kwargs")
 
 
 class TextModel(nn.Module):
@@ -77,12 +80,14 @@ class TextModel(nn.Module):
         return self.model(inputs_embeds=inputs_embeds, attention_mask=repeat(self.attention_mask), **extra)
 
 
-def _check_ids(input_ids: Any, attention_mask: Any):
+def _check_ids(input_ids: Any, attention_mask: Any, model: nn.Module):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise InputError(f"input_ids must be a (B, L) integer tensor of token ids, got {shape}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise InputError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+    check_vocabulary(input_ids, embeddings(model))
+    check_length(input_ids, model)
     if attention_mask is None:
         return torch.ones_like(input_ids)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
@@ -92,10 +97,16 @@ def _check_ids(input_ids: Any, attention_mask: Any):
         )
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise InputError("attention_mask must hold 1 (token) and 0 (padding) only")
+    empty = (attention_mask == 0).all(dim=1)
+    if bool(empty.any()):
+        raise InputError(
+            f"attention_mask rows {empty.nonzero().flatten().tolist()[:10]} are all 0 (padding only): no token to "
+            "explain; give every row at least one token, or leave the empty rows out"
+        )
     return attention_mask
 
 
-def _embeddings(model: nn.Module) -> nn.Module:
+def embeddings(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
     if not isinstance(emb, nn.Module):
@@ -106,7 +117,7 @@ def _embeddings(model: nn.Module) -> nn.Module:
     return emb
 
 
-def _baseline(model: nn.Module, emb: nn.Module, embeds: torch.Tensor, baseline: Any) -> Any:
+def ig_baseline(model: nn.Module, emb: nn.Module, embeds: torch.Tensor, baseline: Any) -> Any:
     if isinstance(baseline, torch.Tensor) or isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
         return baseline
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
@@ -123,6 +134,34 @@ def _baseline(model: nn.Module, emb: nn.Module, embeds: torch.Tensor, baseline: 
             ids = torch.full((1, 1), int(pad), dtype=torch.long, device=embeds.device)
             return emb(ids).to(embeds.dtype)
     raise OptionError(f"unknown baseline {baseline!r}; accepted: 'pad', 'zero', a number or a tensor")
+
+
+def default_reduce(method: str, reduce: Optional[str]) -> str:
+    """The reduction over the hidden size: ``reduce`` checked, or the method's default (``"l2"`` for
+    ``gradient``/``smoothgrad``, whose signed sum vanishes behind a LayerNorm on the embeddings; else ``"sum"``)."""
+    if reduce is None:
+        reduce = "l2" if method in ("gradient", "smoothgrad") else "sum"
+    if reduce not in REDUCTIONS:
+        raise OptionError(f"unknown reduce {reduce!r}; accepted: {choices(REDUCTIONS)}")
+    return reduce
+
+
+def reduce_hidden(attributions: torch.Tensor, reduce: str) -> torch.Tensor:
+    """(..., D) -> (...): ``Σ_d`` (signed, linear in the seed), ``Σ_d |·|`` (``"l1"``) or ``‖·‖₂`` (``"l2"``)."""
+    if reduce == "sum":
+        return attributions.sum(dim=-1)
+    return attributions.abs().sum(dim=-1) if reduce == "l1" else attributions.norm(dim=-1)
+
+
+def warn_norm(reduce: str, target: _targets.Target, stacklevel: int = 3) -> None:
+    """A norm over the hidden size is not linear: say so for a contrast target."""
+    if target.contrastive:
+        warnings.warn(
+            f"reduce={reduce!r} takes a norm of the token attributions: the {target.name!r} scores are not "
+            "the per-class composition of the logit scores",
+            NonLinearContrastWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def explain_text(
@@ -149,16 +188,15 @@ def explain_text(
     the model's kind). ``model_kwargs``: further model inputs
     (``token_type_ids=...``). ``options`` go to the method (``n_steps=``, ``baseline=``, ``layer=``, ...).
     ``Explanation.extras`` holds ``input_ids`` and ``attention_mask`` (and for a causal LM's default read-out
-    ``positions``, the column each row is read at).
+    ``positions``, the column each row is read at), and the model's class names when its config names them
+    (``id2label``).
     """
     if method not in TEXT_METHODS:
         raise OptionError(f"explain_text has no method {method!r}; accepted: {choices(TEXT_METHODS)}")
-    if reduce is None:
-        reduce = "l2" if method in ("gradient", "smoothgrad") else "sum"
-    if reduce not in REDUCTIONS:
-        raise OptionError(f"unknown reduce {reduce!r}; accepted: {choices(REDUCTIONS)}")
+    reduce = default_reduce(method, reduce)
     check_model(model)
-    mask = _check_ids(input_ids, attention_mask)
+    _methods.get(method).check_options(options, TEXT_KEYWORDS, "bh.explain_text")
+    mask = _check_ids(input_ids, attention_mask, model)
     with runtime.explaining(model):  # also under no_grad/inference_mode: a graph for this call only
         input_ids, mask = runtime.usable(input_ids), runtime.usable(mask)
         if model_kwargs:
@@ -191,7 +229,7 @@ def _readout(model: nn.Module, mask: torch.Tensor, logits: Optional[LogitsFn], m
 
 
 def _explain(model, input_ids, mask, method, target, classes, logits, reduce, readout, model_kwargs, options):
-    emb = _embeddings(model)
+    emb = embeddings(model)
     with torch.no_grad():
         embeds = emb(input_ids)
     if not embeds.is_floating_point() or embeds.shape[:2] != input_ids.shape:
@@ -207,28 +245,22 @@ def _explain(model, input_ids, mask, method, target, classes, logits, reduce, re
     elif readout is not None:
         raise OptionError(f"readout= is an option of the attention methods, not of {method!r}")
     if method == "integrated_gradients":
-        options["baseline"] = _baseline(model, emb, embeds, options.get("baseline"))
-    explainer = _methods.get(method)(wrapped, **options)
+        options["baseline"] = ig_baseline(model, emb, embeds, options.get("baseline"))
+    explainer = _methods.create(method, wrapped, **options)
     with warnings.catch_warnings():
         if method in EMBEDDING_METHODS and reduce != "sum":
             warnings.simplefilter("ignore", NonLinearContrastWarning)  # said once below, for the reduced scores
         e = explainer(embeds, classes=classes, target=target, logits=logits)
     scores, linear = e.attributions, e.linear
     if method in EMBEDDING_METHODS:
-        if reduce == "sum":
-            scores = scores.sum(dim=-1)
-        else:
-            scores = scores.abs().sum(dim=-1) if reduce == "l1" else scores.norm(dim=-1)
-            linear = False
-            if _targets.get(target).contrastive:
-                warnings.warn(
-                    f"reduce={reduce!r} takes a norm of the token attributions: the {e.target!r} scores are not "
-                    "the per-class composition of the logit scores",
-                    NonLinearContrastWarning,
-                    stacklevel=3,
-                )
-        scores = scores * mask.to(scores.dtype)
+        scores = reduce_hidden(scores, reduce) * mask.to(scores.dtype)
+        linear = linear and reduce == "sum"
+        if reduce != "sum":
+            warn_norm(reduce, _targets.get(target), stacklevel=4)
     extras = dict(e.extras, input_ids=input_ids, attention_mask=mask, **readout_extras)
+    names = model_class_names(model)  # a Hugging Face config's id2label names the classes in plots
+    if names is not None:
+        extras.setdefault("class_names", names)
     return Explanation(
         attributions=scores,
         logits=e.logits,

@@ -48,7 +48,7 @@ def figure(result: ClassExplanations, title: str, max_rows: int = DEFAULT_MAX_RO
     """The figure: a row per class (name, index, probability), the image then one overlay per target.
 
     At most ``max_rows`` classes are drawn (the title says how many of how many). The scale is
-    :func:`backprop_hooks.plotting.explanations.scale`'s: pixel-space maps (an input-shaped method) clipped at
+    :func:`backprop_hooks.plotting.explanations.method_scale`'s: pixel-space maps (an input-shaped method) clipped at
     the 99th percentile of ``|value|``, each pixel as opaque as it is strong over a faded image; layer and token
     maps as overlays at alpha 0.5 (``alpha`` sets one opacity for all). The colour-bar legend follows the
     data: a map that is never negative is labelled as a magnitude. A method whose maps do not depend on the
@@ -62,7 +62,7 @@ def figure(result: ClassExplanations, title: str, max_rows: int = DEFAULT_MAX_RO
     if result.method in CLASS_INDEPENDENT:
         title += f"\n({result.method} does not depend on the class: every row and column shows the same map)"
     labels = [f"{result.method} of {objective(k)}\n{legend(result.maps(k))}" for k in keys]
-    layer_alpha, percentile = plotted.scale(next(iter(result.explanations.values())))
+    layer_alpha, percentile = plotted.method_scale(next(iter(result.explanations.values())))
     return drawing.explanation_grid(
         result.image,
         [result.maps(k)[:shown] for k in keys],
@@ -213,17 +213,14 @@ def check_sources(sources: Sequence[str]) -> List[str]:
 
 
 def load_source(source: str, model: nn.Module) -> torch.Tensor:
-    """A (3, H, W) image in [0, 1] with the model's resize-and-crop (a file, else a bundled photo)."""
-    size = tuple(getattr(model, "input_size", (224, 224)))[0]
-    prep = {"crop_pct": getattr(model, "crop_pct", 0.875), "interpolation": getattr(model, "interpolation", "bilinear")}
+    """A (3, H, W) image in [0, 1] resized as the model's training data was (a file, else a bundled photo):
+    the loader of ``models.photos(model=model)``."""
     if Path(source).is_file():
         try:
-            return models.load_image(source, size, **prep)[0]
+            return models.load_image(source, model=model)[0]
         except OSError as error:  # PIL's UnidentifiedImageError, truncated files
             raise UsageError(f"cannot read image {source!r}: {error.__class__.__name__}: {error}") from None
-    import skimage.data
-
-    return models.load_image(getattr(skimage.data, source)(), size, **prep)[0]
+    return models.photo(source, model=model)
 
 
 def output_names(sources: Sequence[str], out: Path = None) -> List[str]:

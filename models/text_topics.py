@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -150,17 +150,34 @@ def train(epochs: int = 30, seed: int = 0, batch_size: int = 32, lr: float = 3e-
     return model, tokenizer, accuracy(model, tokenizer, test_set)
 
 
-def fit(model, ids: torch.Tensor, mask: torch.Tensor, loss_of, epochs: int, seed: int, batch_size: int, lr: float):
-    """Train ``model`` in place (AdamW, a one-cycle schedule) on shuffled batches of ``(ids, mask)``, each cut to
-    its longest sequence; ``loss_of(batch_ids, batch_mask, batch)`` is a batch's loss (``batch``: its indices).
-    Leaves the model in eval mode."""
+def shuffled(lengths: torch.Tensor, batch_size: int, g: torch.Generator) -> List[torch.Tensor]:
+    """An epoch's batches of sequence indices: a random order cut into ``batch_size`` pieces."""
+    return list(torch.randperm(len(lengths), generator=g).split(batch_size))
+
+
+def fit(
+    model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    loss_of,
+    epochs: int,
+    seed: int,
+    batch_size: int,
+    lr: float,
+    batches: Callable[[torch.Tensor, int, torch.Generator], List[torch.Tensor]] = shuffled,
+):
+    """Train ``model`` in place (AdamW, a one-cycle schedule) on ``batches(lengths, batch_size, generator)`` of
+    ``(ids, mask)`` per epoch (:func:`shuffled` by default), each cut to its longest sequence;
+    ``loss_of(batch_ids, batch_mask, batch)`` is a batch's loss (``batch``: its indices). Leaves the model in
+    eval mode."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps = epochs * ((len(ids) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
+    lengths = mask.sum(1)
     for _ in range(epochs):
         model.train()
-        for batch in torch.randperm(len(ids), generator=g).split(batch_size):
+        for batch in batches(lengths, batch_size, g):
             used = int(mask[batch].sum(1).max())
             loss = loss_of(ids[batch, :used], mask[batch, :used], batch)
             opt.zero_grad()

@@ -272,18 +272,19 @@ def test_the_bundled_language_model(tmp_path):
     from backprop_hooks.models import python_docs_lm
 
     lm, tokenizer = python_docs_lm.load()
-    ids, _ = tokenizer(["if the suite was exited for any reason other than an"])
+    ids = tokenizer("If the suite was exited for any reason other than an", return_tensors="pt").input_ids
     e = bh.explain_text(lm, ids, method="attnlrp", target="weighted", logits=lambda out: out.logits[:, -1])
-    assert tokenizer.vocab[int(e.classes[0])] == "exception" and e.logits.shape == (1, len(tokenizer.vocab))
-    rows = tokens.rows(e, [tokenizer.tokens("if the suite was exited for any reason other than an")])
-    assert rows[0][0][-1] == "an" and len(rows[0][1]) == ids.shape[1]
+    assert tokenizer.decode(e.classes[0]) == " exception" and e.logits.shape == (1, len(tokenizer))
+    rows = tokens.rows(e, tokens.readable(tokenizer))
+    assert rows[0][0][0] == "<|endoftext|>" and rows[0][0][-1] == "an" and len(rows[0][1]) == ids.shape[1]
 
 
 @pytest.mark.slow
 def test_the_language_model_trains(tmp_path):
-    """python -m backprop_hooks.models.python_docs_lm, one epoch: it writes weights that load."""
+    """python -m backprop_hooks.models.python_docs_lm, one epoch: it writes a directory that loads."""
     from backprop_hooks.models import python_docs_lm
 
-    assert python_docs_lm.main(["--epochs", "1", "--out", str(tmp_path / "lm.pt")]) == 0
-    model, tokenizer = python_docs_lm.load(tmp_path / "lm.pt")
-    assert model.config.vocab_size == len(tokenizer.vocab) and (tmp_path / "lm.pt").stat().st_size < 1_000_000
+    assert python_docs_lm.main(["--epochs", "1", "--out", str(tmp_path / "lm")]) == 0
+    model, tokenizer = python_docs_lm.load(tmp_path / "lm")
+    assert model.config.vocab_size == len(tokenizer) == python_docs_lm.VOCAB_SIZE
+    assert sum(f.stat().st_size for f in (tmp_path / "lm").iterdir()) < 2_000_000

@@ -151,16 +151,30 @@ def test_getting_started(tmp_path):
     assert namespace["why_not"].target == "versus"
 
 
+def block_after(after: list, page: str, marker: str) -> dict:
+    """The namespace as the block of ``page`` that contains ``marker`` left it."""
+    (index,) = [i for i, block in enumerate(blocks(DOCS / page)) if marker in block]
+    return after[index]
+
+
 def test_transformers_and_text(tmp_path):
-    text, namespace = run_page("transformers.md")
+    import torch
+
+    after = run_page("transformers.md")
+    text = block_after(after, "transformers.md", "text_topics.load()")
     assert text["e"].attributions.shape == text["ids"].shape
     assert text["why"].attributions.shape == (1, 8)
     assert text["batch"].extras["positions"].tolist() == [3, 1]  # each row's next token, padding not read
     assert text["r"].attributions.shape == (1, 4, 4)
     assert (tmp_path / "out" / "tokens.html").is_file()
-    assert [row[2].split("(")[-1] for row in namespace["rows"]] == ["logit)", "weighted)", "versus)"]
-    assert namespace["tokenizer"].vocab[namespace["correct"]] == "clause"
+    lm = block_after(after, "transformers.md", "python_docs_lm.load()")
+    assert [row[2].split("(")[-1] for row in lm["rows"]] == ["logit)", "weighted)", "versus)"]
+    assert lm["tokenizer"].decode(lm["correct"]) == " clause"
+    assert lm["words"][:3] == ["<|endoftext|>", "A", '"']  # BOS from the tokenizer, tokens as words
     assert (tmp_path / "out" / "next_token.png").is_file() and (tmp_path / "out" / "next_token.html").is_file()
+    scale = block_after(after, "transformers.md", "llama.gradient_checkpointing_enable()")
+    assert scale["e"].attributions.dtype == torch.float32 and scale["e"].attributions.shape == (1, 64)
+    assert scale["llama"].training  # explained as it is: checkpointing runs in training mode
 
 
 def test_the_own_rule_example_can_fail():

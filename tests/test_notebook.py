@@ -59,14 +59,18 @@ def test_the_tour_runs_and_shows_each_picture_once(tmp_path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     pictures = [sum(any(k in o.get("data", {}) for k in PICTURES) for o in c.outputs) for c in code]
     drawing = [c for c, n in zip(code, pictures) if n]
-    assert set(pictures) == {0, 1} and len(drawing) == 7, pictures  # plot, inline, compare, versus, ViT, text, LM
+    assert set(pictures) == {0, 1} and len(drawing) == 8, (
+        pictures
+    )  # plot, inline, compare, versus, ViT, text, LM, answer
     assert all("<Figure" in outputs(c) or "Explanation(" in outputs(c) for c in drawing)
+    (answer,) = [c for c in code if "explain_generation" in c.source]
+    assert "AnswerExplanation(" in outputs(answer) and "most for the answer: ' loop'" in outputs(answer)
     (text,) = [c for c in code if "text_topics.load()" in c.source]
     (html,) = [o["data"]["text/html"] for o in text.outputs if "text/html" in o.get("data", {})]
     assert html.count("<span") > 10 and "strings" in html
-    (lm,) = [c for c in code if "attnlrp" in c.source]
+    (lm,) = [c for c in code if "explain_text(lm" in c.source]
     (html,) = [o["data"]["text/html"] for o in lm.outputs if "text/html" in o.get("data", {})]
-    assert "clause · weighted · attnlrp" in html and html.count("<span") >= 15  # the next word, as the text says
+    assert "clause (736), weighted contrast · p = " in html and html.count("<span") >= 15  # the next word, as said
     similarity = ast.literal_eval(outputs(next(c for c in code if "similarity(c.maps" in c.source)))
     assert similarity["logit"] > 0.9 and similarity["weighted"] < similarity["logit"] - 0.5  # what the text says
     assert "the identities hold" in outputs(next(c for c in code if "check(LeakyGradient)" in c.source))

@@ -13,6 +13,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PYTHON_DOCS_LM = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def test_the_wheel_holds_only_backprop_hooks(tmp_path):
@@ -36,6 +43,7 @@ def test_the_wheel_holds_only_backprop_hooks(tmp_path):
         "backprop_hooks/models/zoo.py",
         "backprop_hooks/models/weights/digits_cnn.pt",
         "backprop_hooks/models/weights/digits_vit.pt",
+        *(f"backprop_hooks/models/weights/python_docs_lm/{name}" for name in PYTHON_DOCS_LM),
         "backprop_hooks/eval/explain.py",
         "backprop_hooks/plotting/explanations.py",
         "backprop_hooks/methods/base.py",

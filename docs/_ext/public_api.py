@@ -32,6 +32,15 @@ PACKAGES = [
     "backprop_hooks.plotting.labels",
     "backprop_hooks.plotting.tokens",
     "backprop_hooks.plotting.explanations",
+    "backprop_hooks.plotting.pictures",
+    "backprop_hooks.plotting.comparison",
+    "backprop_hooks.plotting.answers",
+    "backprop_hooks.options",
+    "backprop_hooks.causal",
+    "backprop_hooks.token_checks",
+    "backprop_hooks.checkpointing",
+    "backprop_hooks.module_weights",
+    "backprop_hooks.precision",
 ]
 
 
