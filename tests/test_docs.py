@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 sys.path.insert(0, str(DOCS))
@@ -157,17 +159,26 @@ def block_after(after: list, page: str, marker: str) -> dict:
     return after[index]
 
 
-def test_transformers_and_text(tmp_path):
-    import torch
+@pytest.fixture(scope="module")
+def transformers_page(tmp_path_factory) -> tuple:
+    """The transformers page run once, in a folder of its own: (the namespaces after each block, the folder)."""
+    folder, here = tmp_path_factory.mktemp("transformers"), os.getcwd()
+    os.chdir(folder)
+    try:
+        return run_page("transformers.md"), folder
+    finally:
+        os.chdir(here)
 
-    after = run_page("transformers.md")
+
+def test_transformers_and_text(transformers_page):
+    after, tmp_path = transformers_page
     text = block_after(after, "transformers.md", "text_topics.load()")
     assert text["e"].attributions.shape == text["ids"].shape
     assert text["why"].attributions.shape == (1, 8)
     assert text["batch"].extras["positions"].tolist() == [3, 1]  # each row's next token, padding not read
     assert text["r"].attributions.shape == (1, 4, 4)
     assert (tmp_path / "out" / "tokens.html").is_file()
-    lm = block_after(after, "transformers.md", "python_docs_lm.load()")
+    lm = block_after(after, "transformers.md", "tokens.readable(tokenizer)")
     assert [row[2].split("(")[-1] for row in lm["rows"]] == ["logit)", "weighted)", "versus)"]
     assert lm["tokenizer"].decode(lm["correct"]) == " clause"
     assert lm["words"][:3] == ["<|endoftext|>", "A", '"']  # BOS from the tokenizer, tokens as words
@@ -184,3 +195,25 @@ def test_the_own_rule_example_can_fail():
     rule.backward = lambda self, module, grad_input, grad_output: (grad_output[0].clamp(min=0),)  # guided-style
     with pytest.raises(AssertionError):
         namespace["test_leaky_gradient_is_contrastive"]()
+
+
+def test_language_models_answers(transformers_page):
+    """The answers section: what its comments say is what the bundled model gives."""
+    after, tmp_path = transformers_page
+    g = block_after(after, "transformers.md", "foil_ids=' \"finally\" clause'")["g"]
+    assert g.tokens()[0][g.prompt_length :] == [' "', "else", '"', " clause"]
+    assert g.tokens()[0][0] == "<|endoftext|>" and g.prompt_length == 21 and g.linear
+    torch.testing.assert_close(g.probabilities, torch.tensor([[0.27, 0.57, 1.00, 0.90]]), atol=0.005, rtol=0)
+    assert round(float(g.probabilities.prod()), 3) == 0.139 and round(float(g.foil_probabilities.prod()), 4) == 0.0137
+    assert round(float(g.potential), 2) == 2.32 and g.total.shape == (1, 25) and g.matrix.shape == (1, 4, 25)
+    assert (tmp_path / "answer.png").is_file()
+    prompt_scores = dict(zip(g.tokens()[0][: g.prompt_length], g.total[0, : g.prompt_length].tolist()))
+    assert max(prompt_scores, key=prompt_scores.get) == " loop" and round(prompt_scores[" loop"], 2) == 1.67
+    assert min(prompt_scores, key=prompt_scores.get) == " exec"
+    batch = block_after(after, "transformers.md", "prompts = [prompt,")["batch"]
+    assert batch.attention_mask.sum(1).tolist() == [25, 23]
+    assert batch.answer_mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    per_step = block_after(after, "transformers.md", "target=bh.targets.Versus(g.foil_ids)")["per_step"]
+    assert [round(v, 2) for v in per_step.step_potentials[0].tolist()] == [0, 2.37, 0, 0]
+    own = block_after(after, "transformers.md", "max_new_tokens=8")["own"]
+    assert "".join(own.tokens()[0][own.prompt_length :]) == ' "else" clause is executed.<|endoftext|>'

@@ -42,6 +42,7 @@ FLAGS = [
 SEARCHES = [  # (query, the reference entry the first results must link to)
     ("Weighted", "api/targets.html#backprop_hooks.targets.Weighted"),
     ("explain_text", "api/backprop_hooks.html#backprop_hooks.explain_text"),
+    ("explain_generation", "api/backprop_hooks.html#backprop_hooks.explain_generation"),
 ]
 
 
