@@ -50,6 +50,7 @@ from .generation_inputs import (
     tensor_rows,
 )
 from .methods.base import grad, several_seeds
+from .module_weights import input_device
 from .methods.gradient import _chunks, _ManyPoints
 from .precision import accumulation_dtype, widen
 from .token_checks import check_length, check_vocabulary
@@ -107,8 +108,7 @@ def explain_generation(
             **(generate_kwargs or {}),
         )
     emb = embeddings(model)
-    device = emb.weight.device if isinstance(getattr(emb, "weight", None), torch.Tensor) else None
-    lay = layout(prompts, answers + (foils or []), pad_id(model, tokenizer), device)
+    lay = layout(prompts, answers + (foils or []), pad_id(model, tokenizer), input_device(emb))
     check_vocabulary(lay.ids, emb)
     check_length(lay.ids, model)
     with runtime.explaining(model):

@@ -76,11 +76,17 @@ def test_reentrant_checkpointing_is_refused_naming_the_fix():
         explain(model, "llama", "attnlrp")
 
 
-def test_a_layer_on_disk_gives_the_plain_answer(tmp_path):
+@pytest.mark.parametrize("how", ["one_layer_on_disk", "disk"])
+def test_offloaded_weights_give_the_plain_answer(tmp_path, how):
+    """One layer on disk, or every weight (the input embedding's too: the batch goes to the hook's device)."""
     plain = _lm.build("llama")
-    model = _offload(copy.deepcopy(plain), "llama", "one_layer_on_disk", tmp_path)
+    model = _offload(copy.deepcopy(plain), "llama", how, tmp_path)
     assert any(p.is_meta for p in model.parameters())
     assert_same(explain(model, "llama", "attnlrp"), explain(plain, "llama", "attnlrp"))
+    ids, mask, _, _ = question("llama")
+    generated = bh.explain_generation(model, ids, attention_mask=mask, max_new_tokens=2)
+    alone = bh.explain_generation(plain, ids, attention_mask=mask, max_new_tokens=2)
+    assert torch.equal(generated.answer_ids, alone.answer_ids)
 
 
 @pytest.mark.parametrize("dtype, bound", [(torch.bfloat16, 0.035), (torch.float16, 0.005)])  # 3x the largest measured
