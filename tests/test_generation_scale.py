@@ -1,7 +1,7 @@
 """bh.explain_generation at LLM scale: under gradient checkpointing (train mode, no dropout; the backward also run
 in another thread, as on CUDA) the rows and the total are those of the plain model, batched seeds included;
 reentrant checkpointing is refused naming the fix; a model with a layer offloaded to disk gives the plain
-model's answer; bf16 and fp16 models give float32 attributions close to float64."""
+model's answer; quantised weights (optimum-quanto) give the answer of the dequantised model; bf16 and fp16 models give float32 attributions close to float64."""
 
 import copy
 import warnings
@@ -11,7 +11,7 @@ import torch
 
 import _lm
 import backprop_hooks as bh
-from test_lm_weights import _offload
+from test_lm_weights import _dequantized_copy, _offload, _quanto
 
 EXACT = dict(rtol=1e-10, atol=1e-13)
 FAST = {("gpt2", "attnlrp"), ("llama", "input_x_gradient"), ("llama", "attnlrp")}
@@ -102,3 +102,12 @@ def test_half_precision_stays_close_to_float64(name, dtype, bound):
         error = (got.matrix.double() - want.matrix).norm() / want.matrix.norm()
         assert error < bound, (method, float(error))
         torch.testing.assert_close(got.potential.double(), want.potential, rtol=bound, atol=bound)
+
+
+def test_quanto_weights_give_the_answer_of_the_dequantized_model():
+    """A quantised language-model head is read at every position (its backward takes no sliced input)."""
+    float_model = _lm.build("llama").float()
+    model = _quanto(copy.deepcopy(float_model), "qint8")
+    reference = _dequantized_copy(float_model, model)
+    for method in ("input_x_gradient", "attnlrp"):
+        assert_same(explain(model, "llama", method), explain(reference, "llama", method), rtol=1e-5, atol=1e-6)
