@@ -1,7 +1,8 @@
 """bh.explain_generation at LLM scale: under gradient checkpointing (train mode, no dropout; the backward also run
 in another thread, as on CUDA) the rows and the total are those of the plain model, batched seeds included;
-reentrant checkpointing is refused naming the fix; a model with a layer offloaded to disk gives the plain
-model's answer; quantised weights (optimum-quanto) give the answer of the dequantised model; bf16 and fp16 models give float32 attributions close to float64."""
+reentrant checkpointing is refused naming the fix; offloaded weights give the plain model's answer; quantised
+weights (optimum-quanto) the answer of the dequantised model; bf16 and fp16 models float32 attributions close
+to float64."""
 
 import copy
 import warnings
