@@ -50,6 +50,7 @@ from .generation_inputs import (
     tensor_rows,
 )
 from .methods.base import grad, several_seeds
+from .module_weights import input_device, is_quantized_linear
 from .methods.gradient import _chunks, _ManyPoints
 from .precision import accumulation_dtype, widen
 from .token_checks import check_length, check_vocabulary
@@ -107,8 +108,7 @@ def explain_generation(
             **(generate_kwargs or {}),
         )
     emb = embeddings(model)
-    device = emb.weight.device if isinstance(getattr(emb, "weight", None), torch.Tensor) else None
-    lay = layout(prompts, answers + (foils or []), pad_id(model, tokenizer), device)
+    lay = layout(prompts, answers + (foils or []), pad_id(model, tokenizer), input_device(emb))
     check_vocabulary(lay.ids, emb)
     check_length(lay.ids, model)
     with runtime.explaining(model):
@@ -175,8 +175,9 @@ def _model_kwargs(model: nn.Module, lay: Layout, given: Optional[Dict[str, Any]]
         kwargs.setdefault("position_ids", lay.positions)
     if causal.takes(model, "use_cache"):
         kwargs.setdefault("use_cache", False)
-    if causal.takes(model, "logits_to_keep"):
-        kwargs.setdefault("logits_to_keep", lay.continuation + 1)
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if causal.takes(model, "logits_to_keep") and not (isinstance(head, nn.Module) and is_quantized_linear(head)):
+        kwargs.setdefault("logits_to_keep", lay.continuation + 1)  # (a quantised head's backward wants all rows)
     return kwargs
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Optional
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -45,6 +47,19 @@ def offloaded(module: nn.Module, name: str) -> Optional[torch.Tensor]:
             device = getattr(hook, "execution_device", None)
             return value if device is None else value.to(device)
     return None
+
+
+def input_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s inputs go: an accelerate hook's execution device, else the device of its first tensor
+    that is not on ``meta``, else the CPU."""
+    for hook in _hooks(module):
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if not tensor.is_meta:
+            return tensor.device
+    return torch.device("cpu")
 
 
 def is_quantized(tensor: Any) -> bool:

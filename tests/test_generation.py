@@ -6,8 +6,6 @@ the sum of the rows for linear methods (hypothesis) and the same total without r
 equals the difference of the two answers' totals computed alone; the potentials are the model's own
 log-probabilities; a generated answer is the model's own greedy answer."""
 
-import warnings
-
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -22,16 +20,7 @@ TARGETS = ["logit", "softmax", "log_softmax", "weighted", "mean", "max"]
 EXACT = dict(rtol=1e-9, atol=1e-12)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
-        yield
-
-
-@pytest.fixture(scope="module")
-def lms():
-    return {name: build(name) for name in ("gpt2", "llama")}
+pytestmark = pytest.mark.filterwarnings("ignore::backprop_hooks.errors.NonLinearContrastWarning")
 
 
 def rows_of(lengths, seed):

@@ -1,7 +1,8 @@
 """bh.explain_generation at LLM scale: under gradient checkpointing (train mode, no dropout; the backward also run
 in another thread, as on CUDA) the rows and the total are those of the plain model, batched seeds included;
-reentrant checkpointing is refused naming the fix; a model with a layer offloaded to disk gives the plain
-model's answer; bf16 and fp16 models give float32 attributions close to float64."""
+reentrant checkpointing is refused naming the fix; offloaded weights give the plain model's answer; quantised
+weights (optimum-quanto) the answer of the dequantised model; bf16 and fp16 models float32 attributions close
+to float64."""
 
 import copy
 import warnings
@@ -11,7 +12,7 @@ import torch
 
 import _lm
 import backprop_hooks as bh
-from test_lm_weights import _offload
+from test_lm_weights import _dequantized_copy, _offload, _quanto
 
 EXACT = dict(rtol=1e-10, atol=1e-13)
 FAST = {("gpt2", "attnlrp"), ("llama", "input_x_gradient"), ("llama", "attnlrp")}
@@ -76,11 +77,17 @@ def test_reentrant_checkpointing_is_refused_naming_the_fix():
         explain(model, "llama", "attnlrp")
 
 
-def test_a_layer_on_disk_gives_the_plain_answer(tmp_path):
+@pytest.mark.parametrize("how", ["one_layer_on_disk", "disk"])
+def test_offloaded_weights_give_the_plain_answer(tmp_path, how):
+    """One layer on disk, or every weight (the input embedding's too: the batch goes to the hook's device)."""
     plain = _lm.build("llama")
-    model = _offload(copy.deepcopy(plain), "llama", "one_layer_on_disk", tmp_path)
+    model = _offload(copy.deepcopy(plain), "llama", how, tmp_path)
     assert any(p.is_meta for p in model.parameters())
     assert_same(explain(model, "llama", "attnlrp"), explain(plain, "llama", "attnlrp"))
+    ids, mask, _, _ = question("llama")
+    generated = bh.explain_generation(model, ids, attention_mask=mask, max_new_tokens=2)
+    alone = bh.explain_generation(plain, ids, attention_mask=mask, max_new_tokens=2)
+    assert torch.equal(generated.answer_ids, alone.answer_ids)
 
 
 @pytest.mark.parametrize("dtype, bound", [(torch.bfloat16, 0.035), (torch.float16, 0.005)])  # 3x the largest measured
@@ -96,3 +103,12 @@ def test_half_precision_stays_close_to_float64(name, dtype, bound):
         error = (got.matrix.double() - want.matrix).norm() / want.matrix.norm()
         assert error < bound, (method, float(error))
         torch.testing.assert_close(got.potential.double(), want.potential, rtol=bound, atol=bound)
+
+
+def test_quanto_weights_give_the_answer_of_the_dequantized_model():
+    """A quantised language-model head is read at every position (its backward takes no sliced input)."""
+    float_model = _lm.build("llama").float()
+    model = _quanto(copy.deepcopy(float_model), "qint8")
+    reference = _dequantized_copy(float_model, model)
+    for method in ("input_x_gradient", "attnlrp"):
+        assert_same(explain(model, "llama", method), explain(reference, "llama", method), rtol=1e-5, atol=1e-6)
