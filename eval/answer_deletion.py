@@ -44,7 +44,7 @@ from backprop_hooks.generation import step_logits
 from backprop_hooks.generation_inputs import layout
 
 from . import report
-from .deletion import Task
+from .deletion_curves import Task, area_between
 
 METHODS = ("gradient", "input_x_gradient", "attnlrp")
 TARGETS = ("logit", "log_softmax", "contrast")
@@ -230,8 +230,6 @@ class PythonDocsLM(Task):
 
     def summary(self, curves: Dict[str, torch.Tensor], fractions: Sequence[float]) -> Tuple[str, Dict]:
         """The method × target table of areas, contrast − logit paired per prompt, and the data as Markdown/JSON."""
-        from .deletion import area_between
-
         areas = {k: area_between(v, curves["random"], fractions) for k, v in curves.items()}
         cells, rows = [], []
         for m in METHODS:
