@@ -33,7 +33,8 @@ def explain(
     (output -> (B, C)), e.g. ``logits=lambda out: out[0]``. Token ids go to :func:`backprop_hooks.explain_text`,
     which reads a causal LM's next token after each row's last real token.
     """
-    return _methods.get(method)(model, **options)(x, classes=classes, target=target, logits=logits)
+    _methods.get(method).check_options(options, ("target", "classes", "logits"), "bh.explain")
+    return _methods.create(method, model, **options)(x, classes=classes, target=target, logits=logits)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Comparison:
     targets: List[str]
     image: torch.Tensor  # (B, C, H, W): the explained inputs
     class_names: Optional[List[str]] = None
+    normalization: Any = None  # what undoes a normalised image for the figure (the model's, when it declares one)
 
     @property
     def classes(self) -> torch.Tensor:
@@ -62,10 +64,15 @@ class Comparison:
         return torch.stack([torch.stack([self.explanations[m, t].maps for t in self.targets]) for m in self.methods])
 
     def plot(self, image: Any = None, **options: Any):
-        """The grid: a row per sample and method (the image first), a column per target, one colour bar
-        (each method x target scaled to ±1 by its own limit). ``options``: ``class_names``, ``panel_size``,
-        ``max_rows``, ``title``, ``dpi``. Returns a matplotlib ``Figure`` (needs the ``cli`` extra)."""
-        from .plotting.explanations import comparison_figure
+        """The grid: a row per sample and method (the image first), a column per target, one colour bar (each
+        panel divided by its limit). ``scale``: which panels share a limit, ``"column"`` (each method x target
+        over the rows), ``"row"`` (a sample's targets of one method: logit vs contrast by magnitude) or
+        ``"panel"``; default ``"column"`` when every row shows one image, else ``"panel"``. ``image`` (default: the
+        explained input) in any format (tensor or array, uint8 or float, a PIL image); a normalised one is
+        undone with ``normalization=`` ((mean, std), an image processor) or the model's own. Other
+        ``options``: ``class_names``, ``panel_size``, ``max_rows``, ``title``, ``dpi``. Returns a matplotlib
+        ``Figure`` (needs the ``cli`` extra)."""
+        from .plotting.comparison import comparison_figure
 
         return comparison_figure(self, image, **options)
 
@@ -87,13 +94,14 @@ class Comparison:
 
 def model_class_names(model: nn.Module) -> Optional[List[str]]:
     """The class names a model carries: ``model.class_names`` (backprop_hooks.models) or a Hugging Face
-    config's ``id2label``; None when it has neither."""
+    config's ``id2label``; None when it has neither (or only transformers' ``LABEL_0``, ``LABEL_1``...)."""
     names = getattr(model, "class_names", None)
     if names is not None:
         return list(names)
     id2label = getattr(getattr(model, "config", None), "id2label", None)
     if isinstance(id2label, dict) and id2label:
-        return [str(id2label.get(i, i)) for i in range(max(int(k) for k in id2label) + 1)]
+        names = [str(id2label.get(i, i)) for i in range(max(int(k) for k in id2label) + 1)]
+        return None if names == [f"LABEL_{i}" for i in range(len(names))] else names  # transformers' placeholders
     return None
 
 
@@ -125,7 +133,7 @@ def compare(
     if unknown:
         raise OptionError(f"options are given for {unknown}, which are not among the methods {methods}")
     for method in methods:
-        _methods.get(method)
+        _methods.get(method).check_options(options.get(method, {}))
     keys = list(dict.fromkeys(_targets.get(t).key for t in targets))
     if classes is not None and isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] == 1:
         count = torch.as_tensor(classes).numel()
@@ -137,4 +145,13 @@ def compare(
             e = explain(model, x, method, key, classes, logits, **options.get(method, {}))
             classes = e.classes
             explanations[method, key] = e.named(class_names=names) if names is not None else e
-    return Comparison(explanations, methods, keys, x.detach(), names)
+    return Comparison(explanations, methods, keys, x.detach(), names, declared_normalization(model))
+
+
+def declared_normalization(model: nn.Module) -> Optional[Tuple[List[float], List[float]]]:
+    """``(mean, std)`` of the inputs a model takes when it declares them (a timm model's ``pretrained_cfg``),
+    else None; used only to draw an image that is normalised."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("mean") is not None and cfg.get("std") is not None:
+        return list(cfg["mean"]), list(cfg["std"])
+    return None

@@ -15,7 +15,9 @@ in-place ops after the module work. A fresh gate per call pairs every ``grad_inp
 
 Threads: the rules act on the forward passes of the thread that attached them; the same modules run by
 other threads meanwhile (a serving loop, another explanation of a model that shares a backbone) see no
-rule and are not recorded. Names are those of the original model, also for a ``torch.compile``d model
+rule and are not recorded. Neither does a forward pass that activation checkpointing runs again inside the
+backward pass (any thread): the rules' nodes keep what they need (see :mod:`backprop_hooks.checkpointing`).
+Names are those of the original model, also for a ``torch.compile``d model
 (no ``_orig_mod``); a compiled graph does not run hooks added after it was traced, so run a compiled
 model's rules on its eager forward (:func:`backprop_hooks.runtime.eager_call`), as the methods do.
 
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .checkpointing import recomputing
 from .errors import RuleError, SelectorError, choices, mark_from_rule
 from .rule import Rule
 from .runtime import clean_name, named_modules
@@ -83,8 +86,12 @@ class _ModuleHook:
         self.live: "weakref.WeakSet[_Call]" = weakref.WeakSet()  # calls whose graph may still exist
         self.thread = threading.get_ident()  # the rules act in the attaching thread only
 
+    def acts(self) -> bool:
+        """The rules act on forward passes of the attaching thread, not on a checkpoint's recomputation."""
+        return threading.get_ident() == self.thread and not recomputing()
+
     def pre(self, module: nn.Module, args: Tuple[Any, ...]):
-        if threading.get_ident() != self.thread:
+        if not self.acts():
             return None
         if not torch.is_grad_enabled():
             self.calls.append(None)
@@ -118,7 +125,7 @@ class _ModuleHook:
                     raise
 
     def post(self, module: nn.Module, args: Tuple[Any, ...], output: Any):
-        if threading.get_ident() != self.thread:
+        if not self.acts():
             return None
         call = self.calls.pop() if self.calls else None
         if call is None:

@@ -29,7 +29,7 @@ class ClassIndexError(BackpropHooksError, ValueError):
 
 
 class ModelOutputError(BackpropHooksError, ValueError):
-    """The model's output is not a (B, C) tensor of logits matching the input's batch."""
+    """The model's output is not a (B, C) tensor of logits matching the input's batch, or holds NaN or Inf."""
 
 
 class ForwardError(BackpropHooksError, RuntimeError):
@@ -114,6 +114,10 @@ class ImageUpsampledWarning(BackpropHooksWarning):
 class PaddingWarning(BackpropHooksWarning):
     """A padded text batch that the model may read differently from each sequence alone (left padding on a model
     whose positions count from column 0)."""
+
+
+class ImageRangeWarning(BackpropHooksWarning):
+    """An image to draw is neither in [0, 1] nor on the 0-255 scale (it looks normalised): drawn stretched."""
 
 
 class FunctionalReLUWarning(BackpropHooksWarning):

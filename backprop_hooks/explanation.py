@@ -68,15 +68,22 @@ class Explanation:
     def plot(self, image: Any = None, ax: Any = None, **options: Any):
         """Draw the signed maps over ``image``; returns a matplotlib ``Figure`` (or ``ax`` when given).
 
-        ``image``: the explained input, (B, C, H, W) or one (C, H, W) image, in [0, 1] (None: the maps alone).
+        ``image``: the explained input, (B, C, H, W) or one image, in the format you have: a tensor or numpy
+        array (C, H, W) or (H, W, C), float in [0, 1] or 0-255, uint8, or a PIL image (None: the maps alone).
+        A normalised image is undone with ``normalization=`` (``(mean, std)``, a Hugging Face image processor,
+        a timm model); without it, it is drawn stretched to its range with an ``ImageRangeWarning``.
         The scale is the command line's: pixel-space maps on ±the 99th percentile of |value|, each pixel as
         opaque as it is strong; layer and token-grid maps on ±max |value| at opacity 0.5 (``alpha=``,
-        ``percentile=`` override). The colour bar says what the colours mean ("red: for t, blue: against t",
-        or a magnitude for a map without sign), the title names method, target and class (``class_names=``
-        names them). A batch draws as a grid on one scale (``index=i``: one sample; ``columns``,
-        ``max_panels``, ``panel_size``, ``dpi``); with ``ax=`` one sample is drawn into a pyplot axes. A text
-        explanation draws its token heat-map (``tokens=``: one list of strings per sequence, or a function of
-        a sequence's ids such as a tokenizer's ``convert_ids_to_tokens``; default: the ids).
+        ``percentile=`` override); a map without sign (a magnitude) in red alone, from zero. The colour bar says
+        what the colours mean and which scale is drawn, the title names method, target, class and probability
+        (``class_names=`` names them). A batch draws as a grid (``index=i``: one sample; ``columns``,
+        ``max_panels``, ``panel_size``, ``dpi``): ``scale="shared"`` puts every panel on one scale,
+        ``"panel"`` each on its own (its limit in its title); default ``"shared"`` when every panel shows the
+        same image (its classes compare), else ``"panel"``. With ``ax=`` one sample is drawn into a pyplot
+        axes, its colour bar inside the axes' own place. A text explanation draws its token heat-map
+        (``tokens=``: one list of strings per sequence, or a function of a sequence's ids such as a tokenizer's
+        ``convert_ids_to_tokens``; default: the ids; ``scale="robust"`` clips and outlines tokens that dominate
+        a sequence, ``"max"`` does not).
         """
         from .plotting.explanations import plot
 

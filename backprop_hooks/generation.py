@@ -37,7 +37,7 @@ from . import methods as _methods
 from . import targets as _targets
 from .answer import AnswerExplanation
 from .attach import attach
-from .errors import InputError, NonLinearContrastWarning, OptionError, choices
+from .errors import InputError, ModelOutputError, NonLinearContrastWarning, OptionError, choices
 from .generation_inputs import (
     Layout,
     as_batch,
@@ -50,11 +50,15 @@ from .generation_inputs import (
     tensor_rows,
 )
 from .methods.base import grad, several_seeds
+from .module_weights import input_device, is_quantized_linear
 from .methods.gradient import _chunks, _ManyPoints
+from .precision import accumulation_dtype, widen
+from .token_checks import check_length, check_vocabulary
 from .text import TextModel, default_reduce, embeddings, ig_baseline, reduce_hidden, warn_norm
 from .validate import check_classes, check_model
 
 GENERATION_METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", "attnlrp")
+GENERATION_KEYWORDS = ("answer_ids", "target", "foil_ids", "attention_mask", "per_step", "tokenizer", "reduce")
 
 
 def explain_generation(
@@ -90,6 +94,7 @@ def explain_generation(
     if method not in GENERATION_METHODS:
         raise OptionError(f"explain_generation has no method {method!r}; accepted: {choices(GENERATION_METHODS)}")
     check_model(model)
+    _methods.get(method).check_options(options, GENERATION_KEYWORDS, "bh.explain_generation")
     reduce = default_reduce(method, reduce)
     target = _targets.get(target)
     prompts, answers, foils = _rows(model, input_ids, answer_ids, foil_ids, attention_mask, tokenizer, chat)
@@ -103,9 +108,9 @@ def explain_generation(
             **(generate_kwargs or {}),
         )
     emb = embeddings(model)
-    device = emb.weight.device if isinstance(getattr(emb, "weight", None), torch.Tensor) else None
-    lay = layout(prompts, answers + (foils or []), pad_id(model, tokenizer), device)
-    _check_vocabulary(lay, emb)
+    lay = layout(prompts, answers + (foils or []), pad_id(model, tokenizer), input_device(emb))
+    check_vocabulary(lay.ids, emb)
+    check_length(lay.ids, model)
     with runtime.explaining(model):
         parts = _explain(model, emb, lay, method, target, per_step, reduce, batch_steps, model_kwargs, options)
     total, matrix, logits_parts, linear = parts
@@ -163,19 +168,6 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], str))
 
 
-def _check_vocabulary(lay: Layout, emb: nn.Module) -> None:
-    size = getattr(emb, "num_embeddings", None)
-    if not isinstance(size, int):
-        return
-    bad = ((lay.ids < 0) | (lay.ids >= size)) & (lay.mask == 1)
-    if bool(bad.any()):
-        row, column = bad.nonzero()[0].tolist()
-        raise InputError(
-            f"token id {int(lay.ids[row, column])} (sequence {row}, position {column}) is outside the vocabulary "
-            f"of {size} tokens (ids 0..{size - 1})"
-        )
-
-
 def _model_kwargs(model: nn.Module, lay: Layout, given: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """Positions each row has alone, no KV cache, and only the logits the steps read (``logits_to_keep``)."""
     kwargs = dict(given or {})
@@ -183,8 +175,9 @@ def _model_kwargs(model: nn.Module, lay: Layout, given: Optional[Dict[str, Any]]
         kwargs.setdefault("position_ids", lay.positions)
     if causal.takes(model, "use_cache"):
         kwargs.setdefault("use_cache", False)
-    if causal.takes(model, "logits_to_keep"):
-        kwargs.setdefault("logits_to_keep", lay.continuation + 1)
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if causal.takes(model, "logits_to_keep") and not (isinstance(head, nn.Module) and is_quantized_linear(head)):
+        kwargs.setdefault("logits_to_keep", lay.continuation + 1)  # (a quantised head's backward wants all rows)
     return kwargs
 
 
@@ -199,7 +192,8 @@ def step_seeds(target: _targets.Target, logits: torch.Tensor, steps: torch.Tenso
     """``(seeds (R, c, V), probabilities (R, c), potentials (R, c))`` of every step's target (``target`` already
     spread over the steps, see :func:`per_step_target`), zero at padded steps."""
     rows, c, vocab = logits.shape
-    flat = logits.reshape(rows * c, vocab)
+    _check_finite(logits, step_mask)
+    flat = widen(logits).reshape(rows * c, vocab)  # float32 for a half-precision model
     real = step_mask.reshape(-1).bool()
     classes = check_classes(steps.reshape(-1), flat, what="answer token")
     seeds = target.seed(flat, classes) * real[:, None].to(flat.dtype)
@@ -209,6 +203,17 @@ def step_seeds(target: _targets.Target, logits: torch.Tensor, steps: torch.Tenso
     except NotImplementedError:
         potentials = torch.full_like(probabilities, float("nan"))
     return seeds.view(rows, c, vocab), probabilities.view(rows, c), potentials.view(rows, c)
+
+
+def _check_finite(logits: torch.Tensor, step_mask: torch.Tensor) -> None:
+    """A :class:`ModelOutputError` naming the sequences and steps whose logits hold NaN or Inf (one host sync)."""
+    bad = ~torch.isfinite(logits).all(dim=2) & step_mask.bool()
+    if bool(bad.any()):
+        rows, steps = (sorted(set(v.tolist())) for v in bad.nonzero().unbind(1))
+        raise ModelOutputError(
+            f"the model's logits are NaN or Inf at answer steps {steps[:10]} of sequences {rows[:10]} (answers first, "
+            "then foils): check the model's weights and the input's dtype (float16 overflows past 65504)"
+        )
 
 
 def per_step_target(target: _targets.Target, lay: Layout, vocab: int, copies: int = 1) -> _targets.Target:
@@ -238,7 +243,7 @@ def _explain(model, emb, lay, method, target, per_step, reduce, batch_steps, mod
     if method == "integrated_gradients":
         options["baseline"] = ig_baseline(model, emb, embeds, options.get("baseline"))
     wrapped = TextModel(model, lay.mask, _model_kwargs(model, lay, model_kwargs))
-    explainer = _methods.get(method)(wrapped, **options)
+    explainer = _methods.create(method, wrapped, **options)
     with explainer.session(None):
         x, target = explainer.prepare(embeds, target)
         spec = explainer.rules(x)
@@ -304,11 +309,12 @@ def _many_points(explainer, x, lay, target, per_step):
     explainer.begin(x)
     k_total = explainer.num_points()
     per_chunk = k_total if explainer.internal_batch_size is None else max(1, explainer.internal_batch_size // rows)
-    total = torch.zeros_like(x)
-    matrix = torch.zeros(lay.continuation, *x.shape, dtype=x.dtype, device=x.device) if per_step else None
+    dtype = accumulation_dtype(x.dtype)  # float32 for a half-precision model
+    total = torch.zeros_like(x, dtype=dtype)
+    matrix = torch.zeros(lay.continuation, *x.shape, dtype=dtype, device=x.device) if per_step else None
     signs = _signs(lay, seeds)
     for start, k in _chunks(k_total, per_chunk):
-        xs = explainer.points(x, start, k).reshape(k * rows, *x.shape[1:]).detach().requires_grad_(True)
+        xs = explainer.points(x, start, k).to(x.dtype).reshape(k * rows, *x.shape[1:]).detach().requires_grad_(True)
         logits = step_logits(explainer.model_output(xs), lay.continuation)
         if explainer.pointwise:  # the seeds at each point: SmoothGrad / IG of the steps' potentials
             each = per_step_target(target, lay, logits.shape[-1], copies=k)

@@ -23,6 +23,7 @@ import torch
 
 from .causal import position_ids
 from .errors import InputError, OptionError
+from .module_weights import input_device
 
 Rows = List[List[int]]
 
@@ -203,8 +204,8 @@ def generate(model: Any, prompts: Rows, pad: int, eos: List[int], max_new_tokens
         )
     if max_new_tokens < 1:
         raise OptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    device = next((p.device for p in model.parameters()), None)
-    lay = layout(prompts, [[pad]] * len(prompts), pad, device)
+    get = getattr(model, "get_input_embeddings", None)
+    lay = layout(prompts, [[pad]] * len(prompts), pad, input_device(get() if callable(get) else model))
     ids, mask = lay.ids[:, : lay.prompt], lay.mask[:, : lay.prompt]
     options = dict(do_sample=False, use_cache=True, pad_token_id=pad, **options)
     with torch.no_grad():

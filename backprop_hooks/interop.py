@@ -209,7 +209,7 @@ def quantus_explain(method: str = "gradient", target: Any = "weighted", channels
 
     if channels not in ("keep", "sum"):
         raise OptionError(f"channels must be 'keep' or 'sum', got {channels!r}")
-    methods.get(method)
+    methods.get(method).check_options(options)
     _targets.get(target)
 
     def explain(model: nn.Module, inputs: Any, targets: Any, **kwargs: Any):

@@ -108,6 +108,9 @@ class Target:
         classes = torch.arange(c, device=logits.device).repeat(b)
         return self.potential(stacked, classes).view(b, c)
 
+    def check_explained(self, logits: torch.Tensor, classes: torch.Tensor) -> None:
+        """Refuse ``classes`` the target cannot explain at ``logits`` (``Versus``: a class against itself)."""
+
     def check(self, num_classes: int) -> None:
         if num_classes < self.min_classes:
             raise ClassIndexError(
@@ -254,6 +257,18 @@ class Versus(Target):
 
     def _other(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         return check_classes(self.other, logits, what="Versus class")
+
+    def check_explained(self, logits, classes):
+        """A sample whose foil ``s`` is its own class ``t`` (``y_t − y_t = 0``, an empty map) is a
+        :class:`ClassIndexError` (one host synchronisation)."""
+        same = self._other(logits, classes) == classes
+        if bool(same.any()):
+            rows = same.nonzero().flatten()
+            raise ClassIndexError(
+                f"Versus: samples {rows.tolist()[:10]} explain classes {classes[rows].tolist()[:10]} against "
+                "themselves (y_t - y_t = 0, an empty map); pick a foil other than the explained class, or "
+                "target='max' (the runner-up)"
+            )
 
     def seed(self, logits, classes):
         return _onehot(logits, classes) - _onehot(logits, self._other(logits, classes))

@@ -40,7 +40,9 @@ from . import runtime
 from . import targets as _targets
 from .errors import InputError, ModelError, NonLinearContrastWarning, OptionError, PaddingWarning, choices
 from .explanation import Explanation
+from .api import model_class_names
 from .methods.tokens import TextLayout
+from .token_checks import check_length, check_vocabulary
 from .validate import Classes, LogitsFn, check_logits_fn, check_model
 
 GRADIENT_METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients")
@@ -49,6 +51,7 @@ EMBEDDING_METHODS = GRADIENT_METHODS + RELEVANCE_METHODS  # attributions on the 
 ATTENTION_METHODS = ("rollout", "grad_rollout", "transformer_attribution", "vit_gradcam")
 TEXT_METHODS = EMBEDDING_METHODS + ATTENTION_METHODS
 REDUCTIONS = ("sum", "l1", "l2")
+TEXT_KEYWORDS = ("attention_mask", "target", "classes", "logits", "reduce", "readout", "model_kwargs")
 
 
 class TextModel(nn.Module):
@@ -77,12 +80,14 @@ class TextModel(nn.Module):
         return self.model(inputs_embeds=inputs_embeds, attention_mask=repeat(self.attention_mask), **extra)
 
 
-def _check_ids(input_ids: Any, attention_mask: Any):
+def _check_ids(input_ids: Any, attention_mask: Any, model: nn.Module):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise InputError(f"input_ids must be a (B, L) integer tensor of token ids, got {shape}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise InputError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+    check_vocabulary(input_ids, embeddings(model))
+    check_length(input_ids, model)
     if attention_mask is None:
         return torch.ones_like(input_ids)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
@@ -92,6 +97,12 @@ def _check_ids(input_ids: Any, attention_mask: Any):
         )
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise InputError("attention_mask must hold 1 (token) and 0 (padding) only")
+    empty = (attention_mask == 0).all(dim=1)
+    if bool(empty.any()):
+        raise InputError(
+            f"attention_mask rows {empty.nonzero().flatten().tolist()[:10]} are all 0 (padding only): no token to "
+            "explain; give every row at least one token, or leave the empty rows out"
+        )
     return attention_mask
 
 
@@ -177,13 +188,15 @@ def explain_text(
     the model's kind). ``model_kwargs``: further model inputs
     (``token_type_ids=...``). ``options`` go to the method (``n_steps=``, ``baseline=``, ``layer=``, ...).
     ``Explanation.extras`` holds ``input_ids`` and ``attention_mask`` (and for a causal LM's default read-out
-    ``positions``, the column each row is read at).
+    ``positions``, the column each row is read at), and the model's class names when its config names them
+    (``id2label``).
     """
     if method not in TEXT_METHODS:
         raise OptionError(f"explain_text has no method {method!r}; accepted: {choices(TEXT_METHODS)}")
     reduce = default_reduce(method, reduce)
     check_model(model)
-    mask = _check_ids(input_ids, attention_mask)
+    _methods.get(method).check_options(options, TEXT_KEYWORDS, "bh.explain_text")
+    mask = _check_ids(input_ids, attention_mask, model)
     with runtime.explaining(model):  # also under no_grad/inference_mode: a graph for this call only
         input_ids, mask = runtime.usable(input_ids), runtime.usable(mask)
         if model_kwargs:
@@ -233,7 +246,7 @@ def _explain(model, input_ids, mask, method, target, classes, logits, reduce, re
         raise OptionError(f"readout= is an option of the attention methods, not of {method!r}")
     if method == "integrated_gradients":
         options["baseline"] = ig_baseline(model, emb, embeds, options.get("baseline"))
-    explainer = _methods.get(method)(wrapped, **options)
+    explainer = _methods.create(method, wrapped, **options)
     with warnings.catch_warnings():
         if method in EMBEDDING_METHODS and reduce != "sum":
             warnings.simplefilter("ignore", NonLinearContrastWarning)  # said once below, for the reduced scores
@@ -245,6 +258,9 @@ def _explain(model, input_ids, mask, method, target, classes, logits, reduce, re
         if reduce != "sum":
             warn_norm(reduce, _targets.get(target), stacklevel=4)
     extras = dict(e.extras, input_ids=input_ids, attention_mask=mask, **readout_extras)
+    names = model_class_names(model)  # a Hugging Face config's id2label names the classes in plots
+    if names is not None:
+        extras.setdefault("class_names", names)
     return Explanation(
         attributions=scores,
         logits=e.logits,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+import re
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -12,6 +13,7 @@ from .errors import BackpropHooksError, ClassIndexError, InputError, ModelError,
 
 Classes = Union[None, int, Sequence[int], torch.Tensor]
 LogitsFn = Callable[[Any], torch.Tensor]
+_RANDOM = re.compile("drop|jitter|noise")  # float attributes that randomise a forward pass in training mode
 
 
 def check_model(model: object, what: str = "model must be") -> nn.Module:
@@ -21,11 +23,23 @@ def check_model(model: object, what: str = "model must be") -> nn.Module:
     return model
 
 
-def check_input(x: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
-    """Check that ``x`` is a floating (B, ...) tensor with a batch dimension and finite values."""
+def check_input(x: torch.Tensor, check_finite: bool = True, embeds_tokens: bool = False) -> torch.Tensor:
+    """Check that ``x`` is a floating (B, ...) tensor with a batch dimension and finite values. ``embeds_tokens``:
+    the model embeds token ids (``get_input_embeddings()``), so integer (B, L) input is pointed to explain_text."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"input must be a torch.Tensor of shape (B, C, H, W) or (B, F), got {type(x).__name__}")
     if not x.is_floating_point():
+        integer = not x.is_complex() and x.dtype != torch.bool
+        if integer and x.dim() == 2:
+            text = "bh.explain_text(model, input_ids, attention_mask, method, target)"
+            if embeds_tokens:
+                raise InputError(
+                    f"input is an integer (B, L) tensor (dtype {x.dtype}), token ids: explain them with {text}"
+                )
+            raise InputError(
+                f"input must be a floating-point tensor (float32/float64/...), got dtype {x.dtype}; use x.float(), "
+                f"or, for the token ids of a text model, {text}"
+            )
         raise InputError(
             f"input must be a floating-point tensor (float32/float64/...), got dtype {x.dtype}; use x.float()"
         )
@@ -60,6 +74,24 @@ def check_logits(logits: object, batch: int, source: str = "the model") -> torch
     if not logits.is_floating_point():
         raise ModelOutputError(f"the logits must be floating point, got dtype {logits.dtype}")
     return logits
+
+
+def check_finite_logits(logits: torch.Tensor, samples: Optional[int] = None, where: str = "") -> torch.Tensor:
+    """``logits`` when every value is finite (one host synchronisation), else a :class:`ModelOutputError` naming
+    the samples and how many classes are NaN or Inf. ``samples``: the logits stack points of that many samples
+    (row ``r`` belongs to sample ``r mod samples``); ``where``: where the points are, for the message."""
+    if bool(torch.isfinite(logits).all()):
+        return logits
+    bad = (~torch.isfinite(logits.detach())).sum(dim=1)
+    rows = bad.nonzero().flatten()
+    names = sorted(set((rows % samples if samples else rows).tolist()))
+    counts = sorted(set(bad[rows].tolist()), reverse=True)
+    count = str(counts[0]) if len(counts) == 1 else f"{counts[-1]} to {counts[0]}"
+    shown = str(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    raise ModelOutputError(
+        f"the model's logits are NaN or Inf{where} in samples {shown} ({count} of {logits.shape[1]} classes): "
+        "check the model's weights and the input's dtype (float16 overflows past 65504)"
+    )
 
 
 def check_logits_fn(logits: Optional[LogitsFn]) -> Optional[LogitsFn]:
@@ -138,3 +170,28 @@ def check_classes(classes: Classes, logits: torch.Tensor, what: str = "class") -
             f"{what} index {int(first)} is out of range; the model has {num_classes} classes (0..{num_classes - 1})"
         )
     return classes.to(device=logits.device, dtype=torch.long)
+
+
+def training_effects(model: nn.Module) -> List[str]:
+    """What training mode changes in ``model``'s forward pass, one entry per module: active dropout (dropout
+    modules with ``p > 0``; positive float attributes named ``*drop*``, ``*jitter*`` or ``*noise*``: an
+    attention's ``attention_dropout``, stochastic depth, layer drop, a router's jitter noise) and norms that use
+    batch statistics. Empty: training mode computes what
+    eval mode computes (e.g. a model in training mode for gradient checkpointing, with every dropout at 0)."""
+    found: List[str] = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        where = name or type(module).__name__
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            if module.p > 0:
+                found.append(f"{where} (p={module.p})")
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
+        ):
+            found.append(f"{where} (batch statistics)")
+        else:
+            drops = [f"{k}={v}" for k, v in vars(module).items() if type(v) is float and v > 0 and _RANDOM.search(k)]
+            if drops:
+                found.append(f"{where} ({', '.join(drops)})")
+    return found

@@ -23,6 +23,7 @@ import datetime
 import json
 import platform
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -56,7 +57,7 @@ def explain_fn(method: str, model, x, t, target: str, layer) -> Callable:
     options = dict(METHOD_OPTIONS.get(method, {}))
     if layer is not None and method in ("gradcam", "xgradcam", "linear_approx", "guided_gradcam", "vit_gradcam"):
         options["layer"] = layer
-    m = bh.methods.get(method)(model, **options)
+    m = bh.methods.create(method, model, **options)
     return lambda: m(x, classes=t, target=target)
 
 
@@ -195,6 +196,18 @@ DEPTHS = {
 }
 
 
+class Progress:
+    """One line per measured case on stderr, before the table: ``[3/8] vit_tiny batch 2: 21 rows, 42 s``."""
+
+    def __init__(self, total: int, prefix: str = "") -> None:
+        self.total, self.prefix, self.done = total, prefix, 0
+
+    def __call__(self, what: str, rows: List[Dict], started: float) -> None:
+        self.done += 1
+        seconds = time.perf_counter() - started
+        print(f"[{self.prefix}{self.done}/{self.total}] {what}: {len(rows)} rows, {seconds:.0f} s", file=sys.stderr)
+
+
 def scaling(device: torch.device, quick: bool, repeats: int) -> List[Dict]:
     """Ratios vs batch size (224 px), input resolution (batch 4), depth (batch 4: ResNet-18/34/50, ViT-Tiny with
     3 to 24 blocks) for the methods of ``SCALING``, and contrast targets vs number of classes (weighted ÷ logit)."""
@@ -202,15 +215,21 @@ def scaling(device: torch.device, quick: bool, repeats: int) -> List[Dict]:
     batches = [1, 4, 16] if quick else [1, 4, 16, 64]
     sizes = [112, 224] if quick else [112, 224, 448]
 
+    depths = {name: DEPTHS[name][: 3 if quick else None] for name in SCALING}
+    progress = Progress(sum(len(batches) + len(sizes) + len(depths[n]) for n in SCALING) + 3, "scaling ")
+
     def case(name: str, batch: int, size: int, methods: List[str], targets=("logit",)) -> List[Dict]:
-        return bench_case(name, batch, size, methods, list(targets), device, repeats, False, False, False)
+        started = time.perf_counter()
+        found = bench_case(name, batch, size, methods, list(targets), device, repeats, False, False, False)
+        progress(f"{name} batch {batch}, {size} px", found, started)
+        return found
 
     for model_name, methods in SCALING.items():
         for b in batches:
             rows += [dict(r, sweep="batch") for r in case(model_name, b, 224, methods)]
         for s in sizes:  # ViT-Tiny is built with dynamic_img_size: 49 to 784 patches
             rows += [dict(r, sweep="size") for r in case(model_name, 4, s, methods)]
-        for name in DEPTHS[model_name][: 3 if quick else None]:
+        for name in depths[model_name]:
             rows += [dict(r, sweep="depth", depth=depth_of(name)) for r in case(name, 4, 224, methods)]
     for c in [10, 100, 1000]:
         size = 224 if not quick else 112
@@ -332,30 +351,34 @@ def main(argv=None) -> int:
     )
     out = Path(a.out)
     rows = []
-    for model_name in models:
-        for b in batches + ([1] if a.per_class and 1 not in batches else []):
-            ms = methods if b in batches else ["gradient"]  # batch 1: the per-class comparison only
-            rows += bench_case(
-                model_name,
-                b,
-                size,
-                ms,
-                a.targets,
-                device,
-                repeats,
-                not a.no_peers,
-                not a.no_memory and b in batches,
-                a.per_class,
-                a.skip_peers,
-            )
-            write_results(out, meta, rows)  # a run stopped early keeps what it measured
-            print(f"done: {model_name} batch {b}", file=sys.stderr)
-            if a.compile and b in batches:
-                rows += bench_case(
-                    model_name, b, size, ms, a.targets, device, repeats, False, False, False, (), a.compile
-                )
-                write_results(out, meta, rows)
-                print(f"done: {model_name}+compile:{a.compile} batch {b}", file=sys.stderr)
+    cases = [(m, b) for m in models for b in batches + ([1] if a.per_class and 1 not in batches else [])]
+    progress = Progress(len(cases) + (len(models) * len(batches) if a.compile else 0))
+    print(f"python -m bench: {progress.total} case(s) on {device}; results in {out}/results.md", file=sys.stderr)
+    for model_name, b in cases:
+        ms = methods if b in batches else ["gradient"]  # batch 1: the per-class comparison only
+        started = time.perf_counter()
+        found = bench_case(
+            model_name,
+            b,
+            size,
+            ms,
+            a.targets,
+            device,
+            repeats,
+            not a.no_peers,
+            not a.no_memory and b in batches,
+            a.per_class,
+            a.skip_peers,
+        )
+        rows += found
+        write_results(out, meta, rows)  # a run stopped early keeps what it measured
+        progress(f"{model_name} batch {b}", found, started)
+        if a.compile and b in batches:
+            started = time.perf_counter()
+            found = bench_case(model_name, b, size, ms, a.targets, device, repeats, False, False, False, (), a.compile)
+            rows += found
+            write_results(out, meta, rows)
+            progress(f"{model_name}+compile:{a.compile} batch {b}", found, started)
     if a.scaling:
         rows += scaling(device, a.quick, repeats)
     print(write_results(out, meta, rows))

@@ -8,14 +8,19 @@ CPU: there is no allocator statistic, and sampling the resident set reads about 
 address; the running sum of the call's own allocations and of the frees of those blocks, in time order,
 peaks at the call's peak tensor memory. This counts tensors only (not
 Python objects or library workspaces such as oneDNN scratch), which is what the forward+backward floor and
-an explanation are compared on. The profiled call is slower; only its memory is used.
+an explanation are compared on. The profiled call is slower; only its memory is used. The profiler's C++
+side prints a line at each start and stop (``USDT ... profiler_start``) and a warning about blocks allocated
+before it started, straight to the file descriptor: :func:`native_stderr_silenced` drops them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
+import sys
 import warnings
-from typing import Callable, Iterable, Tuple
+from typing import Callable, Iterable, Iterator, Tuple
 
 import torch
 
@@ -40,11 +45,27 @@ def peak_of_events(events: Iterable[Tuple[int, int, int]]) -> int:
     return peak
 
 
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 points to the null device inside (what C++ writes there is dropped: the profiler's
+    ``USDT`` lines, the allocator's warning); Python's ``sys.stderr`` is flushed before and after."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
         del result
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())

@@ -50,9 +50,10 @@ def _pytorch_grad_cam(
     if cls is None:
         return None
     targets = [ClassifierOutputTarget(int(c)) for c in t]
+    layers = [] if method == "fullgrad" else [layer]  # FullGrad takes every bias layer; a layer given: it prints
 
     def run():
-        with cls(model=model, target_layers=[layer]) as cam:
+        with cls(model=model, target_layers=layers) as cam:
             return cam(input_tensor=x, targets=targets)
 
     return run

@@ -220,7 +220,7 @@ def rows_for(
         options = dict(METHOD_OPTIONS.get(method, {}))
         if layer is not None and method in ("gradcam", "xgradcam", "linear_approx", "guided_gradcam"):
             options["layer"] = layer
-        m = bh.methods.get(method)(model, **options)
+        m = bh.methods.create(method, model, **options)
         candidates[method] = functools.partial(m, x, t, "logit")
     rows, floor = [], None
     for label, fn in candidates.items():

@@ -67,19 +67,7 @@ def default_method(model: nn.Module) -> str:
 
 def method_option_names(method: str) -> List[str]:
     """The options ``--option NAME=VALUE`` accepts for ``method`` (its constructor's keywords)."""
-    import inspect
-
-    names: List[str] = []
-    for klass in bh.methods.get(method).__mro__:  # follow **kw up to the base classes' keywords
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        parameters = inspect.signature(init).parameters
-        names += [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-            break
-    names = list(dict.fromkeys(n for n in names if n not in ("self", "model")))
-    return [n for n in names if n not in ("layer", "check_finite")]
+    return [n for n in bh.methods.get(method).options() if n not in ("layer", "check_finite")]
 
 
 def spatial_layers(model: nn.Module) -> List[Tuple[str, Tuple[int, ...]]]:

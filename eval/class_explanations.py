@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -122,7 +122,9 @@ def explain_classes(
     with bar, _ticking(bar):
         for t, part in work:
             batch = x.expand(len(part), *x.shape[1:])
-            e = _to_cpu(bh.explain(model, batch, method=method, target=t, classes=part, **options))
+            target, itself = against_itself(t, part)
+            e = bh.explain(model, batch, method=method, target=target, classes=part, **options)
+            e = _to_cpu(zero_rows(e, itself, t))
             pieces.setdefault(bh.targets.get(t).key, []).append(e)
             bar.update()
     explanations = {key: _join(parts) for key, parts in pieces.items()}
@@ -136,6 +138,31 @@ def explain_classes(
         method=first.method,
         explanations=explanations,
     )
+
+
+def against_itself(target: Any, classes: torch.Tensor) -> Tuple[Any, Optional[torch.Tensor]]:
+    """``(target, None)``; for ``versus:S`` with ``S`` among ``classes``, a stand-in and the mask of the rows that
+    would explain ``S`` against itself. The library refuses those (``y_S − y_S = 0``); the command line explains
+    the other rows and shows these as the zero map they are by definition (see :func:`zero_rows`)."""
+    versus = bh.targets.get(target)
+    if not isinstance(versus, bh.targets.Versus) or isinstance(versus.other, torch.Tensor):
+        return target, None
+    other = int(versus.other)
+    itself = classes == other
+    if not bool(itself.any()):
+        return target, None
+    return bh.targets.Versus(torch.full_like(classes, other).masked_fill(itself, 1 if other == 0 else 0)), itself
+
+
+def zero_rows(e: Explanation, itself: Optional[torch.Tensor], target: Any) -> Explanation:
+    """``e`` with the rows of ``itself`` zeroed and its ``versus`` class that of ``target`` (see
+    :func:`against_itself`)."""
+    if itself is None:
+        return e
+    e.attributions[itself.to(e.attributions.device)] = 0
+    e._maps = None
+    e.extras["versus"] = bh.targets.get(target).other
+    return e
 
 
 def _device(model: nn.Module) -> torch.device:

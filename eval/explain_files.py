@@ -62,7 +62,7 @@ def figure(result: ClassExplanations, title: str, max_rows: int = DEFAULT_MAX_RO
     if result.method in CLASS_INDEPENDENT:
         title += f"\n({result.method} does not depend on the class: every row and column shows the same map)"
     labels = [f"{result.method} of {objective(k)}\n{legend(result.maps(k))}" for k in keys]
-    layer_alpha, percentile = plotted.scale(next(iter(result.explanations.values())))
+    layer_alpha, percentile = plotted.method_scale(next(iter(result.explanations.values())))
     return drawing.explanation_grid(
         result.image,
         [result.maps(k)[:shown] for k in keys],
@@ -212,17 +212,14 @@ def check_sources(sources: Sequence[str]) -> List[str]:
 
 
 def load_source(source: str, model: nn.Module) -> torch.Tensor:
-    """A (3, H, W) image in [0, 1] with the model's resize-and-crop (a file, else a bundled photo)."""
-    size = tuple(getattr(model, "input_size", (224, 224)))[0]
-    prep = {"crop_pct": getattr(model, "crop_pct", 0.875), "interpolation": getattr(model, "interpolation", "bilinear")}
+    """A (3, H, W) image in [0, 1] resized as the model's training data was (a file, else a bundled photo):
+    the loader of ``models.photos(model=model)``."""
     if Path(source).is_file():
         try:
-            return models.load_image(source, size, **prep)[0]
+            return models.load_image(source, model=model)[0]
         except OSError as error:  # PIL's UnidentifiedImageError, truncated files
             raise UsageError(f"cannot read image {source!r}: {error.__class__.__name__}: {error}") from None
-    import skimage.data
-
-    return models.load_image(getattr(skimage.data, source)(), size, **prep)[0]
+    return models.photo(source, model=model)
 
 
 def output_names(sources: Sequence[str], out: Path = None) -> List[str]:

@@ -15,6 +15,8 @@ import argparse
 import sys
 import warnings
 
+import torch
+
 import backprop_hooks as bh
 from backprop_hooks.text import TEXT_METHODS
 
@@ -32,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = text_topics.load()
     class_names = list(text_topics.CLASSES)
     from .arguments import check_targets, class_index  # classes and versus: by index or name, as in explain
+    from .class_explanations import against_itself, zero_rows
 
     classes = None if args.cls is None else class_index(args.cls, class_names, "--class")
     keys = check_targets(args.target, len(class_names), class_names)
@@ -40,11 +43,16 @@ def run(args: argparse.Namespace) -> int:
     toks = [tokenizer.tokens(s) for s in sentences]
     options = {"n_steps": args.n_steps} if args.method == "integrated_gradients" else {}
     all_rows = []
+    if classes is None:  # the predicted classes, known before a versus: target meets its own class
+        with torch.no_grad():
+            classes = model(input_ids=ids, attention_mask=mask).logits.argmax(dim=1)
+    classes = torch.as_tensor(classes).expand(ids.shape[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
         for key in keys:
             target = bh.targets.get(key)
-            e = bh.explain_text(model, ids, mask, args.method, target, classes, **options)
+            stand_in, itself = against_itself(target, classes)
+            e = zero_rows(bh.explain_text(model, ids, mask, args.method, stand_in, classes, **options), itself, target)
             probs = e.probabilities
             for i, row in enumerate(render.rows(e, toks, class_names)):
                 c = int(e.classes[i])

@@ -7,7 +7,7 @@ shape (B, 3, H, W) and carries `class_names`, `input_size`, `default_layer`, `ar
 
 from .digits_data import digits
 from backprop_hooks.errors import UnknownArchitectureError, WeightsMismatchError, WeightsUnavailableError
-from .images import load_image, photos
+from .images import load_image, photo, photos
 from .normalized import Normalized
 from .zoo import available, create, imagenet_classes
 
@@ -21,5 +21,6 @@ __all__ = [
     "digits",
     "imagenet_classes",
     "load_image",
+    "photo",
     "photos",
 ]

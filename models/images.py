@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Union
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
-from backprop_hooks.errors import ImageUpsampledWarning
+from backprop_hooks.errors import ImageUpsampledWarning, UnknownNameError, choices
 
 ImageSource = Union[str, os.PathLike, np.ndarray, Image.Image]
 
@@ -83,15 +84,41 @@ def _describe(image: ImageSource) -> str:
     return repr(str(image)) if isinstance(image, (str, os.PathLike)) else "array"
 
 
+def preprocessing(
+    model: Optional[nn.Module] = None,
+    size: Optional[int] = None,
+    crop_pct: Optional[float] = None,
+    interpolation: Optional[str] = None,
+) -> Tuple[int, float, str]:
+    """``(size, crop_pct, interpolation)``: the ones given, else the model's (a model of `models.create`
+    carries `input_size`, `crop_pct` and `interpolation`; a timm model its `pretrained_cfg`), else the
+    ImageNet evaluation protocol (224, 0.875, bilinear: Resize(256) -> CenterCrop(224))."""
+    cfg = getattr(model, "pretrained_cfg", None) if model is not None else None
+    cfg = cfg if isinstance(cfg, dict) else {}
+    declared_size = getattr(model, "input_size", None) or cfg.get("input_size", (224,))[-2:]
+    size = size if size is not None else int(tuple(declared_size)[0])
+    crop_pct = crop_pct if crop_pct is not None else getattr(model, "crop_pct", cfg.get("crop_pct", 0.875))
+    interpolation = interpolation or getattr(model, "interpolation", cfg.get("interpolation", "bilinear"))
+    return size, float(crop_pct), str(interpolation)
+
+
 def load_image(
-    image: ImageSource, size: int = 224, *, crop_pct: float = 0.875, interpolation: str = "bilinear"
+    image: ImageSource,
+    size: Optional[int] = None,
+    *,
+    crop_pct: Optional[float] = None,
+    interpolation: Optional[str] = None,
+    model: Optional[nn.Module] = None,
 ) -> torch.Tensor:
     """A (1, 3, size, size) float tensor in [0, 1]: resize the shorter side to floor(size / crop_pct), centre-crop.
 
-    `image` is a path, a PIL image, or an array (H, W[, 3|4], uint8 or float in [0, 1]). The defaults are
-    the ImageNet evaluation protocol (Resize(256) -> CenterCrop(224)); a model built by `models.create`
-    carries its own `crop_pct` and `interpolation` attributes.
+    `image` is a path, a PIL image, or an array (H, W[, 3|4], uint8 or float in [0, 1]). `model=`: resize as
+    that model's training data was (a model of `models.create` carries its `input_size`, `crop_pct` and
+    `interpolation`: bicubic for timm's EfficientNets, bilinear for torchvision's weights); the command line
+    loads its images this way. Without a model: the ImageNet evaluation protocol (224 px, Resize(256) ->
+    CenterCrop(224), bilinear). Given `size`, `crop_pct`, `interpolation` win.
     """
+    size, crop_pct, interpolation = preprocessing(model, size, crop_pct, interpolation)
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must lie in (0, 1], got {crop_pct}")
     from torchvision.transforms import InterpolationMode
@@ -112,14 +139,21 @@ def load_image(
     return TF.to_tensor(pil).unsqueeze(0)
 
 
-def photos(size: int = 224, *, crop_pct: float = 0.875, interpolation: str = "bilinear") -> dict[str, torch.Tensor]:
+def photo(name: str, size: Optional[int] = None, **options: Any) -> torch.Tensor:
+    """One bundled photo (see :func:`photos`) as a (3, size, size) tensor in [0, 1], loaded by
+    :func:`load_image` (``model=``, ``crop_pct=``, ``interpolation=``); the command line's photos too."""
+    import skimage.data
+
+    if name not in PHOTOS:
+        raise UnknownNameError(f"no bundled photo {name!r}; the photos are {choices(PHOTOS)}")
+    return load_image(getattr(skimage.data, name)(), size, **options)[0]
+
+
+def photos(size: Optional[int] = None, **options: Any) -> dict[str, torch.Tensor]:
     """The colour photos bundled with scikit-image, name -> (3, size, size) tensor in [0, 1].
 
     chelsea (a tabby cat), coffee (an espresso cup), astronaut (Eileen Collins), rocket (a launch).
+    ``photos(model=model)`` resizes them as the model's training data was, as ``backprop-hooks explain``
+    does (see :func:`load_image`); ``crop_pct=``, ``interpolation=`` set them by hand.
     """
-    import skimage.data
-
-    return {
-        name: load_image(getattr(skimage.data, name)(), size, crop_pct=crop_pct, interpolation=interpolation)[0]
-        for name in PHOTOS
-    }
+    return {name: photo(name, size, **options) for name in PHOTOS}

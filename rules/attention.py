@@ -47,6 +47,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from backprop_hooks.checkpointing import gradients, outside_checkpoint, reentrant_checkpoint_in, reentrant_error
 from backprop_hooks.errors import RuleError
 from backprop_hooks.rule import Rule
 
@@ -117,12 +118,13 @@ class _TimmPath(Rule):
             with torch.no_grad():
                 self.owner.pending[m] = sdpa_probabilities(q, k, v, scale=m.scale)[0]
             return None
-        attn = _Hold.apply(sdpa_probabilities(q, k, v, scale=m.scale)[0], self.owner._hold)
-        self.owner.pending[m] = attn
-        merged = attention_value(attn, v, inputs[0], _merged_to_heads(m.num_heads))
-        if isinstance(module, nn.Identity):
-            return merged
-        return _straight_through(output, module.forward(merged))  # not module(...): that would run this hook again
+        with outside_checkpoint():
+            attn = _Hold.apply(sdpa_probabilities(q, k, v, scale=m.scale)[0], self.owner._hold)
+            self.owner.pending[m] = attn
+            merged = attention_value(attn, v, inputs[0], _merged_to_heads(m.num_heads))
+            if isinstance(module, nn.Identity):
+                return merged
+            return _straight_through(output, module.forward(merged))  # not module(...): that would run this hook again
 
 
 # ------------------------------------------------------------------------------------------ the rule
@@ -219,13 +221,15 @@ class AttentionCapture(Rule):
         if not self.shapes:
             return []
         if any(p is None and not a.requires_grad for a, p in zip(self.attentions, self._probes)):
+            if reentrant_checkpoint_in(logits):  # the blocks ran without gradients in the forward pass
+                raise reentrant_error()
             raise RuleError("the attention was recorded outside the autograd graph: it has no gradient")
         reduce = reduce if reduce is not None else (lambda i, a, g: (a, g))
         handoff = self._handoff
         handoff.reduce, handoff.results, handoff.keep = reduce, {}, retain_graph
         try:
             inputs = [p if p is not None else a for a, p in zip(self.attentions, self._probes)]
-            grads = torch.autograd.grad(logits, inputs, seed, retain_graph=retain_graph)
+            grads = gradients(logits, inputs, seed, retain_graph=retain_graph)
             results = handoff.results
             for i, (a, p, g) in enumerate(zip(self.attentions, self._probes, grads)):
                 if p is None:
@@ -266,13 +270,18 @@ class AttentionCapture(Rule):
             self._record(attn)
             return fused
         if isinstance(mask, torch.Tensor) and mask.requires_grad:  # the mask's gradient: through A in the graph
-            attn, v = sdpa_probabilities(q, k, v, mask, causal, scale, gqa)
+            with outside_checkpoint():
+                attn, v = sdpa_probabilities(q, k, v, mask, causal, scale, gqa)
             held = _Hold.apply(attn, self._hold)
             self._record(held)
             return attention_value(held, v, func(*args, **kwargs))
         call = self._call(is_causal=causal, scale=scale, enable_gqa=gqa)
         probe = probe_like(q)
-        out = DeferredAttention.apply(probe, q, k, v, mask, call, lambda: func(*args, **kwargs))
+        # the model's own call, in the graph, saves what it saves without the capture (what a checkpoint's
+        # recomputation, which runs no rule, saves again); its node is dropped at once: the deferred node replaces it
+        fused = func(*args, **kwargs)
+        with outside_checkpoint():
+            out = DeferredAttention.apply(probe, q, k, v, mask, call, fused.detach)
         shape = (*torch.broadcast_shapes(q.shape[:-3], k.shape[:-3]), q.shape[-3], q.shape[-2], k.shape[-2])
         self._record(None, shape=shape, probe=probe)
         return out
@@ -320,7 +329,8 @@ class AttentionCapture(Rule):
         replaced = None
         if attn is None:  # not the expected call sequence: the whole explicit path, projections included
             wrap = (lambda t: _Hold.apply(t, self._hold)) if self._building_graph() else None
-            path, attn = _timm_explicit(module, inputs[0], wrap)
+            with outside_checkpoint():
+                path, attn = _timm_explicit(module, inputs[0], wrap)
             replaced = _straight_through(output, path) if self._building_graph() else None
             attn = attn if self._building_graph() else attn.detach()
         self._record(attn, module)
@@ -341,7 +351,10 @@ class AttentionCapture(Rule):
         batch = query.shape[0] if module.batch_first else query.shape[1]
         call, probe = self._call(is_causal=False, scale=None, enable_gqa=False), probe_like(output[0])
         detached = output[0].detach()  # the module's own graph is freed: the backward recomputes the explicit path
-        out = DeferredMultihead.apply(probe, query, key, value, call, module, lambda: detached, *mha_parameters(module))
+        with outside_checkpoint():
+            out = DeferredMultihead.apply(
+                probe, query, key, value, call, module, lambda: detached, *mha_parameters(module)
+            )
         self._record(None, module, shape=(batch, module.num_heads, lq, lk), probe=probe)
         return (out,) + tuple(output[1:])
 

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from backprop_hooks.checkpointing import outside_checkpoint
+
 from .attention_maths import _mha_output_to_heads, _mha_probabilities, _mha_values, fold_heads, repeat_heads
 from .attention_maths import sdpa_probabilities
 
@@ -117,7 +119,8 @@ def attention_value(
     kept as a copy of its own: holding the view would hold the whole ``qkv`` until the backward pass."""
     if v.untyped_storage().nbytes() > v.numel() * v.element_size():
         v = v.clone(memory_format=torch.contiguous_format)
-    return AttentionValue.apply(attn, v, out.detach(), to_heads)
+    with outside_checkpoint():
+        return AttentionValue.apply(attn, v, out.detach(), to_heads)
 
 
 def _wanted(ctx) -> Tuple[bool, ...]:

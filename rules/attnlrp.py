@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from backprop_hooks.checkpointing import outside_checkpoint
 from backprop_hooks.errors import RuleError
 from backprop_hooks.rule import Rule
 
@@ -99,7 +100,8 @@ class MultiheadAttentionRule(Rule):
             raise RuleError("MultiheadAttentionRule does not handle masked calls (key_padding_mask/attn_mask)")
         if module.training and module.dropout:
             raise RuleError("nn.MultiheadAttention has active dropout: put the model in eval mode (model.eval())")
-        path, _ = _mha_explicit(module, *inputs[:3])
+        with outside_checkpoint():
+            path, _ = _mha_explicit(module, *inputs[:3])
         return (_straight_through(output[0], path),) + tuple(output[1:])
 
 

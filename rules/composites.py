@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from backprop_hooks.errors import OptionError, RuleError, UnknownNameError, choices
+from backprop_hooks.options import check_options, constructor_options
 from backprop_hooks.rule import Rule
 
 from .canonizers import BN_TYPES, MergeBatchNorm
@@ -161,6 +162,7 @@ def get_composite(
     """A composite from its name (``"epsilon_plus_flat"``) and options, or a ``base`` instance as is.
     ``registry``/``base``: another family of composites (default: the LRP composites of this module)."""
     registry = COMPOSITES if registry is None else registry
+    kind = getattr(base, "kind", base.__name__)
     if isinstance(composite, base):
         if options:
             raise OptionError(
@@ -168,8 +170,8 @@ def get_composite(
             )
         return composite
     if isinstance(composite, str) and composite in registry:
+        check_options(options, constructor_options(registry[composite], ("self",)), f"{kind} {composite!r}")
         return registry[composite](**options)
-    kind = getattr(base, "kind", base.__name__)
     raise UnknownNameError(
         f"unknown {kind} {composite!r}; accepted: {choices(list(registry))} or a {base.__name__} instance"
     )

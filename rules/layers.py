@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from backprop_hooks.errors import RuleError
+from backprop_hooks.module_weights import is_quantized_linear
 from backprop_hooks.rule import Rule
 
 Tensor = torch.Tensor
@@ -89,8 +90,9 @@ def layer_vjp(module: nn.Module, x: Tensor, weight: Tensor, s: Tensor) -> Tensor
 
 
 def check_layer(rule: Rule, module: nn.Module) -> None:
-    """Raise :class:`RuleError` unless ``module`` is a plain Linear, a zero-padded ConvNd, timm's
-    ``Conv2dSame`` (zero "SAME" padding) or Hugging Face's ``Conv1D`` (a linear layer)."""
+    """Raise :class:`RuleError` unless ``module`` is a plain Linear, a quantised Linear (optimum-quanto,
+    bitsandbytes), a zero-padded ConvNd, timm's ``Conv2dSame`` (zero "SAME" padding) or Hugging Face's
+    ``Conv1D`` (a linear layer)."""
     name = type(rule).__name__
     if is_hf_conv1d(module):
         return
@@ -100,6 +102,8 @@ def check_layer(rule: Rule, module: nn.Module) -> None:
             f"{type(module).__name__}. Select layers by type, e.g. {{nn.Conv2d: {name}()}}"
         )
     base = nn.Linear if isinstance(module, nn.Linear) else next(t for t in CONV_TYPES if isinstance(module, t))
+    if is_quantized_linear(module):  # x W̃ᵀ + b with the dequantised weight W̃ (rules read W̃)
+        return
     if type(module).forward is not base.forward and not is_conv2d_same(module):
         raise RuleError(f"{name} cannot handle {type(module).__name__}: it overrides {base.__name__}.forward")
     if isinstance(module, CONV_TYPES):

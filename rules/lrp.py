@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from backprop_hooks.errors import OptionError, RuleError
+from backprop_hooks.module_weights import module_tensor
 from backprop_hooks.rule import Rule
 
 from .canonizers import bn_affine, merged_params
@@ -131,7 +132,7 @@ class LRPRule(Rule):
         """Effective ``(W, b, z)`` of the layer: merged with a following BatchNorm when there is one.
         ``z`` is the forward's own output unless an in-place op changed it since (then it is recomputed)."""
         ctx = self.ctx
-        weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+        weight, bias = module_tensor(module, "weight"), module_tensor(module, "bias")  # offloaded ones too
         bn = ctx.link.bn if ctx.link is not None else None
         if bn is not None:
             weight, bias = merged_params(weight, bias, bn)

@@ -31,7 +31,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from backprop_hooks.checkpointing import outside_checkpoint
 from backprop_hooks.errors import RuleError
+from backprop_hooks.module_weights import module_tensor
 from backprop_hooks.rule import Rule
 
 
@@ -86,7 +88,8 @@ class _Held(Rule):
         if self.enabled:
             constant = self.constant(module, x.detach(), output.detach())
             return _HeldCut.apply(x, output.detach(), self, module, constant)
-        return _HeldPath.apply(x, output, self, module)
+        with outside_checkpoint():  # a checkpoint's recomputation runs no rule: it must not expect these
+            return _HeldPath.apply(x, output, self, module)
 
     def constant(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The factor the backward pass holds, from the module's input ``x`` and output ``out``."""
@@ -110,7 +113,8 @@ class LayerNormHeld(_Held):
 
     def held(self, module, rstd, g):
         dims = tuple(range(-len(module.normalized_shape), 0))
-        wg = g * module.weight.detach() if module.weight is not None else g
+        weight = module_tensor(module)  # read here: offloaded weights are loaded for the forward call only
+        wg = g * weight.to(g.device) if weight is not None else g
         return (wg - wg.mean(dim=dims, keepdim=True)).mul_(rstd.to(wg.dtype))
 
 
@@ -148,7 +152,8 @@ class RMSNormHeld(_Held):
 
     def held(self, module, inv_rms, g):
         g = g * inv_rms.to(g.dtype)
-        return g * module.weight.to(g.dtype) if module.weight is not None else g
+        weight = module_tensor(module)
+        return g * weight.to(device=g.device, dtype=g.dtype) if weight is not None else g
 
 
 def held_gate(x: torch.Tensor, out: torch.Tensor, at_zero: float = 0.5) -> torch.Tensor:

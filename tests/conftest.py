@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -18,3 +19,11 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(scope="module")
+def lms():
+    """Small random-init causal language models, float64, eval mode: ``{"gpt2": ..., "llama": ...}`` (tests/_hf.py)."""
+    from _hf import build
+
+    return {name: build(name) for name in ("gpt2", "llama")}

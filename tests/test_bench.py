@@ -290,3 +290,29 @@ def test_scaling_sweeps_and_report(monkeypatch, tmp_path):
     text = (out / "results.md").read_text()
     assert "Scaling:" in text and text.index("Goals:") < text.index("Scaling:")
     assert text.count("| classes | resnet18@1000 |") >= 1
+
+
+def test_the_harness_prints_progress_and_the_table_without_noise(tmp_path, capfd):
+    """``python -m bench``: a line per case, then the table; not the profiler's ``USDT`` lines or the CPU
+    allocator's warning (the memory measurement), nor pytorch-grad-cam's "target_layers is ignored" (FullGrad)."""
+    from bench import peers, zoo
+
+    argv = ["--models", "resnet18@10", "--batch", "1", "--size", "32", "--methods", "gradient", "--no-peers"]
+    assert harness.main(argv + ["--targets", "logit", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    out, err = capfd.readouterr()
+    assert "[1/1] resnet18@10 batch 1: " in err and "| resnet18@10 | 1 | gradient | logit | backprop_hooks |" in out
+    assert len((out + err).splitlines()) < 30
+    cpu = torch.device("cpu")
+    model, layer, _, _ = zoo.build("resnet18@10", cpu)
+    x, t = zoo.make_input("resnet18@10", model, 1, 32, cpu), torch.tensor([3])
+    assert memory.peak_mib(lambda: model(x), cpu) > 0
+    peers.peers("fullgrad", model, x, t, bh_layer(model, layer), ["fullgrad:captum"])["pytorch-grad-cam"]()
+    noise = "".join(capfd.readouterr())
+    for line in ("USDT", "profiler_start", "CPUAllocator", "target_layers is ignored"):
+        assert line not in out + err + noise, line
+
+
+def bh_layer(model, name):
+    import backprop_hooks as bh
+
+    return bh.methods.get_module(model, name)

@@ -17,16 +17,7 @@ from _hf import VOCAB, build
 LENGTHS = (7, 5, 3)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
-        yield
-
-
-@pytest.fixture(scope="module")
-def lms():
-    return {name: build(name) for name in ("gpt2", "llama")}
+pytestmark = pytest.mark.filterwarnings("ignore::backprop_hooks.errors.NonLinearContrastWarning")
 
 
 def padded(rows, side: str, pad: int = 0):

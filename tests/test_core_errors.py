@@ -1,5 +1,7 @@
 """Bad input gets a clear, typed error that says what was wrong and what would be right."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -98,8 +100,17 @@ def test_bad_options(model, x):
         bh.methods.Gradient(lambda t: t)
 
 
-def test_training_mode_is_warned_not_changed(model, x):
-    model.train()
-    with pytest.warns(bh.errors.TrainingModeWarning, match="call model.eval\\(\\)"):
+def test_training_mode_is_warned_not_changed(x):
+    model = testing.randomize(testing.CNN(3, 6, 3, 1, 4, batchnorm=True), seed=0, dtype=torch.float32).train()
+    with pytest.warns(bh.errors.TrainingModeWarning, match="blocks.0.1 \\(batch statistics\\).*call model.eval\\(\\)"):
         bh.explain(model, x)
     assert model.training
+
+
+def test_training_mode_without_dropout_or_batch_statistics_is_not_warned(model, x):
+    model.train()  # what gradient checkpointing needs: training mode computes what eval mode computes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bh.errors.TrainingModeWarning)
+        e = bh.explain(model, x)
+    assert model.training
+    torch.testing.assert_close(e.attributions, bh.explain(model.eval(), x).attributions, rtol=0, atol=0)

@@ -6,8 +6,6 @@ the sum of the rows for linear methods (hypothesis) and the same total without r
 equals the difference of the two answers' totals computed alone; the potentials are the model's own
 log-probabilities; a generated answer is the model's own greedy answer."""
 
-import warnings
-
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -22,16 +20,7 @@ TARGETS = ["logit", "softmax", "log_softmax", "weighted", "mean", "max"]
 EXACT = dict(rtol=1e-9, atol=1e-12)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
-        yield
-
-
-@pytest.fixture(scope="module")
-def lms():
-    return {name: build(name) for name in ("gpt2", "llama")}
+pytestmark = pytest.mark.filterwarnings("ignore::backprop_hooks.errors.NonLinearContrastWarning")
 
 
 def rows_of(lengths, seed):
@@ -201,9 +190,19 @@ def test_bad_requests_get_typed_errors(lms):
         (dict(answer_ids=torch.tensor([[6], [7], [8]])), bh.errors.InputError, "3 rows for 1 prompts"),
         (dict(target=bh.targets.Versus(torch.tensor([[1, 2, 3, 4]]))), bh.errors.OptionError, "per-step Versus"),
         (dict(reduce="max"), bh.errors.OptionError, "reduce"),
+        (dict(n_step=3), bh.errors.OptionError, "did you mean"),
+        (dict(input_ids=torch.randint(2, VOCAB, (1, 31))), bh.errors.InputError, "33 tokens, the model has 32"),
     ]
     for change, error, message in cases:
         kw = dict(input_ids=prompt, answer_ids=answer)
         kw.update(change)
         with pytest.raises(error, match=message):
             bh.explain_generation(model, **kw)
+
+
+def test_non_finite_logits_name_the_steps():
+    broken = build("gpt2")
+    with torch.no_grad():
+        broken.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(bh.errors.ModelOutputError, match=r"NaN or Inf at answer steps \[0, 1\] of sequences \[0\]"):
+        bh.explain_generation(broken, torch.tensor([[3, 4, 5]]), torch.tensor([[6, 7]]))

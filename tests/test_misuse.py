@@ -22,6 +22,9 @@ from backprop_hooks.rule import Identity, Rule
 from backprop_hooks.rules.capture import Capture
 from backprop_hooks.rules.lrp import Epsilon
 from backprop_hooks.rules.relu import GuidedReLU
+from backprop_hooks.text import TEXT_METHODS
+
+import _hf
 
 TARGET_NAMES = ["logit", "softmax", "log_softmax", "weighted", "mean", "max", "versus:1", "bogus", "versus:99"]
 OPTIONS = {"smoothgrad": {"n_samples": 2, "seed": 0}, "integrated_gradients": {"n_steps": 2}}
@@ -90,7 +93,13 @@ def options_for(draw, name: str, model: nn.Module):
         layer = draw(mostly(st.one_of(st.none(), st.sampled_from(names)), st.sampled_from(["nope", 3]), 4))
         if layer is not None:
             options["layer"] = layer
-    return options
+    return {**options, **draw(bad_options(cls))}
+
+
+def bad_options(cls):
+    """Mostly nothing; else a typo (``n_step``, ``layr``), a made-up name, or ``layer=`` on a method without one."""
+    names = ["n_step", "layr", "bogus"] + (["layer"] if cls is not None and not cls.takes_layer else [])
+    return mostly(st.just({}), st.sampled_from(names).map(lambda n: {n: 1}))
 
 
 def grad_mode(name: str):
@@ -117,6 +126,10 @@ def test_public_api_result_or_typed_error(data):
     classes = data.draw(classes_for(batch, model.num_classes), label="classes")
     options = data.draw(options_for(name, model), label="options")
     mode = data.draw(st.sampled_from(["none", "no_grad", "inference"]), label="grad mode")
+    poison = data.draw(mostly(st.none(), st.sampled_from([float("nan"), float("inf")])), label="poisoned weight")
+    if poison is not None:  # a NaN or Inf weight: non-finite logits
+        with torch.no_grad():
+            model.head.bias[0] = poison
     before = testing.model_state(runner)
     try:
         with warnings.catch_warnings():
@@ -132,8 +145,61 @@ def test_public_api_result_or_typed_error(data):
         assert isinstance(e, bh.Explanation)
         assert e.logits.shape == (x.shape[0], model.num_classes)
         assert e.attributions.shape[0] == x.shape[0]
+        assert torch.isfinite(e.logits).all()  # non-finite logits are refused, never explained
     testing.assert_same_state(runner, before)
     assert torch.is_grad_enabled()
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_explain_text_result_or_typed_error(data):
+    """``bh.explain_text`` on small Hugging Face models with random ids (some outside the vocabulary), masks
+    (some rows all padding), lengths (some past GPT-2's positions), methods, targets, classes and options."""
+    name = data.draw(st.sampled_from(["bert", "gpt2"]), label="model")
+    model, read = text_model(name)
+    limit = model.config.n_positions if name == "gpt2" else 8
+    batch = data.draw(st.integers(1, 3), label="batch")
+    length = data.draw(mostly(st.integers(1, 8), st.integers(limit + 1, limit + 3)), label="length")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="ids seed"))
+    ids = torch.randint(0, _hf.VOCAB, (batch, length), generator=g)
+    bad_id = data.draw(mostly(st.none(), st.sampled_from([-1, _hf.VOCAB, _hf.VOCAB + 5])), label="bad id")
+    if bad_id is not None:
+        ids[-1, -1] = bad_id
+    kind = data.draw(mostly(st.sampled_from(["none", "ones", "right"]), st.sampled_from(["empty row", "two"])))
+    mask = None if kind == "none" else torch.ones_like(ids)
+    if kind == "right":  # right padding, at least one token left
+        mask[-1, length // 2 + 1 :] = 0
+    elif kind == "empty row":
+        mask[0] = 0
+    elif kind == "two":
+        mask[0, 0] = 2
+    method = data.draw(mostly(st.sampled_from(TEXT_METHODS), st.just("nope")), label="method")
+    valid_target = st.one_of(st.sampled_from(TARGET_NAMES[:7]), st.integers(0, 2).map(bh.targets.Versus))
+    target = data.draw(mostly(valid_target, st.sampled_from(["bogus", "versus:99"])), label="target")
+    classes = data.draw(classes_for(batch, 3), label="classes")
+    options = {**OPTIONS.get(method, {}), **data.draw(bad_options(None), label="options")}
+    before = testing.model_state(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            e = bh.explain_text(model, ids, mask, method, target, classes, **read, **options)
+    except errors.BackpropHooksError as exc:
+        event(type(exc).__name__)
+    else:
+        event("result")
+        assert e.attributions.shape == ids.shape and torch.isfinite(e.logits).all()
+    testing.assert_same_state(model, before)
+
+
+_TEXT_MODELS = {}
+
+
+def text_model(name: str):
+    """A small Hugging Face model (built once) and the read-out of its logits (a causal LM's next token)."""
+    if name not in _TEXT_MODELS:
+        _TEXT_MODELS[name] = _hf.build(name)
+    read = {"logits": lambda out: out.logits[:, -1]} if name == "gpt2" else {}
+    return _TEXT_MODELS[name], read
 
 
 # --------------------------------------------------------------------------------- the state machine

@@ -70,3 +70,15 @@ def test_default_layer_is_last_spatial_map_and_gradcam_finds_the_cat(lite0, phot
     cam = (grad.mean(dim=(2, 3), keepdim=True) * activation).sum(1)[0]
     # chelsea's head fills the centre and left of the crop; the right border is background
     assert cam[1:6, 1:5].mean() > cam[:, 6].mean()
+
+
+def test_the_readme_and_the_command_line_see_the_same_cat(lite0):
+    """``models.photos(model=model)`` (the README) and ``backprop-hooks explain`` load the photo alike, with the
+    model's own resize (timm's bicubic), and see the README's probabilities: tiger cat 0.39, Egyptian cat 0.36."""
+    from backprop_hooks.eval.explain_files import load_source
+
+    x = models.photos(model=lite0)["chelsea"]
+    assert torch.equal(x, load_source("chelsea", lite0))
+    with torch.no_grad():
+        p = lite0(x[None]).softmax(1)[0]
+    assert round(float(p[282]), 2) == 0.39 and round(float(p[285]), 2) == 0.36 and round(float(p[281]), 2) == 0.17

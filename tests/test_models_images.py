@@ -32,3 +32,24 @@ def test_photos_are_bundled_rgb_in_unit_range():
     assert {"chelsea", "coffee", "astronaut", "rocket"} <= set(photos)
     for photo in photos.values():
         assert photo.shape == (3, 224, 224) and photo.min() >= 0 and photo.max() <= 1
+
+
+def test_a_model_says_how_its_photos_are_resized():
+    """``models.photos(model=...)``, ``models.load_image(..., model=...)`` and the command line's loader: one
+    path, the model's ``input_size``, ``crop_pct`` and ``interpolation`` (a timm model's ``pretrained_cfg`` too)."""
+    import skimage.data
+
+    from backprop_hooks.eval.explain_files import load_source
+
+    model = torch.nn.Identity()
+    model.input_size, model.crop_pct, model.interpolation = (32, 32), 1.0, "bicubic"
+    bicubic = models.load_image(skimage.data.chelsea(), 32, crop_pct=1.0, interpolation="bicubic")[0]
+    assert torch.equal(models.photos(model=model)["chelsea"], bicubic)
+    assert torch.equal(load_source("chelsea", model), bicubic)
+    assert torch.equal(models.load_image(skimage.data.chelsea(), model=model)[0], bicubic)
+    assert not torch.equal(models.photo("chelsea", 32, crop_pct=1.0), bicubic)  # the default: bilinear
+    timm_like = torch.nn.Identity()
+    timm_like.pretrained_cfg = {"input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bicubic"}
+    assert torch.equal(models.photo("chelsea", model=timm_like), bicubic)
+    with pytest.raises(ValueError, match="no bundled photo 'cat'"):
+        models.photo("cat")

@@ -70,7 +70,7 @@ def test_the_tour_runs_and_shows_each_picture_once(tmp_path):
     assert html.count("<span") > 10 and "strings" in html
     (lm,) = [c for c in code if "explain_text(lm" in c.source]
     (html,) = [o["data"]["text/html"] for o in lm.outputs if "text/html" in o.get("data", {})]
-    assert "clause · weighted · attnlrp" in html and html.count("<span") >= 15  # the next word, as the text says
+    assert "clause (736), weighted contrast · p = " in html and html.count("<span") >= 15  # the next word, as said
     similarity = ast.literal_eval(outputs(next(c for c in code if "similarity(c.maps" in c.source)))
     assert similarity["logit"] > 0.9 and similarity["weighted"] < similarity["logit"] - 0.5  # what the text says
     assert "the identities hold" in outputs(next(c for c in code if "check(LeakyGradient)" in c.source))

@@ -7,81 +7,17 @@ figure should have. The checks themselves fail on a blank figure and on a map dr
 
 from __future__ import annotations
 
-import io
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import backprop_hooks as bh
 from backprop_hooks import models
 from backprop_hooks.errors import MissingExtraError, OptionError
 from backprop_hooks.plotting import explanations as plotted
-from backprop_hooks.plotting.maps import new_figure, png
-
-# ---- reading a figure's pixels ---------------------------------------------------------------------------
-
-
-def pixels(fig) -> np.ndarray:
-    """(H, W, 3) int array of ``fig`` rendered to PNG at its own dpi (the layout is done by then)."""
-    return np.asarray(Image.open(io.BytesIO(png(fig))).convert("RGB"), dtype=int)
-
-
-def box(fig, ax, image: np.ndarray) -> np.ndarray:
-    """The pixels inside ``ax`` (read after rendering, so constrained layout has placed it)."""
-    x0, y0, x1, y1 = ax.get_window_extent().extents
-    h = image.shape[0]
-    return image[int(h - y1) + 2 : int(h - y0) - 2, int(x0) + 2 : int(x1) - 2]
-
-
-def red(region: np.ndarray) -> int:
-    """Pixels whose red clearly exceeds green and blue (a red map over any grey, however dark)."""
-    r, g, b = region[..., 0], region[..., 1], region[..., 2]
-    return int((r - np.maximum(g, b) > 50).sum())
-
-
-def blue(region: np.ndarray) -> int:
-    r, g, b = region[..., 0], region[..., 1], region[..., 2]
-    return int((b - np.maximum(r, g) > 50).sum())
-
-
-def colour_bar_lines(image: np.ndarray, length: int = 40) -> int:
-    """How many rows and columns hold a run of ``bwr`` colours (one of red and blue at full strength, the other
-    two channels equal) of at least ``length`` pixels that goes monotonically from blue (< -0.8) to red (> 0.8)."""
-    found = 0
-    for lines in (image, image.transpose(1, 0, 2)):
-        r, g, b = lines[..., 0], lines[..., 1], lines[..., 2]
-        on_scale = (np.maximum(r, b) > 235) & (np.abs(g - np.minimum(r, b)) < 24)
-        s = (r - b) / 255.0
-        for i in range(lines.shape[0]):
-            edges = np.flatnonzero(np.diff(np.r_[0, on_scale[i].astype(int), 0]))
-            for start, stop in zip(edges[::2], edges[1::2]):
-                run = s[i, start:stop]
-                if stop - start < length or not (run.min() < -0.8 and run.max() > 0.8):
-                    continue
-                steps = np.diff(run)
-                if (steps >= -0.05).all() or (steps <= 0.05).all():
-                    found += 1
-                    break
-    return found
-
-
-def square_panels(image: np.ndarray, least: int = 30) -> int:
-    """Panels: connected regions of non-white pixels whose bounding box is at least ``least`` pixels and about
-    square (a map, an image), which leaves out text and the elongated colour bars."""
-    from scipy import ndimage
-
-    ink = (image < 235).any(axis=-1)
-    labelled, _ = ndimage.label(ink)
-    count = 0
-    for rows, cols in ndimage.find_objects(labelled):
-        h, w = rows.stop - rows.start, cols.stop - cols.start
-        if min(h, w) >= least and 0.8 < h / w < 1.25:
-            count += 1
-    return count
-
+from backprop_hooks.plotting.maps import new_figure
+from _pixels import blue, box, colour_bar_lines, pixels, red, square_panels
 
 # ---- explanations to draw (no model needed) --------------------------------------------------------------
 
@@ -138,16 +74,18 @@ def test_signed_map_shows_both_colours_and_a_colour_bar():
 
 
 def test_unsigned_map_is_one_hue():
+    """A map without sign draws [0, max] in red alone: no blue in the panel nor in the colour bar."""
     fig = image_explanation("none").plot(IMAGE)
     image = pixels(fig)
-    panel = box(fig, fig.axes[0], image)
+    panel, bar = box(fig, fig.axes[0], image), box(fig, fig.axes[-1], image)
     assert red(panel) > 0.3 * panel[..., 0].size and blue(panel) == 0
-    assert "magnitude" in fig.axes[-1].get_ylabel() and colour_bar_lines(image) >= 5
+    assert red(bar) > 0.3 * bar[..., 0].size and blue(bar) == 0 and colour_bar_lines(image) == 0
+    assert "magnitude" in fig.axes[-1].get_ylabel() and fig.axes[-1].get_ylim()[0] == 0
 
 
 def test_layer_map_over_the_image_at_half_opacity():
     e = layer_explanation()
-    assert plotted.scale(e) == (0.5, 100.0)
+    assert plotted.method_scale(e) == (0.5, 100.0)
     fig = e.plot(IMAGE)
     image = pixels(fig)
     panel = box(fig, fig.axes[0], image)
@@ -202,9 +140,9 @@ def test_token_heat_map_png_and_html():
     assert red(image) > 50 and blue(image) > 50 and colour_bar_lines(image) >= 5
     texts = [t.get_text() for t in fig.texts]
     assert ["a", "b", "c", "d", "e", "x", "y", "z"] == [t for t in texts if len(t) == 1]
-    assert any(t.startswith("num · weighted") for t in texts)
+    assert any(t.startswith("num (2), weighted contrast · p = 0.333 · ixg") for t in texts)
     page = e._repr_html_()
-    assert page.count("<span") == 8 and "rgb(255,0,0)" in page and "rgb(0,0,255)" in page and "exc · " in page
+    assert page.count("<span") == 8 and "rgb(255,0,0)" in page and "rgb(0,0,255)" in page and "exc (0), " in page
     assert e._repr_png_().startswith(b"\x89PNG")
     ids = text_explanation()._repr_html_()  # no tokens given: the ids
     assert ">6<" in ids and ">9<" not in ids  # padding is not shown

@@ -61,3 +61,11 @@ def test_the_own_rule_example_can_fail():
     rule.backward = lambda self, module, grad_input, grad_output: (grad_output[0].clamp(min=0),)  # guided-style
     with pytest.raises(AssertionError):
         namespace["test_leaky_gradient_is_contrastive"]()
+
+
+def test_the_language_models_at_scale_section():
+    import torch
+
+    namespace = run_block(block_with("llama.gradient_checkpointing_enable()"))
+    assert namespace["e"].attributions.dtype == torch.float32 and namespace["e"].attributions.shape == (1, 64)
+    assert namespace["llama"].training

@@ -3,7 +3,7 @@
 ``available()`` lists the names usable in ``bh.explain(method=...)``.
 """
 
-from .base import Method, available, get, grad, register
+from .base import Method, available, create, get, grad, register
 from .gradient import Gradient, InputXGradient, IntegratedGradients, SmoothGrad, path_rule
 from .layers import default_layer, get_module, resolve_layer
 from .cam import CAM, GradCAM, LayerGradient, LinearApprox, XGradCAM
@@ -17,6 +17,7 @@ from .vit import GradRollout, Rollout, TransformerAttribution, ViTGradCAM
 __all__ = [
     "Method",
     "available",
+    "create",
     "get",
     "grad",
     "register",

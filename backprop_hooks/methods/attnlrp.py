@@ -11,10 +11,13 @@ vocabulary cost one backward pass.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, List, Union
 
-from backprop_hooks.rules.attnlrp import AttnLRPComposite, get_attnlrp_composite
+from backprop_hooks.rules.attnlrp import ATTNLRP_COMPOSITES, AttnLRPComposite, get_attnlrp_composite
 
+from ..options import constructor_options
+
+from ..precision import widen
 from .base import Method, grad, register
 
 
@@ -37,6 +40,12 @@ class AttnLRP(Method):
         super().__init__(model, check_finite=check_finite)
         self.composite = get_attnlrp_composite(composite, **options)
 
+    @classmethod
+    def options(cls) -> List[str]:
+        """The method's own options and those of its composites (each composite checks its own)."""
+        composites = [o for c in ATTNLRP_COMPOSITES.values() for o in constructor_options(c, ("self",))]
+        return list(dict.fromkeys(super().options() + composites))
+
     def rules(self, x):
         return self.composite.spec(self.model)
 
@@ -44,4 +53,4 @@ class AttnLRP(Method):
         return self.composite.functions(x)
 
     def attribute(self, x, logits, seed):
-        return x.detach() * grad(logits, x, seed)
+        return widen(x.detach()) * widen(grad(logits, x, seed))  # exact products for half-precision factors

@@ -29,13 +29,15 @@ import contextlib
 import contextvars
 import warnings
 import weakref
-from typing import Any, Callable, ClassVar, ContextManager, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 
 from .. import targets as _targets
 from ..attach import RuleSpec, attach
+from ..checkpointing import gradients
+from ..precision import widen
 from ..errors import (
     CompiledModelWarning,
     NonLinearContrastWarning,
@@ -44,8 +46,19 @@ from ..errors import (
     choices,
 )
 from ..explanation import Explanation
+from ..options import check_options, constructor_options
 from ..runtime import check_parameters, eager_call, explaining, forward_errors, is_compiled, unwrap, usable
-from ..validate import Classes, LogitsFn, check_classes, check_input, check_logits_fn, check_model, select_logits
+from ..validate import (
+    Classes,
+    LogitsFn,
+    check_classes,
+    check_finite_logits,
+    check_input,
+    check_logits_fn,
+    check_model,
+    select_logits,
+    training_effects,
+)
 
 _REGISTRY: Dict[str, Type["Method"]] = {}
 _WARNED_EAGER: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
@@ -68,6 +81,14 @@ def get(name: str) -> Type["Method"]:
     return _REGISTRY[name]
 
 
+def create(name: str, model: nn.Module, **options: Any) -> "Method":
+    """The method ``name`` on ``model`` with ``options``; an unknown option is an :class:`OptionError` that names
+    the method's options (and close matches) before anything is built."""
+    cls = get(name)
+    cls.check_options(options)
+    return cls(model, **options)
+
+
 class Method:
     """Base class. Subclasses set ``name``/``linear`` and implement ``attribute`` (and maybe ``rules``)."""
 
@@ -79,11 +100,29 @@ class Method:
     intercepts_calls: ClassVar[bool] = False  # rules on function calls during the forward: never a compiled graph
 
     def __init__(self, model: nn.Module, check_finite: bool = True):
+        """``check_finite``: refuse NaN or Inf in the input and in the logits (one host synchronisation each)."""
         self.original = check_model(model)  # what the user passed: maybe a compiled wrapper
         self.model = unwrap(model)  # the module itself: names as in the original model
         self.check_finite = check_finite
         self.logits_fn: Optional[LogitsFn] = None  # the call's logits= selector
         self.run: Callable[..., Any] = self.model  # the call's forward: compiled graph or eager module
+
+    @classmethod
+    def options(cls) -> List[str]:
+        """The keyword options of the constructor (``layer``, ``n_steps``, ...), without ``model``."""
+        return constructor_options(cls)
+
+    @classmethod
+    def check_options(cls, options: Dict[str, Any], also: Sequence[str] = (), caller: str = "") -> None:
+        """:class:`OptionError` for an option the constructor does not take, naming those it takes; ``also``: the
+        keywords of the ``caller`` (``bh.explain``: ``classes``...), listed too, as close matches of a typo."""
+
+        def elsewhere(name: str) -> str:
+            takers = [m for m in available() if name in _REGISTRY[m].options()]
+            return f", an option of {choices(takers)}" if takers else ""
+
+        what = f"{caller} with method {cls.name!r}" if caller else f"method {cls.name!r}"
+        check_options(options, [*cls.options(), *also], what, elsewhere)
 
     def runner(self, spec: RuleSpec) -> Callable[..., Any]:
         """The forward of one call: the compiled graph when no rules are attached (to modules or, with
@@ -125,9 +164,13 @@ class Method:
         with forward_errors(self.model, x), self.forward_context(x):
             return self.run(x)
 
-    def model_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the call's forward on ``x`` and select the (B, C) logits; typed errors for both steps."""
-        return self.logits(self.model_output(x), x.shape[0])
+    def model_logits(self, x: torch.Tensor, samples: Optional[int] = None) -> torch.Tensor:
+        """Run the call's forward on ``x`` and select the (B, C) logits; typed errors for both steps and, with
+        ``check_finite``, for NaN or Inf logits (``samples``: ``x`` stacks points of that many samples)."""
+        logits = self.logits(self.model_output(x), x.shape[0])
+        if not self.check_finite:
+            return logits
+        return check_finite_logits(logits, samples, f" at the points {self.name} evaluates" if samples else "")
 
     def logits(self, output: Any, batch: int) -> torch.Tensor:
         """The checked (B, C) logits in the model's ``output`` (see ``logits=`` in the module docstring)."""
@@ -154,22 +197,26 @@ class Method:
 
     # -- the template ------------------------------------------------------------------------------
     def prepare(self, x: torch.Tensor, target: Any) -> Tuple[torch.Tensor, _targets.Target]:
-        if self.model.training:
+        effects = training_effects(self.model) if self.model.training else []
+        if effects:  # training mode with no dropout and no batch statistics (gradient checkpointing) is fine
             warnings.warn(
-                f"{type(self.model).__name__} is in training mode: its forward pass updates BatchNorm running "
-                "statistics and applies dropout; call model.eval() before explaining",
+                f"{type(self.model).__name__} is in training mode, which changes its forward pass: active dropout "
+                f"or batch statistics in {choices(effects, 3)}; call model.eval() before explaining (or set every "
+                "dropout to 0, as gradient checkpointing in training mode needs)",
                 TrainingModeWarning,
                 stacklevel=3,
             )
         check_parameters(self.model)
-        return usable(check_input(x, self.check_finite)), _targets.get(target)
+        embeds_tokens = callable(getattr(self.model, "get_input_embeddings", None))
+        return usable(check_input(x, self.check_finite, embeds_tokens)), _targets.get(target)
 
     def forward(self, x: torch.Tensor, classes: Classes, target: _targets.Target):
         """Run the model on ``x``; return checked logits, resolved classes and the target's seed."""
         logits = self.model_logits(x)
         target.check(logits.shape[1])
         classes = check_classes(usable(classes), logits)
-        return logits, classes, target.seed(logits.detach(), classes)
+        target.check_explained(logits, classes)
+        return logits, classes, target.seed(widen(logits.detach()), classes)  # float32 for a half-precision model
 
     def __call__(
         self, x: torch.Tensor, classes: Classes = None, target: Any = "logit", logits: Optional[LogitsFn] = None
@@ -237,9 +284,7 @@ def grad(outputs: torch.Tensor, inputs, seed: torch.Tensor) -> Tuple[torch.Tenso
     single = isinstance(inputs, torch.Tensor)
     inputs = [inputs] if single else list(inputs)
     retain, batched = _SEVERAL_SEEDS.get()
-    grads = torch.autograd.grad(
-        outputs, inputs, grad_outputs=seed, allow_unused=True, retain_graph=retain or None, is_grads_batched=batched
-    )
+    grads = gradients(outputs, inputs, seed, allow_unused=True, retain_graph=retain or None, is_grads_batched=batched)
     lead = seed.shape[:1] if batched else ()
     grads = tuple(i.new_zeros(*lead, *i.shape) if g is None else g for i, g in zip(inputs, grads))
     return grads[0] if single else grads

@@ -26,6 +26,7 @@ from torch import nn
 
 from backprop_hooks.rules.capture import Capture
 
+from ..checkpointing import gradients, reentrant_checkpoint_in, reentrant_error
 from ..errors import InputError, LayerError
 from ..explanation import upsample
 from .base import Method, register
@@ -55,6 +56,8 @@ class LayerGradient:
         self, logits: torch.Tensor, seed: torch.Tensor, retain_graph: bool = False
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         if not self.capture.outputs:
+            if reentrant_checkpoint_in(logits):  # the layer ran without gradients, inside the checkpoint
+                raise reentrant_error()
             raise LayerError(
                 f"layer {self.name!r} did not run in the model's forward pass; choose a layer on the path to the logits"
             )
@@ -66,7 +69,7 @@ class LayerGradient:
             )
         if not a.requires_grad:
             raise InputError(f"the output of layer {self.name!r} does not depend on anything that requires grad")
-        g = torch.autograd.grad(logits, a, grad_outputs=seed, retain_graph=retain_graph)[0]
+        g = gradients(logits, a, seed, retain_graph=retain_graph)[0]
         return a.detach(), g
 
     def release(self) -> None:

@@ -26,6 +26,7 @@ import torch
 
 from ..attach import attach
 from ..errors import InputError, OptionError
+from ..precision import accumulation_dtype, widen
 from ..validate import Classes, LogitsFn
 from .base import Method, grad, register
 
@@ -37,7 +38,7 @@ class Gradient(Method):
     name = "gradient"
 
     def attribute(self, x, logits, seed):
-        return grad(logits, x, seed)
+        return widen(grad(logits, x, seed))
 
 
 @register
@@ -47,7 +48,7 @@ class InputXGradient(Gradient):
     name = "input_x_gradient"
 
     def attribute(self, x, logits, seed):
-        return x.detach() * grad(logits, x, seed)
+        return widen(x.detach()) * widen(grad(logits, x, seed))  # exact products for half-precision factors
 
 
 def _potential(target, logits: torch.Tensor, classes: torch.Tensor) -> dict:
@@ -101,13 +102,14 @@ class _ManyPoints(Method):
             self.begin(x)
             k_total = self.num_points()
             per_chunk = k_total if self.internal_batch_size is None else max(1, self.internal_batch_size // batch)
-            total = torch.zeros_like(x)
+            total = torch.zeros_like(x, dtype=accumulation_dtype(x.dtype))  # float32 for a half-precision model
             for start, k in _chunks(k_total, per_chunk):
-                xs = self.points(x, start, k).reshape(k * batch, *x.shape[1:]).detach().requires_grad_(True)
+                xs = self.points(x, start, k).to(x.dtype).reshape(k * batch, *x.shape[1:]).detach()
+                xs.requires_grad_(True)
                 with attach(self.model, self.rules(xs)):
-                    out = self.model_logits(xs)
+                    out = self.model_logits(xs, samples=batch)
                     if self.pointwise:  # the gradient of the potential at each point
-                        s = target.seed(out.detach(), classes.repeat(k))
+                        s = target.seed(widen(out.detach()), classes.repeat(k))
                     else:
                         s = seed.repeat(k, 1)
                     g = grad(out, xs, s)
@@ -133,16 +135,16 @@ class SmoothGrad(_ManyPoints):
         return self.n_samples
 
     def begin(self, x):
-        flat = x.flatten(1)
+        flat = widen(x.flatten(1))
         self._sigma = (self.noise_level * (flat.amax(1) - flat.amin(1))).view(1, -1, *([1] * (x.dim() - 1)))
         self._gen = None if self.seed is None else torch.Generator(device=x.device).manual_seed(self.seed)
 
     def points(self, x, start, k):
-        noise = torch.randn((k, *x.shape), generator=self._gen, device=x.device, dtype=x.dtype)
+        noise = torch.randn((k, *x.shape), generator=self._gen, device=x.device, dtype=self._sigma.dtype)
         return x.unsqueeze(0) + self._sigma * noise
 
     def combine(self, x, grads, start):
-        return grads.sum(0) / self.n_samples
+        return grads.sum(0, dtype=accumulation_dtype(grads.dtype)) / self.n_samples
 
 
 def path_rule(quadrature: str, n_steps: int, dtype=torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -208,13 +210,13 @@ class IntegratedGradients(_ManyPoints):
 
     def begin(self, x):
         alphas, weights = path_rule(self.quadrature, self.n_steps)
-        shape = (-1,) + (1,) * x.dim()
-        self._alphas = alphas.to(device=x.device, dtype=x.dtype).view(shape)
-        self._weights = weights.to(device=x.device, dtype=x.dtype).view(shape)
-        self._base = self._baseline(x)
+        shape, dtype = (-1,) + (1,) * x.dim(), accumulation_dtype(x.dtype)  # float32 for a half-precision model
+        self._alphas = alphas.to(device=x.device, dtype=dtype).view(shape)
+        self._weights = weights.to(device=x.device, dtype=dtype).view(shape)
+        self._base = widen(self._baseline(x))
 
     def points(self, x, start, k):
-        return self._base + self._alphas[start : start + k] * (x - self._base)
+        return self._base + self._alphas[start : start + k] * (widen(x) - self._base)
 
     def combine(self, x, grads, start):
-        return (x - self._base) * (self._weights[start : start + grads.shape[0]] * grads).sum(0)
+        return (widen(x) - self._base) * (self._weights[start : start + grads.shape[0]] * widen(grads)).sum(0)

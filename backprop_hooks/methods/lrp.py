@@ -10,9 +10,11 @@ seed alone. See :mod:`backprop_hooks.rules.lrp` (formulation, rules) and
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, List, Union
 
-from backprop_hooks.rules.composites import Composite, get_composite
+from backprop_hooks.rules.composites import COMPOSITES, Composite, get_composite
+
+from ..options import constructor_options
 
 from .base import Method, grad, register
 
@@ -34,6 +36,12 @@ class LRP(Method):
     ):
         super().__init__(model, check_finite=check_finite)
         self.composite = get_composite(composite, **options)
+
+    @classmethod
+    def options(cls) -> List[str]:
+        """The method's own options and those of its composites (each composite checks its own)."""
+        composites = [o for c in COMPOSITES.values() for o in constructor_options(c, ("self",))]
+        return list(dict.fromkeys(super().options() + composites))
 
     def rules(self, x):
         return self.composite.spec(self.model)

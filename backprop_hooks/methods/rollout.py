@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import LayerError, OptionError
+from ..precision import accumulation_dtype, widen
 
 HEAD_FUSIONS = ("mean", "max", "min")
 RESIDUALS = ("average", "add")
@@ -33,9 +34,11 @@ def check_options(head_fusion: str, discard_ratio: float) -> None:
 
 
 def fuse_heads(a: torch.Tensor, how: str = "mean") -> torch.Tensor:
-    """(B, heads, N, N) -> (B, N, N) by the mean, max or min over heads."""
+    """(B, heads, N, N) -> (B, N, N) by the mean, max or min over heads (in float32 for half-precision maps)."""
     check_options(how, 0.0)
-    return a.mean(dim=1) if how == "mean" else a.amax(dim=1) if how == "max" else a.amin(dim=1)
+    if how == "mean":
+        return a.mean(dim=1, dtype=accumulation_dtype(a.dtype))
+    return widen(a.amax(dim=1) if how == "max" else a.amin(dim=1))
 
 
 def discard(m: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -41,7 +41,9 @@ from backprop_hooks.rules.capture import Capture
 from backprop_hooks.rules.vit_relevance import GELUHeld, LayerNormHeld
 from backprop_hooks.rules.gates import HF_GELUS, GateHeld
 
+from ..checkpointing import reentrant_checkpoint_in, reentrant_error
 from ..errors import LayerError, RuleError, TokenLayoutError
+from ..precision import widen
 from .base import Method, grad, register
 from .layers import get_module
 from .rollout import check_options, discard, fuse_heads, rollout
@@ -263,6 +265,8 @@ class ViTGradCAM(Method):
 
     def attribute(self, x, logits, seed):
         if not self._capture.outputs:
+            if reentrant_checkpoint_in(logits):  # the layer ran without gradients, inside the checkpoint
+                raise reentrant_error()
             raise LayerError(
                 f"layer {self.layer!r} did not run in the model's forward pass; "
                 "choose a layer on the path to the logits"
@@ -273,6 +277,6 @@ class ViTGradCAM(Method):
                 f"layer {self.layer!r} outputs shape {tuple(tokens.shape)}; vit_gradcam needs tokens (B, N, D)"
             )
         layout.check(tokens.shape[1], f"the output of layer {self.layer!r}")
-        g = layout.to_grid(grad(logits, tokens, seed))
-        cam = (layout.mean_tokens(g) * layout.to_grid(tokens.detach())).sum(-1)
+        g = layout.to_grid(widen(grad(logits, tokens, seed)))  # float32 for a half-precision model
+        cam = (layout.mean_tokens(g) * layout.to_grid(widen(tokens.detach()))).sum(-1)
         return cam.clamp_min(0) if self.relu else cam

@@ -35,6 +35,22 @@ def class_label(index: int, class_names: Optional[Sequence[str]] = None) -> str:
     return named_class(index, class_names[index] if known else None)
 
 
+def versus_of(e, i: int) -> Optional[int]:
+    """The class ``s`` of sample ``i`` of a Versus explanation ("t and not s"), or None for another target."""
+    other = e.extras.get("versus") if e.target == "versus" else None
+    return None if other is None else int(torch.as_tensor(other).reshape(-1).cpu().expand(e.classes.shape[0])[i])
+
+
+def what(e, i: int, class_names: Optional[Sequence[str]] = None) -> str:
+    """The explained objective of sample ``i`` of the explanation ``e`` in words: ``"tabby (281), weighted
+    contrast"``, or ``"Egyptian cat (285) and not tabby (281)"`` for a Versus target."""
+    label = class_label(int(e.classes[i]), class_names)
+    other = versus_of(e, i)
+    if other is not None:
+        return f"{label} and not {class_label(other, class_names)}"
+    return f"{label}, {TARGET_TITLES.get(e.target, e.target)}"
+
+
 def target_title(key: str, class_names: Sequence[str]) -> str:
     """A column header: ``"logit (original)"``, ``"weighted contrast"``, ``"versus tabby (281)"``."""
     if key.startswith("versus:"):
@@ -46,6 +62,16 @@ def target_title(key: str, class_names: Sequence[str]) -> str:
 def objective(key: str) -> str:
     """The objective a target explains, as mathtext for colour-bar labels (``versus:281`` -> ``y_t - y_281``)."""
     return f"$y_t - y_{{{key.split(':')[1]}}}$" if key.startswith("versus:") else OBJECTIVES.get(key, key)
+
+
+def scale_note(percentile: float = 100.0, shared: Optional[str] = None) -> str:
+    """Which scale a figure draws: ``"scale: ±the 99th percentile of |value|"`` (``percentile`` < 100) or ``"±max
+    |value|"``; ``shared`` says which panels share it (``"one for all panels"``) or, as ``"panel"``, that each
+    panel is divided by its own limit (the bar then runs to ±1, each panel's limit in its title)."""
+    limit = f"the {percentile:g}th percentile of |value|" if percentile < 100 else "max |value|"
+    if shared == "panel":
+        return f"scale: each panel ÷ its own {limit} (in its title)"
+    return f"scale: ±{limit}" + (f", {shared}" if shared else "")
 
 
 def legend(maps: torch.Tensor, who: str = "t") -> str:

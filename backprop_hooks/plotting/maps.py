@@ -2,7 +2,9 @@
 
 Conventions (paper and review): maps are bilinearly upsampled to the input (``Explanation.maps``), drawn
 over the image at alpha 0.5 with a diverging colour scale centred on zero: red positive, blue negative,
-white zero, symmetric by the largest absolute value (``bwr`` with ``vmin = -m``, ``vmax = m``).
+white zero, symmetric by the largest absolute value (``bwr`` with ``vmin = -m``, ``vmax = m``). A map
+without sign (a magnitude: gradient norms, rollouts) is drawn in one hue on [0, m]: ``bwr``'s red half, so that
+a red means the same strength in a signed panel beside it.
 Pixel-space maps (gradients) use a scale clipped at a percentile of |value|, each pixel as opaque as it is
 strong (:func:`overlay` with ``alpha=None``).
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -64,16 +66,36 @@ def to_numpy(array: ArrayLike) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
-def image_hwc(image: ArrayLike) -> np.ndarray:
-    """An (H, W, 3) or (H, W) image in [0, 1] from a (3, H, W), (1, H, W), (H, W, 3) or (H, W) one."""
-    image = to_numpy(image)
-    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
-        image = image.transpose(1, 2, 0)
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    if image.ndim not in (2, 3):
-        raise ValueError(f"expected an image of shape (3, H, W), (H, W, 3) or (H, W), got {image.shape}")
-    return np.clip(image, 0.0, 1.0)
+def image_hwc(image: Any, normalization: Any = None) -> np.ndarray:
+    """An (H, W, 3) or (H, W) image in [0, 1] from any format a user has: a (3, H, W) / (H, W, 3) / (H, W)
+    tensor or array, uint8 or float, 0-255 or [0, 1], a PIL image (see :mod:`.pictures`)."""
+    from .pictures import to_picture
+
+    return to_picture(image, normalization)
+
+
+def sign_of(maps: ArrayLike) -> str:
+    """``"positive"`` for maps that are never negative (a magnitude: gradient norms, rollouts), ``"negative"``
+    for maps never positive, else ``"signed"`` (an all-zero map counts as signed)."""
+    values = to_numpy(maps)
+    if values.size and (values >= 0).all() and (values > 0).any():
+        return "positive"
+    if values.size and (values <= 0).all() and (values < 0).any():
+        return "negative"
+    return "signed"
+
+
+def colour_range(sign: str, m: float) -> Tuple[Any, float, float]:
+    """``(cmap, vmin, vmax)`` for maps of ``sign`` on the half-range ``m``: ``bwr`` on [-m, m] for signed maps,
+    otherwise the half of ``bwr`` that holds values (white to red on [0, m], blue to white on [-m, 0])."""
+    if sign == "signed":
+        return CMAP, -m, m
+    from matplotlib import colormaps
+    from matplotlib.colors import LinearSegmentedColormap
+
+    half = np.linspace(0.5, 1.0, 128) if sign == "positive" else np.linspace(0.0, 0.5, 128)
+    cmap = LinearSegmentedColormap.from_list(f"{CMAP}_{sign}", colormaps[CMAP](half))
+    return cmap, *((0.0, m) if sign == "positive" else (-m, 0.0))
 
 
 def symmetric_limit(maps: ArrayLike, percentile: float = 100.0) -> float:
@@ -96,9 +118,11 @@ def overlay(
     heatmap: ArrayLike,
     alpha: Optional[float] = 0.5,
     vmax: Optional[float] = None,
-    cmap: str = CMAP,
+    sign: Optional[str] = None,
 ) -> AxesImage:
-    """Draw ``heatmap`` (H, W) over ``image`` on ``ax``, zero-centred (``vmax``: default max |heatmap|).
+    """Draw ``heatmap`` (H, W) over ``image`` on ``ax`` (``vmax``: default max |heatmap|), zero-centred ``bwr``
+    for a signed map, one hue from zero for a map of one ``sign`` (default: the map's own, see :func:`sign_of`;
+    maps that share a colour bar pass theirs together).
 
     ``alpha`` None: each pixel's opacity follows its strength, ``min(|value| / vmax, 1)``, over a faded grey
     copy of the image: pixel-space maps (gradients) stay readable, and where they are weak the image shows.
@@ -108,16 +132,17 @@ def overlay(
     if heatmap.ndim != 2:
         raise ValueError(f"expected a (H, W) heat-map, got shape {heatmap.shape}")
     m = symmetric_limit(heatmap) if vmax is None else vmax
+    cmap, vmin, vmax = colour_range(sign or sign_of(heatmap), m)
     picture = image_hwc(image)
     if alpha is None:
         grey = picture.mean(-1) if picture.ndim == 3 else picture
         ax.imshow(0.55 + 0.45 * grey, cmap="gray", vmin=0, vmax=1)
         strength = np.clip(np.abs(heatmap) / m, 0.0, 1.0)
-        artist = ax.imshow(heatmap, cmap=cmap, alpha=strength, vmin=-m, vmax=m, interpolation="nearest")
+        artist = ax.imshow(heatmap, cmap=cmap, alpha=strength, vmin=vmin, vmax=vmax, interpolation="nearest")
         clean(ax)
         return artist
     ax.imshow(picture, cmap="gray", vmin=0, vmax=1)
-    artist = ax.imshow(heatmap, cmap=cmap, alpha=alpha, vmin=-m, vmax=m, interpolation="bilinear")
+    artist = ax.imshow(heatmap, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax, interpolation="bilinear")
     clean(ax)
     return artist
 
@@ -131,7 +156,7 @@ def clean(ax: Axes) -> None:
 def colorbar(fig: Figure, artist: AxesImage, label: str, cax: Optional[Axes] = None, ax=None, **place):
     """A colour bar of ``artist``'s scale: in ``cax``, or beside the axes ``ax`` (one or a list: the space is
     taken from them; ``place``: ``orientation``, ``shrink``, ``fraction``, ``pad`` as for ``fig.colorbar``).
-    3 to 5 symmetric ticks, small type, ``label`` beside it."""
+    3 to 5 ticks (symmetric on a zero-centred scale), small type, ``label`` beside it."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.ticker import MaxNLocator
 
@@ -139,7 +164,8 @@ def colorbar(fig: Figure, artist: AxesImage, label: str, cax: Optional[Axes] = N
     bar = fig.colorbar(ScalarMappable(artist.norm, artist.cmap), cax=cax, ax=ax, **place)
     bar.set_label(label, fontsize=7)
     axis = bar.ax.xaxis if place["orientation"] == "horizontal" else bar.ax.yaxis
-    axis.set_major_locator(MaxNLocator(nbins=4, symmetric=True, min_n_ticks=3))
+    centred = artist.norm.vmin == -artist.norm.vmax
+    axis.set_major_locator(MaxNLocator(nbins=4, symmetric=centred, min_n_ticks=3))
     axis.set_major_formatter("{x:.2g}")
     bar.ax.tick_params(labelsize=7)
     return bar
@@ -159,10 +185,11 @@ def explanation_grid(
     """A figure of one image and its maps: a row per class, the image first, then one column per map kind.
 
     ``columns[j]`` holds the (rows, H, W) maps of column ``j`` (e.g. one target for every class); each
-    column shares one zero-centred scale (symmetric by its max |value|), shown in a colour bar below it,
-    so the rows of a column compare directly. ``row_labels`` label the rows (class names, probabilities).
-    ``percentile`` < 100 clips the scale at that percentile of |value| (said in the colour bar); ``alpha``
-    None makes each pixel as opaque as it is strong (for pixel-space maps, see :func:`overlay`).
+    column shares one zero-centred scale (symmetric by its max |value|; from zero in one hue for a column
+    without sign), shown in a colour bar below it, so the rows of a column compare directly. ``row_labels``
+    label the rows (class names, probabilities). ``percentile`` < 100 clips the scale at that percentile of
+    |value| (said in the colour bar); ``alpha`` None makes each pixel as opaque as it is strong (for
+    pixel-space maps, see :func:`overlay`).
     """
     columns = [to_numpy(c) for c in columns]
     rows = len(row_labels)
@@ -176,15 +203,16 @@ def explanation_grid(
     grid = fig.subplots(rows + 1, len(columns) + 1, squeeze=False, gridspec_kw={"height_ratios": [1.0] * rows + [0.06]})
     axes, bars = grid[:-1], grid[-1]  # the last row holds the colour bars
     bars[0].axis("off")
+    image = image_hwc(image)
     for r, label in enumerate(row_labels):
-        axes[r, 0].imshow(image_hwc(image), cmap="gray", vmin=0, vmax=1)
+        axes[r, 0].imshow(image, cmap="gray", vmin=0, vmax=1)
         clean(axes[r, 0])
         axes[r, 0].set_ylabel(label, fontsize=9)
     axes[0, 0].set_title("image", fontsize=10)
     for j, maps in enumerate(columns, start=1):
-        m = symmetric_limit(maps, percentile)
+        m, sign = symmetric_limit(maps, percentile), sign_of(maps)
         for r in range(rows):
-            artist = overlay(axes[r, j], image, maps[r], alpha=alpha, vmax=m)
+            artist = overlay(axes[r, j], image, maps[r], alpha=alpha, vmax=m, sign=sign)
         axes[0, j].set_title(column_titles[j - 1], fontsize=10)
         label = colorbar_labels[j - 1] if colorbar_labels else "attribution (red +, blue −)"
         if percentile < 100:
