@@ -3,6 +3,10 @@ or tokens (the text classifier) first, and the target's log-odds should fall fas
 
     python -m backprop_hooks.eval.deletion --model digits_vit --out eval/results/deletion_digits_vit
     python -m backprop_hooks.eval.deletion --model text_topics --out eval/results/deletion_text_topics
+    python -m backprop_hooks.eval.deletion --model python_docs_lm --out eval/results/deletion_answers
+
+The language model's answers against foil answers (``--model python_docs_lm``) are described in
+:mod:`backprop_hooks.eval.answer_deletion`; the rest of this docstring is about the two classifiers.
 
 Samples: the 450 held-out digits, or the 146 held-out sentences of the text classifier; ``t`` is the model's
 prediction on the intact input. Units: the ViT's patches (a removed patch's pixels are set to 0, the digits'
@@ -23,52 +27,21 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import backprop_hooks as bh
 
 from . import report
+from .deletion_curves import Task, area_between, removal_masks
 
-MODELS = ("digits_vit", "text_topics")
-ORDERS = (("attnlrp", "weighted"), ("attnlrp", "logit"), ("input_x_gradient", "logit"))
+MODELS = ("digits_vit", "text_topics", "python_docs_lm")
 
 
 def log_odds(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """``log(p_t/(1−p_t))`` per sample: the potential of the weighted contrast."""
     return bh.targets.get("weighted").potential(logits, classes)
-
-
-def removal_masks(scores: torch.Tensor, units: torch.Tensor, fractions: Sequence[float]) -> torch.Tensor:
-    """(F, B, K) bool: the units removed at each fraction, highest ``scores`` first. ``units`` (B, K) marks the
-    removable units; sample b loses ``round(f · units[b].sum())`` of them (ties broken by position)."""
-    ranked = scores.masked_fill(~units, float("-inf")).argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(scores.shape[1]).expand_as(ranked))
-    counts = units.sum(1)
-    k = torch.stack([torch.round(f * counts.double()).long() for f in fractions])  # (F, B)
-    return (rank[None] < k[:, :, None]) & units[None]
-
-
-def area_between(curve: torch.Tensor, reference: torch.Tensor, fractions: Sequence[float]) -> torch.Tensor:
-    """Per sample ``∫ (reference − curve) df`` by the trapezoid rule; curves are (F, B)."""
-    f = torch.tensor(list(fractions), dtype=torch.float64)
-    return torch.trapezoid((reference - curve).double().T, f, dim=1)
-
-
-class Task:
-    """What differs between the image and the text model: data, relevance per unit, the perturbed forward."""
-
-    name: str
-    units_name: str
-
-    def relevance(self, method: str, target: str) -> torch.Tensor:
-        """(B, K) per-unit relevance of ``method`` for ``target`` and the predicted classes."""
-        raise NotImplementedError
-
-    def curve(self, removed: torch.Tensor) -> torch.Tensor:
-        """(F, B) log-odds of the predicted classes with the units of ``removed`` (F, B, K) taken out."""
-        raise NotImplementedError
 
 
 class DigitsViT(Task):
@@ -150,7 +123,19 @@ class TextTopics(Task):
         return log_odds(logits, self.classes.repeat(removed.shape[0])).view(removed.shape[:2])
 
 
-TASKS: Dict[str, Callable[[int, int], Task]] = {"digits_vit": DigitsViT, "text_topics": TextTopics}
+def python_docs_lm(n: int, batch_size: int) -> Task:
+    """The bundled language model's answers against foil answers
+    (:class:`~backprop_hooks.eval.answer_deletion.PythonDocsLM`)."""
+    from .answer_deletion import PythonDocsLM
+
+    return PythonDocsLM(n, batch_size)
+
+
+TASKS: Dict[str, Callable[[int, int], Task]] = {
+    "digits_vit": DigitsViT,
+    "text_topics": TextTopics,
+    "python_docs_lm": python_docs_lm,
+}
 
 
 def run(task: Task, fractions: Sequence[float], random_orders: int, seed: int) -> Tuple[Dict, List[Dict]]:
@@ -158,7 +143,7 @@ def run(task: Task, fractions: Sequence[float], random_orders: int, seed: int) -
     curves: Dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", bh.errors.NonLinearContrastWarning)
-        for method, target in ORDERS:
+        for method, target in task.orders:
             scores = task.relevance(method, target)
             curves[f"{method} ({target})"] = task.curve(removal_masks(scores, task.units, fractions))
     gen = torch.Generator().manual_seed(seed)
@@ -176,18 +161,32 @@ def run(task: Task, fractions: Sequence[float], random_orders: int, seed: int) -
     return curves, rows
 
 
-def figure(curves: Dict[str, torch.Tensor], fractions: Sequence[float], title: str, units: str):
-    """The mean log-odds of t against the fraction of units removed, one curve per order."""
+def figure(
+    curves: Dict[str, torch.Tensor],
+    fractions: Sequence[float],
+    title: str,
+    units: str,
+    quantity: str = "log-odds of t",
+    panels: Optional[Dict[str, List[str]]] = None,
+):
+    """The mean curves, the random order dashed in every panel (``panels``: title -> orders; None: one panel)."""
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.2, 3.6), layout="constrained")
-    for name, curve in curves.items():
-        style = dict(color="gray", linestyle="--") if name == "random" else {}
-        ax.plot(list(fractions), curve.double().mean(1).tolist(), label=name, **style)
-    ax.set_xlabel(f"fraction of {units} removed (most relevant first)")
-    ax.set_ylabel("log-odds of t, mean over samples")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    panels = panels or {title: [k for k in curves if k != "random"]}
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.2 * len(panels), 3.6), layout="constrained", sharey=True, squeeze=False
+    )
+    for ax, (name, orders) in zip(axes[0], panels.items()):
+        for order in [*orders, "random"]:
+            style = dict(color="gray", linestyle="--") if order == "random" else {}
+            style = dict(color="black", linestyle=":") if order.startswith("recency") else style
+            ax.plot(list(fractions), curves[order].double().mean(1).tolist(), label=order, **style)
+        ax.set_xlabel(f"fraction of {units} removed (most relevant first)")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_ylabel(f"{quantity}, mean over samples")
+    if len(panels) > 1:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 
@@ -217,7 +216,7 @@ def main(argv=None) -> int:
     curves, rows = run(task, fractions, a.random_orders, a.seed)
     command = "python -m backprop_hooks.eval.deletion " + " ".join(sys.argv[1:] if argv is None else argv)
     table = report.markdown_table(
-        ["order", f"area under the log-odds curve (n = {task.samples})", "area between random and this order"],
+        ["order", f"area under the {task.curve_name} curve (n = {task.samples})", "area between random and this order"],
         [
             [r["order"], f"{r['auc']:.3f} ± {r['auc_ci']:.3f}", f"{r['area_between']:.3f} ± {r['area_between_ci']:.3f}"]
             for r in rows
@@ -226,9 +225,11 @@ def main(argv=None) -> int:
     text = (
         f"# Deletion check: {task.name}, {task.units_name} removed most relevant first\n\n"
         f"command: `{command}`\n\n{table}\n\n"
-        "Area between > 0: removing by relevance lowers the log-odds of t faster than a random order "
+        f"Area between > 0: removing by relevance lowers the {task.quantity} faster than a random order "
         f"(mean of {a.random_orders} random orders per sample); ± is the 95 % confidence interval over samples.\n"
     )
+    extra, extra_json = task.summary(curves, fractions)
+    text += f"\n{extra}" if extra else ""
     print(text)
     if a.out is not None:
         report.write_text(a.out / "results.md", text)
@@ -242,10 +243,12 @@ def main(argv=None) -> int:
                 rows=rows,
                 curves={k: v.double().mean(1).tolist() for k, v in curves.items()},
                 versions=report.versions(),
+                **extra_json,
             ),
         )
-        report.save_figure(figure(curves, fractions, f"{task.name}: deletion of {task.units_name}", task.units_name),
-                           a.out / "curves.png")  # fmt: skip
+        title = f"{task.name}: deletion of {task.units_name}"
+        fig = figure(curves, fractions, title, task.units_name, task.quantity, task.panels())
+        report.save_figure(fig, a.out / "curves.png")
     return 0
 
 
