@@ -121,7 +121,7 @@ def compare(
     ``classes=None``: the predicted classes (resolved once, so every method explains the same ones). One
     image (``x`` of batch 1) and several ``classes`` explain that image once per class (the rows of the
     figure). ``options``: per-method options, ``{"gradcam": {"layer": "layer4"}}``. ``class_names``
-    (default: the model's, see :func:`model_class_names`) name the classes in the figure and in each
+    (default: the model's ``class_names``) name the classes in the figure and in each
     explanation's plot.
     """
     methods = [methods] if isinstance(methods, str) else list(methods)

@@ -272,7 +272,7 @@ def attach(model: nn.Module, rules: RuleSpec) -> Handle:
     """Attach rules to the modules of ``model`` picked by selectors; returns a removable :class:`Handle`.
 
     Several rules on one module run in the order given (forward and backward alike). A selector that
-    matches no module raises :class:`SelectorError`; nothing is attached then.
+    matches no module raises :class:`~backprop_hooks.errors.SelectorError`; nothing is attached then.
     """
     check_model(model, "attach needs")
     named = named_modules(model)

@@ -32,6 +32,7 @@ from .errors import ModelError
 _REENTRANT_NODE = "CheckpointFunctionBackward"  # torch.utils.checkpoint's node with use_reentrant=True
 _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
+#: The fix a refusal of reentrant checkpointing names: non-reentrant checkpointing.
 REENTRANT_FIX = (
     "enable checkpointing with model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
     "{'use_reentrant': False}) (Hugging Face's default) or torch.utils.checkpoint.checkpoint(..., "

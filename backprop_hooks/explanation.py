@@ -72,8 +72,8 @@ class Explanation:
         array (C, H, W) or (H, W, C), float in [0, 1] or 0-255, uint8, or a PIL image (None: the maps alone).
         A normalised image is undone with ``normalization=`` (``(mean, std)``, a Hugging Face image processor,
         a timm model); without it, it is drawn stretched to its range with an ``ImageRangeWarning``.
-        The scale is the command line's: pixel-space maps on ±the 99th percentile of |value|, each pixel as
-        opaque as it is strong; layer and token-grid maps on ±max |value| at opacity 0.5 (``alpha=``,
+        The scale is the command line's: pixel-space maps on ±the 99th percentile of ``|value|``, each pixel as
+        opaque as it is strong; layer and token-grid maps on ±max ``|value|`` at opacity 0.5 (``alpha=``,
         ``percentile=`` override); a map without sign (a magnitude) in red alone, from zero. The colour bar says
         what the colours mean and which scale is drawn, the title names method, target, class and probability
         (``class_names=`` names them). A batch draws as a grid (``index=i``: one sample; ``columns``,

@@ -39,9 +39,9 @@ def check_options(
     what: str,
     elsewhere: Optional[Callable[[str], str]] = None,
 ) -> None:
-    """Raise :class:`OptionError` when ``options`` holds a name that ``accepted`` does not: ``"{what} has no option
-    'n_step' (did you mean 'n_steps'?); its options: ..."``. ``elsewhere(name)``: a clause that says who takes
-    the option instead (``", an option of 'gradcam', ..."``)."""
+    """Raise :class:`~backprop_hooks.errors.OptionError` when ``options`` holds a name that ``accepted`` does not:
+    ``"{what} has no option 'n_step' (did you mean 'n_steps'?); its options: ..."``. ``elsewhere(name)``: a clause
+    that says who takes the option instead (``", an option of 'gradcam', ..."``)."""
     unknown = [name for name in options if name not in accepted]
     if not unknown:
         return

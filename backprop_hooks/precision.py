@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+#: The half-precision dtypes whose attributions are accumulated in ``float32``.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 

@@ -89,20 +89,24 @@ class Target:
     min_classes: int = 2
 
     def seed(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(B, C) the seed ``v`` fed into the backward pass at the logits ``(B, C)`` for the classes ``(B,)``."""
         raise NotImplementedError
 
     def objective(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(B,) the objective whose gradient with respect to the logits is :meth:`seed`, with the target's
+        weights (``α``, ``s*``) held constant."""
         raise NotImplementedError
 
     def potential(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """(B,) the scalar whose gradient with respect to the logits is :meth:`seed`, nothing held but what the
-        target itself holds (``s*`` of ``max``). Differentiable; computed stably (log-sum-exp, log-softmax)."""
+        """(B,) the scalar whose gradient with respect to the logits is :meth:`~Target.seed`, nothing held but
+        what the target itself holds (``s*`` of ``max``). Differentiable; computed stably (log-sum-exp,
+        log-softmax)."""
         raise NotImplementedError(f"{type(self).__name__} defines no potential")
 
     def potentials(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B, C): column ``c`` is :meth:`potential` with class ``c`` for every sample (for ``weighted``, the
-        log-odds of every class). Built-in targets compute it in O(B·C); this default evaluates the potential
-        of each class on a (B·C, C) stack."""
+        """(B, C): column ``c`` is :meth:`~Target.potential` with class ``c`` for every sample (for
+        ``weighted``, the log-odds of every class). Built-in targets compute it in O(B·C); this default
+        evaluates the potential of each class on a (B·C, C) stack."""
         b, c = logits.shape
         stacked = logits.unsqueeze(1).expand(b, c, c).reshape(b * c, c)
         classes = torch.arange(c, device=logits.device).repeat(b)
@@ -112,6 +116,8 @@ class Target:
         """Refuse ``classes`` the target cannot explain at ``logits`` (``Versus``: a class against itself)."""
 
     def check(self, num_classes: int) -> None:
+        """Raise :class:`~backprop_hooks.errors.ClassIndexError` when a model with ``num_classes`` classes has
+        too few for this target (a contrast needs two)."""
         if num_classes < self.min_classes:
             raise ClassIndexError(
                 f"target {self.name!r} needs at least {self.min_classes} classes; the model has {num_classes}"
@@ -133,6 +139,8 @@ class Target:
 
 
 class Logit(Target):
+    """The logit of class t, ``y_t`` (the "original" explanation): seed ``e_t``; not a contrast."""
+
     name, contrastive, min_classes = "logit", False, 1
 
     def seed(self, logits, classes):
@@ -149,6 +157,8 @@ class Logit(Target):
 
 
 class Softmax(Target):
+    """The probability ``p_t``: seed ``p_t (e_t − p)``; its potential is ``p_t`` itself."""
+
     name, contrastive, min_classes = "softmax", True, 1
 
     def seed(self, logits, classes):
@@ -166,6 +176,8 @@ class Softmax(Target):
 
 
 class LogSoftmax(Target):
+    """The log-probability ``log p_t``: seed ``e_t − p``; its potential is ``log p_t`` itself."""
+
     name, contrastive, min_classes = "log_softmax", True, 1
 
     def seed(self, logits, classes):
@@ -210,6 +222,8 @@ class Weighted(Target):
 
 
 class MeanContrast(Target):
+    """t against the mean of the others: ``y_t − mean_{s≠t} y_s``, seed ``e_t − (1 − e_t)/(C − 1)`` (linear)."""
+
     name = "mean"
 
     def seed(self, logits, classes):
@@ -229,6 +243,9 @@ class MeanContrast(Target):
 
 
 class MaxContrast(Target):
+    """t against the runner-up: ``y_t − y_{s*}`` with ``s* = argmax_{s≠t} y_s``, seed ``e_t − e_{s*}``; the
+    potential holds ``s*``, so it is piecewise linear."""
+
     name = "max"
 
     def seed(self, logits, classes):

@@ -22,8 +22,8 @@ POSITION_CONFIG = ("n_positions", "max_position_embeddings")
 
 
 def check_vocabulary(input_ids: torch.Tensor, embedding: nn.Module) -> None:
-    """:class:`InputError` naming the first token id outside ``0..num_embeddings-1`` and its position (one host
-    synchronisation; nothing when the embedding does not say its size)."""
+    """:class:`~backprop_hooks.errors.InputError` naming the first token id outside ``0..num_embeddings-1`` and its
+    position (one host synchronisation; nothing when the embedding does not say its size)."""
     size = getattr(embedding, "num_embeddings", None)
     if not isinstance(size, int):
         return
@@ -52,7 +52,7 @@ def position_limit(model: nn.Module) -> Optional[int]:
 
 
 def check_length(input_ids: torch.Tensor, model: nn.Module) -> None:
-    """:class:`InputError` when the sequences are longer than the model's positions."""
+    """:class:`~backprop_hooks.errors.InputError` when the sequences are longer than the model's positions."""
     limit = position_limit(model)
     length = input_ids.shape[1]
     if limit is not None and length > limit:

@@ -8,14 +8,14 @@ Model: the bundled language model (:mod:`backprop_hooks.models.python_docs_lm`).
 sentences (never seen in training), one prompt per sentence at most:
 
 * a **cut** is a word boundary of the sentence: the next token starts a word (a space, then a letter), with at
-  least :data:`MIN_PROMPT` tokens before it (BOS not counted) and at most :data:`MAX_PROMPT`;
+  least ``MIN_PROMPT`` tokens before it (BOS not counted) and at most ``MAX_PROMPT``;
 * the **answer** is the sentence's true next word: that token and the tokens that continue it (no space, a
-  letter, digit or ``_`` first), at most :data:`MAX_WORD` tokens. The true word, not the model's own greedy
+  letter, digit or ``_`` first), at most ``MAX_WORD`` tokens. The true word, not the model's own greedy
   one, so that every answer is a fact of the held-out text rather than a choice of the model's;
 * the **foil** is the word the model itself would write from its most likely *other* word-starting token:
-  that token, then the model's greedy next tokens while they continue the word (at most :data:`MAX_WORD`);
+  that token, then the model's greedy next tokens while they continue the word (at most ``MAX_WORD``);
 * kept: cuts where the answer's first token is the model's most likely word-starting token and the model
-  prefers the answer by at least :data:`MARGIN` nats, ``log p(answer) − log p(foil) ≥ MARGIN`` (each scored in
+  prefers the answer by at least ``MARGIN`` nats, ``log p(answer) − log p(foil) ≥ MARGIN`` (each scored in
   its own context). One passing cut is drawn per sentence (seeded).
 
 Relevance per prompt token, from ``.total`` over the prompt: ``logit`` (``target="logit"``, no foil: the
@@ -134,7 +134,7 @@ def candidates(model, tokenizer, sentences: Sequence[str]) -> Dict[str, list]:
 
 
 def select(found: Dict[str, list], seed: int) -> List[int]:
-    """One passing cut (preference ≥ :data:`MARGIN`) per sentence, drawn with ``seed``: indices into ``found``."""
+    """One passing cut (preference ≥ ``MARGIN``) per sentence, drawn with ``seed``: indices into ``found``."""
     gen = torch.Generator().manual_seed(seed)
     by_sentence: Dict[int, List[int]] = {}
     for i, (s, value) in enumerate(zip(found["sentence"], found["preference"])):
@@ -185,7 +185,7 @@ class PythonDocsLM(Task):
         return [(decode(p[1:]), decode(a), decode(f)) for p, a, f in zip(self.prompts, self.answers, self.foils)][:k]
 
     def relevance(self, method: str, target: str) -> torch.Tensor:
-        """(B, K) relevance of every prompt token after BOS (``.total`` over the prompt, reduced by :data:`REDUCE`)."""
+        """(B, K) relevance of every prompt token after BOS (``.total`` over the prompt, reduced by ``REDUCE``)."""
         if (method, target) == RECENCY:
             return torch.arange(self.units.shape[1], dtype=torch.float64).expand(self.units.shape).clone()
         contrast = target == "contrast"

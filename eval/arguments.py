@@ -46,7 +46,7 @@ def parse_options(method: str, items: Optional[Sequence[str]]) -> Dict[str, Any]
 
 
 def check_method(method: str, layer: Optional[str], option_items: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """The method's options (``layer`` and ``--option``s); raises for an unknown method, a layer it does not
+    """The method's options (``layer`` and every ``--option``); raises for an unknown method, a layer it does not
     take or an option it does not know."""
     cls = bh.methods.get(method)
     options = parse_options(method, option_items)
@@ -98,6 +98,7 @@ def check_targets(targets: Sequence[str], num_classes: int, names: Optional[Sequ
 
 
 def check_class_range(classes: Sequence[int], num_classes: int, what: str = "--classes") -> None:
+    """Raise :class:`~backprop_hooks.errors.UsageError` when a class index is outside ``0 .. num_classes - 1``."""
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
         raise UsageError(
@@ -106,6 +107,7 @@ def check_class_range(classes: Sequence[int], num_classes: int, what: str = "--c
 
 
 def check_device(name: str) -> torch.device:
+    """The device ``name`` names; :class:`~backprop_hooks.errors.UsageError` when it cannot hold a tensor here."""
     try:
         device = torch.device(name)
         if device.type == "meta":

@@ -134,6 +134,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    """``backprop-hooks models [MODEL]``: the architectures, or one model's classes, layers and methods."""
     from backprop_hooks import models
     from backprop_hooks.models import zoo
 

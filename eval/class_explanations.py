@@ -1,8 +1,8 @@
 """Computing class explanations: the k classes of one image, one batched explanation per target.
 
 :func:`explain_classes` explains ``classes`` (or the ``topk`` most probable) of one image with every target:
-one :func:`bh.explain` call per target and chunk of classes (the image repeated, a tensor of classes), so the
-memory of a call stays bounded for any number of classes; the results are on the CPU.
+one :func:`~backprop_hooks.explain` call per target and chunk of classes (the image repeated, a tensor of
+classes), so the memory of a call stays bounded for any number of classes; the results are on the CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ STEP_OPTIONS = ("n_samples", "n_steps")  # SmoothGrad, Integrated Gradients: ima
 
 @dataclass
 class ClassExplanations:
-    """The explanations of k classes of one image: one batched :class:`Explanation` per target."""
+    """The explanations of k classes of one image: one batched :class:`~backprop_hooks.Explanation` per target."""
 
     image: torch.Tensor  # (3, H, W) pixels in [0, 1]
     logits: torch.Tensor  # (C,)
@@ -96,7 +96,7 @@ def explain_classes(
 ) -> ClassExplanations:
     """Explain ``classes`` (default: the ``topk`` most probable) of ``image`` (3, H, W) for every target.
 
-    One call of :func:`bh.explain` per target and chunk of at most ``chunk`` classes (default 16; fewer for
+    One call of :func:`~backprop_hooks.explain` per target and chunk of at most ``chunk`` classes (default 16; fewer for
     methods that batch noise samples or path points, at most 32 images a call), batched over the classes (the
     image repeated); ``options`` go to the method (``layer=...``). Results are on the CPU, so the memory of a
     call stays bounded whatever the number of classes. ``progress``: a bar over the calls when there is more

@@ -64,6 +64,7 @@ def relevance_sums(model: nn.Module, x: torch.Tensor, run: Run, composite: str) 
 
 
 def bert(batch: int, length: int) -> Tuple[nn.Module, torch.Tensor, Run]:
+    """BERT-base-sized (12 layers, width 768) random-init classifier in float64, its input embeddings and a run."""
     import transformers
 
     config = transformers.BertConfig(num_labels=2)  # BERT-base: 12 layers, 768, 12 heads, 3072
@@ -79,6 +80,7 @@ def bert(batch: int, length: int) -> Tuple[nn.Module, torch.Tensor, Run]:
 
 
 def gpt2(batch: int, length: int) -> Tuple[nn.Module, torch.Tensor, Run]:
+    """GPT-2-small-sized random-init language model in float64 (next token), its input embeddings and a run."""
     import transformers
 
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).double().eval()  # GPT-2 small
@@ -93,6 +95,7 @@ def gpt2(batch: int, length: int) -> Tuple[nn.Module, torch.Tensor, Run]:
 
 
 def vit(batch: int, length: int) -> Tuple[nn.Module, torch.Tensor, Run]:
+    """ViT-Base-sized random-init classifier in float64 (224 px), random pixels and a run."""
     import transformers
 
     model = transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=1000)).double().eval()
@@ -109,6 +112,7 @@ MODELS = {"bert_base": bert, "gpt2_small": gpt2, "vit_base": vit}
 
 
 def measure(name: str, batch: int, length: int) -> List[Dict]:
+    """Σ R over the input and each hidden state ÷ ``y_t`` for ``attnlrp`` and ``cp_lrp``, zero biases and as built."""
     rows = []
     for biases in ("zero biases", "as built"):
         torch.manual_seed(0)
@@ -135,7 +139,8 @@ def measure(name: str, batch: int, length: int) -> List[Dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The options of ``python -m backprop_hooks.eval.conservation``."""
     p = argparse.ArgumentParser(
         prog="python -m backprop_hooks.eval.conservation",
         description=__doc__,
@@ -145,7 +150,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--length", type=int, default=64, help="tokens of the text models")
     p.add_argument("--out", type=Path, default=None)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    """Measure every model's conservation, print the table and write it to ``--out`` (results.md, .json)."""
+    a = parser().parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = [row for name in a.models for row in measure(name, a.batch, a.length)]
     command = "python -m backprop_hooks.eval.conservation " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -64,8 +64,10 @@ __all__ = [
     "photos",
 ]
 
-NO_LABEL = -1  # the label of samples without ground truth (photos): the experiments use the prediction
+#: The label of samples without ground truth (photos): the experiments use the prediction.
+NO_LABEL = -1
 IMAGENET_CROP_PCT = 0.875  # Resize(256) -> CenterCrop(224)
+#: The data specifications ``from_spec`` accepts, as the command line's help lists them.
 SPEC_HELP = "imagenet:PATH, cub:PATH, food101:PATH, folder:PATH, digits or photos"
 
 
@@ -221,7 +223,7 @@ def evaluation_folder(root: Path) -> Path:
 
 def folder(root: str | Path, size: int = 224) -> SampleSet:
     """Class folders ``root/<class>/<image>``, classes in sorted folder order; for the fine-tuning layout
-    (``root/train/``, ``root/val/``) the ``val/`` (else ``test/``) split (:func:`evaluation_folder`)."""
+    (``root/train/``, ``root/val/``) the ``val/`` (else ``test/``) split (``evaluation_folder``)."""
     from torchvision import datasets as tv_datasets
 
     from backprop_hooks.models.images import open_rgb

@@ -45,6 +45,8 @@ def log_odds(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
 
 class DigitsViT(Task):
+    """The bundled digits ViT on the held-out digits; the units removed are its 64 patches."""
+
     name, units_name = "digits_vit", "patches"
 
     def __init__(self, n: int, batch_size: int) -> None:
@@ -87,6 +89,8 @@ class DigitsViT(Task):
 
 
 class TextTopics(Task):
+    """The bundled text classifier on its held-out sentences; the units removed are its tokens."""
+
     name, units_name = "text_topics", "tokens"
 
     def __init__(self, n: int, batch_size: int) -> None:
@@ -120,6 +124,8 @@ class TextTopics(Task):
 
 
 def python_docs_lm(n: int, batch_size: int) -> Task:
+    """The bundled language model's answers against foil answers
+    (:class:`~backprop_hooks.eval.answer_deletion.PythonDocsLM`)."""
     from .answer_deletion import PythonDocsLM
 
     return PythonDocsLM(n, batch_size)
@@ -184,7 +190,8 @@ def figure(
     return fig
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The options of ``python -m backprop_hooks.eval.deletion``."""
     p = argparse.ArgumentParser(
         prog="python -m backprop_hooks.eval.deletion",
         description=__doc__,
@@ -197,7 +204,12 @@ def main(argv=None) -> int:
     p.add_argument("--random-orders", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    """Run the deletion check, print its table and write it to ``--out`` (results.md, .json, curves.png)."""
+    a = parser().parse_args(argv)
     torch.manual_seed(a.seed)
     task = TASKS[a.model](a.n or 10**9, a.batch_size)
     fractions = [i / (a.fractions - 1) for i in range(a.fractions)]

@@ -1,6 +1,6 @@
 """`backprop-hooks explain-answer`: why a language model gave this answer (and not another one).
 
-The bundled language model (:mod:`backprop_hooks.models.python_docs_lm`, a small GPT-2 trained here on the
+The bundled language model (``backprop_hooks.models.python_docs_lm``, a small GPT-2 trained here on the
 help text that ships with CPython, with its own tokenizer), or any Hugging Face causal LM saved in a folder
 (``--model DIR``, loaded offline with ``AutoModelForCausalLM`` / ``AutoTokenizer``), answers ``--prompt``; the
 answer is ``--answer`` (else the model's own greedy answer, ``--max-new-tokens``) and is explained with
@@ -56,6 +56,7 @@ def strongest(g, k: int = 5) -> Tuple[list, list]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``backprop-hooks explain-answer``: the answer explained, its heat-map, page and numbers written to ``--out``."""
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
     model, tokenizer = load(args.model)
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
+    """Add the ``explain-answer`` subcommand to the command line's ``subparsers``."""
     p = subparsers.add_parser(
         "explain-answer",
         help="why a language model gave this answer (and not a foil answer)",

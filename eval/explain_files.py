@@ -48,8 +48,8 @@ def figure(result: ClassExplanations, title: str, max_rows: int = DEFAULT_MAX_RO
     """The figure: a row per class (name, index, probability), the image then one overlay per target.
 
     At most ``max_rows`` classes are drawn (the title says how many of how many). The scale is
-    :func:`backprop_hooks.plotting.explanations.scale`'s: pixel-space maps (an input-shaped method) clipped at
-    the 99th percentile of |value|, each pixel as opaque as it is strong over a faded image; layer and token
+    :func:`backprop_hooks.plotting.explanations.method_scale`'s: pixel-space maps (an input-shaped method) clipped at
+    the 99th percentile of ``|value|``, each pixel as opaque as it is strong over a faded image; layer and token
     maps as overlays at alpha 0.5 (``alpha`` sets one opacity for all). The colour-bar legend follows the
     data: a map that is never negative is labelled as a magnitude. A method whose maps do not depend on the
     class says so.
@@ -76,7 +76,7 @@ def figure(result: ClassExplanations, title: str, max_rows: int = DEFAULT_MAX_RO
 
 
 def map_statistics(maps: torch.Tensor) -> Dict[str, List[float]]:
-    """Per map of a (k, H, W) stack: positive and negative mass, fraction of positive pixels, max |value|."""
+    """Per map of a (k, H, W) stack: positive and negative mass, fraction of positive pixels, max ``|value|``."""
     flat = maps.flatten(1).double()
     return {
         "positive_sum": flat.clamp(min=0).sum(1).tolist(),
@@ -153,6 +153,7 @@ OUTPUT_SUFFIXES = ("png", "pt", "json")
 
 
 def output_files(name: str) -> Dict[str, str]:
+    """The file names ``explain`` writes for one image: the figure (.png), the maps (.pt) and the summary (.json)."""
     return {"figure": f"{name}.png", "tensors": f"{name}.pt", "summary": f"{name}.json"}
 
 

@@ -1,6 +1,6 @@
 """`backprop-hooks explain-text [SENTENCE ...]`: why a text classifier chose its class and not the others.
 
-The bundled classifier (:mod:`backprop_hooks.models.text_topics`, a 2-layer BERT trained here on the help
+The bundled classifier (``backprop_hooks.models.text_topics``, a 2-layer BERT trained here on the help
 text that ships with CPython) sorts sentences into exceptions, strings, numbers and containers. Each
 sentence is explained with ``--method`` and every ``--target`` (``versus:CLASS`` for "and not CLASS") in one
 batched call per target; the token heat-maps are printed in colour (``--no-color`` for plain text) and, with
@@ -29,6 +29,7 @@ DEFAULT_SENTENCES = (
 
 
 def run(args: argparse.Namespace) -> int:
+    """``backprop-hooks explain-text``: token heat-maps of the bundled text classifier, in the terminal and as HTML."""
     from backprop_hooks.models import text_topics
 
     model, tokenizer = text_topics.load()
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
+    """Add the ``explain-text`` subcommand to the command line's ``subparsers``."""
     p = subparsers.add_parser(
         "explain-text",
         help="token heat-maps of the bundled text classifier",

@@ -84,6 +84,7 @@ def metric_settings(size: int) -> Dict[str, Dict[str, Any]]:
 
 
 def make_metric(name: str, options: Dict[str, Any]):
+    """The Quantus metric ``name`` (pixel_flipping, region_perturbation, faithfulness_correlation, road), per sample."""
     quantus = require("quantus", "interop")
     common = dict(disable_warnings=True, display_progressbar=False)
     if name == "pixel_flipping":
@@ -125,6 +126,7 @@ def per_sample(name: str, scores: Any) -> np.ndarray:
 
 
 def key(method: str, explained: str, metric: str, measured: str) -> str:
+    """The results key of one (method, explained target, metric, measured potential) cell."""
     return f"{method}|{explained}|{metric}|{measured}"
 
 
@@ -179,10 +181,12 @@ def faithfulness_process(
 
 
 def columns(metrics: Sequence[str], measured: Sequence[str]) -> List[tuple]:
+    """The (metric, measured potential) columns of the tables; metrics that read the argmax only get one."""
     return [(metric, m) for metric in metrics for m in (["argmax"] if metric in HEADLESS else measured)]
 
 
 def summarize(results: Results, methods, explained, metrics, measured) -> List[Dict[str, Any]]:
+    """One row per method, explained target, metric and measured potential: mean and 95 % CI over samples."""
     rows = []
     n = int(results["t"].numel())
     for method in methods:
@@ -214,6 +218,7 @@ def _cell(mean: float, ci: float, digits: int = 3) -> str:
 
 
 def score_table(rows, metric: str, explained, measured) -> str:
+    """The Markdown table of one metric: a row per method and explained target, a column per measured potential."""
     heads = ["argmax"] if metric in HEADLESS else list(measured)
     by = {(r["method"], r["explained"], r["measured"]): r for r in rows if r["metric"] == metric}
     lines = []
@@ -243,6 +248,7 @@ def verdict_table(pairs, metrics, measured) -> str:
 
 
 def write_report(setup: Setup, results: Results, out: Path) -> None:
+    """Write results.md (the tables), results.json, results.csv and samples.csv of one run to ``out``."""
     cfg = setup.config
     methods, explained, measured, metrics = cfg["methods"], cfg["explained"], cfg["measured"], cfg["metrics"]
     rows = summarize(results, methods, explained, metrics, measured)

@@ -161,6 +161,8 @@ def paired(
 
 
 def paired_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """The Markdown table of each target's paired difference to the original (logit) explanation, ± its 95 % CI."""
+
     def cell(r, key):
         digits = 2 if key == "y" else 4
         return f"{report.fmt(r[f'diff_{key}'], digits)} ± {report.fmt(r[f'diff_{key}_ci95'], digits)}"

@@ -102,10 +102,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (folders made as needed)."""
     atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` to ``path`` as indented JSON, atomically (non-JSON values as their ``str``)."""
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
@@ -152,7 +154,7 @@ def example_grid(
     title: str = "",
 ):
     """Rows of samples: the image, then one panel per column (``kind`` "map": a zero-centred overlay,
-    symmetric by the row's max |value| over the map columns; "image": an image as is)."""
+    symmetric by the row's max ``|value|`` over the map columns; "image": an image as is)."""
     from matplotlib import pyplot as plt
 
     kinds = list(kinds or ["map"] * len(columns))
@@ -188,4 +190,5 @@ EXAMPLE_DPI = 72  # example grids hold photos: a low resolution keeps the commit
 
 
 def save_figure(fig, path: Path, dpi: int = plots.DPI) -> None:
+    """Save a matplotlib figure to ``path`` at ``dpi`` (the format from the suffix); a pyplot figure is closed."""
     plots.save(fig, Path(path), dpi=dpi)

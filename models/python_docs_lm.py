@@ -31,11 +31,16 @@ import torch
 from .text_topics import fit, sentences, words
 from .zoo import WEIGHTS_DIR
 
+#: The shipped pair's ``save_pretrained`` folder: ``AutoModelForCausalLM.from_pretrained(DIRECTORY)`` loads it.
 DIRECTORY = WEIGHTS_DIR / "python_docs_lm"
 BOS, PAD = "<|endoftext|>", "<|pad|>"  # BOS and EOS are one token, as GPT-2's
+#: The tokenizer's vocabulary size (byte-level BPE, special tokens included).
 VOCAB_SIZE = 2048
+#: The longest training sequence and the model's positions (``n_positions``).
 MAX_TOKENS = 128
+#: The ``GPT2Config`` fields of the shipped model.
 CONFIG = dict(n_embd=96, n_layer=2, n_head=2, n_positions=MAX_TOKENS)
+#: The tokenizer's chat template: ``role: content`` lines, then ``assistant:`` for the generation prompt.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
@@ -196,6 +201,7 @@ def load(directory: Path = DIRECTORY):
 
 
 def main(argv=None) -> int:
+    """Train the pair and write it (``python -m backprop_hooks.models.python_docs_lm``): the folder ``--out``."""
     p = argparse.ArgumentParser(
         prog="python -m backprop_hooks.models.python_docs_lm", description=__doc__.splitlines()[0]
     )

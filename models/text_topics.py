@@ -26,6 +26,7 @@ import torch
 
 from .zoo import WEIGHTS_DIR
 
+#: The four classes and the help topics (``pydoc_data.topics``) whose sentences make up each.
 CLASSES: Dict[str, Tuple[str, ...]] = {
     "exceptions": ("try", "raise", "exceptions", "assert"),
     "strings": ("strings", "string-methods", "formatstrings"),
@@ -52,6 +53,7 @@ def words(text: str) -> List[str]:
 
 
 def sentences(text: str) -> List[str]:
+    """The sentences of a help text, split after '.', '!', '?' or ':' before a capital, quote or bracket."""
     flat = re.sub(r"\s+", " ", text)
     return [s.strip() for s in re.split(r"(?<=[.!?:])\s+(?=[A-Z*\"'(])", flat) if s.strip()]
 
@@ -110,6 +112,7 @@ class Tokenizer:
 
 
 def build(vocab_size: int):
+    """A random-init BERT classifier of the shipped shape (``CONFIG``), ``vocab_size`` words, the four classes."""
     import transformers
 
     config = transformers.BertConfig(vocab_size=vocab_size, num_labels=len(CLASSES), **CONFIG)
@@ -119,6 +122,7 @@ def build(vocab_size: int):
 
 
 def accuracy(model, tokenizer: Tokenizer, data) -> float:
+    """The fraction of ``data`` ((words, class) pairs) that ``model`` classifies right."""
     model.eval()
     with torch.no_grad():
         ids, mask = tokenizer([w for w, _ in data])
@@ -184,6 +188,7 @@ def fit(
 
 
 def save(model, tokenizer: Tokenizer, path: Path, test_accuracy: float) -> None:
+    """Write the weights (float16, under 1 MB), the vocabulary and the test accuracy to ``path``."""
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}  # < 1 MB
     torch.save(dict(state_dict=state, vocab=tokenizer.vocab, test_accuracy=test_accuracy), path)
 
@@ -204,6 +209,7 @@ def load(path: Path = WEIGHTS) -> Tuple[torch.nn.Module, Tokenizer]:
 
 
 def main(argv=None) -> int:
+    """Train the classifier and write its weights (``python -m backprop_hooks.models.text_topics``)."""
     p = argparse.ArgumentParser(prog="python -m backprop_hooks.models.text_topics", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=WEIGHTS)
     p.add_argument("--epochs", type=int, default=30)

@@ -133,7 +133,7 @@ def is_rms_norm(module: nn.Module) -> bool:
 
 
 class RMSNormHeld(_Held):
-    """Back-propagate through an RMSNorm (see :func:`is_rms_norm`) with ``rms(x)`` held constant."""
+    """Back-propagate through an RMSNorm (see ``is_rms_norm``) with ``rms(x)`` held constant."""
 
     def check(self, module):
         if not is_rms_norm(module):

@@ -67,7 +67,8 @@ def test_curves_start_at_the_preference_explain_generation_reports(task):
     torch.testing.assert_close(start.double(), torch.tensor(expected, dtype=torch.double), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore::backprop_hooks.errors.NonLinearContrastWarning")  # the gradient's l2 norm, on purpose
+# the gradient's l2 norm warns on purpose
+@pytest.mark.filterwarnings("ignore::backprop_hooks.errors.NonLinearContrastWarning")
 @pytest.mark.parametrize("method", answer_deletion.METHODS)
 def test_relevance_is_each_prompt_tokens_total_as_it_gets_alone(task, relevance, method):
     for target in answer_deletion.TARGETS:

@@ -1,10 +1,17 @@
 """The notebooks under examples/ run from the first cell to the last (nbclient, a fresh kernel of this Python,
-from an empty folder) and are committed without outputs."""
+from an empty folder) and are committed without outputs.
+
+The documentation build (``bash .ci/docs``) executes the tour too, in the same way (MyST-NB, a fresh kernel of
+this Python, an empty folder), and writes the executed copy to ``docs/_build/jupyter_execute/tour.ipynb``. CI
+runs the build first and sets ``BACKPROP_HOOKS_EXECUTED_TOUR`` to that copy, so the tour runs once: the test
+reads the copy instead of running the notebook again, where the copy has the committed notebook's code and is
+newer than every source file of the package and the notebook; otherwise it runs the notebook itself."""
 
 from __future__ import annotations
 
 import ast
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +21,10 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+SOURCES = ("backprop_hooks", "rules", "models", "eval")  # what the tour runs: the package's folders,
+CODE = (".py", ".pt", ".safetensors", ".json")  # their code and the bundled weights (not __pycache__)
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
 PICTURES = ("image/png", "text/html")
 
@@ -47,15 +57,53 @@ def outputs(cell) -> str:
     return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in cell.outputs)
 
 
+def code_of(nb) -> list:
+    return [c.source for c in nb.cells if c.cell_type == "code"]
+
+
+def executed_copy(committed: Path):
+    """The documentation build's executed copy of ``committed`` (``BACKPROP_HOOKS_EXECUTED_TOUR``), or None where
+    it is not given, not there, holds other code, or is older than a source file it would have run."""
+    given = os.environ.get("BACKPROP_HOOKS_EXECUTED_TOUR")
+    if not given or not Path(given).is_file():
+        return None
+    copy = nbformat.read(given, as_version=4)
+    sources = [committed] + [p for folder in SOURCES for p in (ROOT / folder).rglob("*") if p.suffix in CODE]
+    newest = max(p.stat().st_mtime for p in sources)
+    if code_of(copy) != code_of(nbformat.read(committed, as_version=4)) or Path(given).stat().st_mtime < newest:
+        return None
+    return copy
+
+
+def test_an_executed_copy_is_used_only_when_it_is_the_committed_code(tmp_path, monkeypatch):
+    """A copy with other code, an older copy and a missing copy are not used (the notebook then runs)."""
+    committed = EXAMPLES / "tour.ipynb"
+    nb = nbformat.read(committed, as_version=4)
+    copy = tmp_path / "tour.ipynb"
+    nbformat.write(nb, copy)
+    monkeypatch.setenv("BACKPROP_HOOKS_EXECUTED_TOUR", str(copy))
+    assert executed_copy(committed) is not None
+    os.utime(copy, (0, 0))  # older than the sources
+    assert executed_copy(committed) is None
+    nb.cells[-1].source += "\n1"
+    nbformat.write(nb, copy)
+    assert executed_copy(committed) is None
+    monkeypatch.setenv("BACKPROP_HOOKS_EXECUTED_TOUR", str(tmp_path / "missing.ipynb"))
+    assert executed_copy(committed) is None
+
+
 def test_the_tour_runs_and_shows_each_picture_once(tmp_path):
     """Every cell runs without error, in a folder of its own; each cell that draws shows one picture (a figure
     returned by plot() is not drawn a second time by pyplot), the text explanation shows as HTML tokens, the
     property test passes for the linear rule and fails for the clamped one."""
-    nb = nbformat.read(EXAMPLES / "tour.ipynb", as_version=4)
-    work = tmp_path / "work"
-    work.mkdir()
-    client = nbclient.NotebookClient(nb, km=kernel(tmp_path), timeout=300, resources={"metadata": {"path": str(work)}})
-    client.execute()
+    nb = executed_copy(EXAMPLES / "tour.ipynb")
+    if nb is None:
+        nb = nbformat.read(EXAMPLES / "tour.ipynb", as_version=4)
+        work = tmp_path / "work"
+        work.mkdir()
+        resources = {"metadata": {"path": str(work)}}
+        client = nbclient.NotebookClient(nb, km=kernel(tmp_path), timeout=300, resources=resources)
+        client.execute()
     code = [c for c in nb.cells if c.cell_type == "code"]
     pictures = [sum(any(k in o.get("data", {}) for k in PICTURES) for o in c.outputs) for c in code]
     drawing = [c for c, n in zip(code, pictures) if n]

@@ -25,7 +25,9 @@ PYTHON_DOCS_LM = (
 def test_the_wheel_holds_only_backprop_hooks(tmp_path):
     """Every file of a regular (non-editable) wheel lies under backprop_hooks/ or its dist-info."""
     source = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build", "__pycache__", "out"))
+    shutil.copytree(
+        ROOT, source, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build", "_build", "__pycache__", "out")
+    )
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
         cwd=source,

@@ -76,14 +76,17 @@ def available() -> List[str]:
 
 
 def get(name: str) -> Type["Method"]:
+    """The method class registered as ``name`` (``"gradcam"``); :class:`~backprop_hooks.errors.UnknownNameError`
+    lists the names when there is none."""
     if name not in _REGISTRY:
         raise UnknownNameError(f"unknown method {name!r}; available: {choices(available(), 30)}")
     return _REGISTRY[name]
 
 
 def create(name: str, model: nn.Module, **options: Any) -> "Method":
-    """The method ``name`` on ``model`` with ``options``; an unknown option is an :class:`OptionError` that names
-    the method's options (and close matches) before anything is built."""
+    """The method ``name`` on ``model`` with ``options``; an unknown option is an
+    :class:`~backprop_hooks.errors.OptionError` that names the method's options (and close matches) before anything
+    is built."""
     cls = get(name)
     cls.check_options(options)
     return cls(model, **options)
@@ -114,8 +117,9 @@ class Method:
 
     @classmethod
     def check_options(cls, options: Dict[str, Any], also: Sequence[str] = (), caller: str = "") -> None:
-        """:class:`OptionError` for an option the constructor does not take, naming those it takes; ``also``: the
-        keywords of the ``caller`` (``bh.explain``: ``classes``...), listed too, as close matches of a typo."""
+        """:class:`~backprop_hooks.errors.OptionError` for an option the constructor does not take, naming those it
+        takes; ``also``: the keywords of the ``caller`` (``bh.explain``: ``classes``...), listed too, as close matches
+        of a typo."""
 
         def elsewhere(name: str) -> str:
             takers = [m for m in available() if name in _REGISTRY[m].options()]
@@ -280,7 +284,7 @@ def several_seeds(batched: bool = False) -> Iterator[None]:
 
 
 def grad(outputs: torch.Tensor, inputs, seed: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """One seeded vector-Jacobian product; parameters' ``.grad`` are never touched (see :func:`several_seeds`)."""
+    """One seeded vector-Jacobian product; parameters' ``.grad`` are never touched (see ``several_seeds``)."""
     single = isinstance(inputs, torch.Tensor)
     inputs = [inputs] if single else list(inputs)
     retain, batched = _SEVERAL_SEEDS.get()

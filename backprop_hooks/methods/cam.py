@@ -36,7 +36,7 @@ from .layers import resolve_layer
 class LayerGradient:
     """Capture a layer's output and back-propagate a seed to it (a partial backward, never to the input).
 
-    ``rules(x)`` resolves the layer (``None``: :func:`~backprop_hooks.methods.layers.resolve_layer`'s
+    ``rules(x)`` resolves the layer (``None``: :func:`~backprop_hooks.methods.resolve_layer`'s
     default) and returns the capture to attach; ``read(logits, seed)`` returns ``(A, ∂f/∂A)``.
     """
 

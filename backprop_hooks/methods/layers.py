@@ -69,6 +69,7 @@ def _last_spatial(model: nn.Module, x: torch.Tensor) -> str:
 
 
 def resolve_layer(model: nn.Module, layer: Optional[str], x: torch.Tensor) -> str:
+    """The clean name of ``layer`` (or of the model's default layer for ``x`` when None), checked to exist."""
     name = default_layer(model, x) if layer is None else layer
     get_module(model, name)
     return clean_name(name)

@@ -1,6 +1,6 @@
 r"""Where the tokens of a transformer are: prefix tokens (class, distillation, register), the patch grid and
 the read-out token of a ViT (:class:`TokenLayout`, :func:`token_layout`, from the model's attributes or its
-Hugging Face config), the sequence of a text model (:class:`TextLayout`), and the blocks whose tokens the
+Hugging Face config), the sequence of a text model (``TextLayout``), and the blocks whose tokens the
 token methods read (:func:`default_token_layer`, :func:`attention_names`)."""
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def token_layout(
     from its config: class, distillation and register tokens, the patch grid of ``x``).
 
     ``prefix_tokens``/``grid`` override what the model says (for other architectures). A model may record
-    its own layout as a callable attribute ``token_layout(x)`` (a :class:`TokenLayout` or :class:`TextLayout`).
+    its own layout as a callable attribute ``token_layout(x)`` (a :class:`TokenLayout` or ``TextLayout``).
     """
     recorded = getattr(model, "token_layout", None)
     if callable(recorded) and prefix_tokens is None and grid is None:

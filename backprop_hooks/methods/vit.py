@@ -21,7 +21,7 @@ The attribution of patch ``j`` is the read-out row of ``Â_L ⋯ Â_1`` (the cla
 DeiT the mean of class and distillation tokens; for an average-pooled head the mean over patch tokens),
 reshaped to the patch grid (B, h, w). Prefix tokens (class, distillation, register) and the grid come from
 the model's own attributes or its Hugging Face config (:func:`token_layout`). For text
-(:class:`TextLayout`) the tokens are the sequence: the read-out is one token per sample (the first for
+(``TextLayout``) the tokens are the sequence: the read-out is one token per sample (the first for
 encoders, the last non-padding one for causal models) and padded positions get exactly zero.
 
 None of the rollouts is linear in the seed (products over layers; ``rollout`` ignores it).

@@ -1,7 +1,7 @@
 """A language model's answer drawn (``AnswerExplanation.plot`` and its notebook view): the answer-level row (the
 whole answer's target over every token) above the step × token matrix (row ``j``: answer token ``j``'s target
 over the tokens before it). Colours as in every plot here: ``bwr``, red for the explained answer (or for it
-and not the foil), blue against, white zero, symmetric on ±the 99th percentile of |value| of each panel
+and not the foil), blue against, white zero, symmetric on ±the 99th percentile of ``|value|`` of each panel
 (values beyond it saturate); cells a step cannot see (the token itself and after it, padding) are grey.
 """
 
@@ -22,7 +22,7 @@ GREY = "#dddddd"
 
 
 def _limit(values: torch.Tensor, percentile: float) -> float:
-    """±the ``percentile``-th percentile of |values| (the largest |value| if that is 0; 1 for all zeros)."""
+    """±the ``percentile``-th percentile of ``|values|`` (the largest ``|value|`` if that is 0; 1 for all zeros)."""
     flat = values.detach().abs().flatten().double()
     if flat.numel() == 0 or not bool((flat > 0).any()):
         return 1.0

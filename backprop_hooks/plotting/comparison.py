@@ -9,8 +9,8 @@ Which panels share a limit (``scale=``):
 * ``"panel"``: every panel on its own (different images: a weak map next to a strong one stays visible).
 
 Default: ``"column"`` when every row shows the same image (one image explained for several classes), else
-``"panel"``. The limit is the method's (see :func:`~.explanations.method_scale`): max |value|, or the 99th
-percentile of |value| for pixel-space methods.
+``"panel"``. The limit is the method's (see :func:`~.explanations.method_scale`): max ``|value|``, or the 99th
+percentile of ``|value|`` for pixel-space methods.
 """
 
 from __future__ import annotations

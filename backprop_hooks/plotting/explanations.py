@@ -1,8 +1,8 @@
 """``Explanation.plot``, the method × target grid of ``bh.compare`` and the inline views of a notebook.
 
 The scale is the command line's: pixel-space maps (input-shaped attributions: gradient, I×G, SmoothGrad, IG,
-FullGrad, the guided methods) on ±the 99th percentile of |value|, each pixel as opaque as it is strong over a
-faded image; layer and token-grid maps (the CAMs, the rollouts) on ±max |value| at opacity 0.5. Red is
+FullGrad, the guided methods) on ±the 99th percentile of ``|value|``, each pixel as opaque as it is strong over a
+faded image; layer and token-grid maps (the CAMs, the rollouts) on ±max ``|value|`` at opacity 0.5. Red is
 evidence for the explained objective, blue against it, white zero; a map that is never negative is a
 magnitude, drawn in red alone from zero.
 

@@ -5,7 +5,7 @@ over the image at alpha 0.5 with a diverging colour scale centred on zero: red p
 white zero, symmetric by the largest absolute value (``bwr`` with ``vmin = -m``, ``vmax = m``). A map
 without sign (a magnitude: gradient norms, rollouts) is drawn in one hue on [0, m]: ``bwr``'s red half, so that
 a red means the same strength in a signed panel beside it.
-Pixel-space maps (gradients) use a scale clipped at a percentile of |value|, each pixel as opaque as it is
+Pixel-space maps (gradients) use a scale clipped at a percentile of ``|value|``, each pixel as opaque as it is
 strong (:func:`overlay` with ``alpha=None``).
 """
 
@@ -27,7 +27,9 @@ if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn: `backprop-ho
     from matplotlib.image import AxesImage
 
 ArrayLike = Union[torch.Tensor, "np.ndarray"]
+#: The diverging colour map of every heat-map: red positive, blue negative, white zero.
 CMAP = "bwr"
+#: The resolution of saved figures, in dots per inch.
 DPI = 120
 
 
@@ -101,7 +103,7 @@ def colour_range(sign: str, m: float) -> Tuple[Any, float, float]:
 def symmetric_limit(maps: ArrayLike, percentile: float = 100.0) -> float:
     """``max |value|`` over ``maps`` (any shape), the half-range of a zero-centred colour scale (> 0).
 
-    With ``percentile`` < 100, the given percentile of |value| over the non-zero values instead: pixel-space
+    With ``percentile`` < 100, the given percentile of ``|value|`` over the non-zero values instead: pixel-space
     maps (gradients) are dominated by a few extreme pixels, and a scale set by them shows faint speckle."""
     values = np.abs(to_numpy(maps))
     if percentile < 100:
@@ -120,7 +122,7 @@ def overlay(
     vmax: Optional[float] = None,
     sign: Optional[str] = None,
 ) -> AxesImage:
-    """Draw ``heatmap`` (H, W) over ``image`` on ``ax`` (``vmax``: default max |heatmap|), zero-centred ``bwr``
+    """Draw ``heatmap`` (H, W) over ``image`` on ``ax`` (``vmax``: default max ``|heatmap|``), zero-centred ``bwr``
     for a signed map, one hue from zero for a map of one ``sign`` (default: the map's own, see :func:`sign_of`;
     maps that share a colour bar pass theirs together).
 
@@ -185,10 +187,10 @@ def explanation_grid(
     """A figure of one image and its maps: a row per class, the image first, then one column per map kind.
 
     ``columns[j]`` holds the (rows, H, W) maps of column ``j`` (e.g. one target for every class); each
-    column shares one zero-centred scale (symmetric by its max |value|; from zero in one hue for a column
+    column shares one zero-centred scale (symmetric by its max ``|value|``; from zero in one hue for a column
     without sign), shown in a colour bar below it, so the rows of a column compare directly. ``row_labels``
     label the rows (class names, probabilities). ``percentile`` < 100 clips the scale at that percentile of
-    |value| (said in the colour bar); ``alpha`` None makes each pixel as opaque as it is strong (for
+    ``|value|`` (said in the colour bar); ``alpha`` None makes each pixel as opaque as it is strong (for
     pixel-space maps, see :func:`overlay`).
     """
     columns = [to_numpy(c) for c in columns]

@@ -2,11 +2,11 @@
 signed colour scale (``bwr``: red for evidence for the explained class or contrast, blue against, white zero),
 symmetric by a limit of each sequence's own (``scale=``):
 
-* ``"robust"`` (the default): the largest |score|, unless a few tokens dominate: when the ``j``-th largest
-  |score| exceeds 3 × the next one (the largest such ``j ≤ max(1, n/10)`` of ``n`` tokens), the limit is that
+* ``"robust"`` (the default): the largest ``|score|``, unless a few tokens dominate: when the ``j``-th largest
+  ``|score|`` exceeds 3 × the next one (the largest such ``j ≤ max(1, n/10)`` of ``n`` tokens), the limit is that
   next one, and the ``j`` tokens above it are drawn at full colour and outlined (their scores are in the
   tooltips). One token at 13.3 and the rest at ≤ 0.66 would otherwise leave every other token white;
-* ``"max"``: the largest |score|, nothing clipped.
+* ``"max"``: the largest ``|score|``, nothing clipped.
 
 * :func:`rows`: the rows (tokens, scores, caption) of a text :class:`~backprop_hooks.Explanation`;
 * :func:`html` / :func:`save_html`: a self-contained HTML page (inline styles, no script, no external file),
@@ -29,7 +29,8 @@ import torch
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-Row = Tuple[Sequence[str], Sequence[float], str]  # tokens, scores, caption
+#: One row of a token heat-map: its tokens, their scores and a caption.
+Row = Tuple[Sequence[str], Sequence[float], str]
 Tokens = Union[Sequence[Sequence[str]], Callable[[List[int]], Sequence[str]], None]
 SCALES = ("robust", "max")
 DOMINANT = 3.0  # a token whose |score| exceeds the next one's this many times is clipped by the robust scale
@@ -176,6 +177,7 @@ def html(rows_: Sequence[Row], title: str = "Token attributions", scale: str = "
 
 
 def save_html(path, rows_: Sequence[Row], title: str = "Token attributions", scale: str = "robust") -> Path:
+    """Write :func:`html` of the rows to ``path`` (folders made as needed) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html(rows_, title, scale), encoding="utf-8")
