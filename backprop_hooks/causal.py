@@ -11,6 +11,7 @@ count from column 0 otherwise; rotary models are unaffected by the shift, and ge
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Optional
 
@@ -43,10 +44,21 @@ def left_padded(mask: torch.Tensor) -> bool:
 
 def takes(model: nn.Module, name: str) -> bool:
     """True when ``model.forward`` has a parameter called ``name``."""
+    forward = model.forward
+    forward = getattr(forward, "__func__", forward)
     try:
-        return name in inspect.signature(model.forward).parameters
+        return name in _parameters(forward)
+    except TypeError:  # an unhashable callable
+        return name in _parameters.__wrapped__(forward)
+
+
+@functools.lru_cache(maxsize=256)
+def _parameters(forward: Callable) -> frozenset:
+    """The parameter names of a forward function (read once per function: ``inspect.signature`` is slow)."""
+    try:
+        return frozenset(inspect.signature(forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return frozenset()
 
 
 def sequence_logits(output: Any) -> torch.Tensor:
