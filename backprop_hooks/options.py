@@ -9,8 +9,9 @@ accepted ones, before anything is built or run.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
-from typing import Callable, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import OptionError, choices
 
@@ -20,6 +21,12 @@ _KEYWORDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_
 def constructor_options(cls: type, skip: Iterable[str] = ("self", "model")) -> List[str]:
     """The keyword options ``cls(...)`` takes: each constructor's named parameters, from ``cls`` up its MRO while
     the constructor has ``**kwargs`` (passed on to ``super().__init__``), without ``skip``."""
+    return list(_constructor_options(cls, tuple(skip)))
+
+
+@functools.lru_cache(maxsize=512)
+def _constructor_options(cls: type, skip: Tuple[str, ...]) -> Tuple[str, ...]:
+    """:func:`constructor_options`, read once per class (``inspect.signature`` is slow; every call checks them)."""
     names: List[str] = []
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
@@ -30,7 +37,7 @@ def constructor_options(cls: type, skip: Iterable[str] = ("self", "model")) -> L
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
             break
     skipped = set(skip)
-    return [name for name in dict.fromkeys(names) if name not in skipped]
+    return tuple(name for name in dict.fromkeys(names) if name not in skipped)
 
 
 def check_options(

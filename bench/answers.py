@@ -81,7 +81,8 @@ def small_llama(layers: int = 2, hidden: int = 128, vocab: int = 32000, position
 def length_rows(lengths: List[int], steps: int, device, repeats: int, checkpointing: bool) -> List[dict]:
     model = small_llama().to(device)
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renames gradient_checkpointing_enable (still there, with a FutureWarning)
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         model.train()  # checkpointing runs in train mode; the config has no dropout
     g = torch.Generator().manual_seed(1)
     rows = []

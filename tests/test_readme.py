@@ -28,6 +28,17 @@ def test_the_api_example():
     assert namespace["why_not"].target == "versus"
 
 
+def test_the_answer_example():
+    """The language model's answer block: the shapes, probabilities and the token the caption names."""
+    g = run_block(1)["g"]
+    assert g.total.shape == (1, 25) and g.matrix.shape == (1, 4, 25)
+    p_answer, p_foil = g.probabilities.prod().item(), g.foil_probabilities.prod().item()
+    assert round(p_answer, 3) == 0.139 and round(p_foil, 4) == 0.0137
+    tokens = g.tokens()[0][: g.prompt_length]
+    prompt = g.total[0, : g.prompt_length]
+    assert tokens[int(prompt.argmax())] == " loop" and round(prompt.max().item(), 2) == 1.67
+
+
 def test_every_other_block_runs():
     for index in range(1, len(BLOCKS)):
         run_block(index)
