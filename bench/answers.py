@@ -203,7 +203,7 @@ def memory_figure(rows: List[dict], path: Path) -> None:
         chosen = [r for r in rows if r["bench"] == "length" and r["checkpointing"] == ckpt]
         for name in dict.fromkeys(r["candidate"] for r in chosen):
             pts = sorted((r["length"], r["memory_mib"]) for r in chosen if r["candidate"] == name)
-            style = "k--" if name.startswith("F") else "-o"
+            style = {"F+B": "k--", "F+n·B": "k:"}.get(name, "-o")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, markersize=3)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
