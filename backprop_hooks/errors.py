@@ -124,6 +124,11 @@ class FunctionalReLUWarning(BackpropHooksWarning):
     """Some ReLUs are functional (``F.relu``): module rules cannot reach them, so they keep their gradient."""
 
 
+class UncoveredModuleWarning(BackpropHooksWarning):
+    """A module a method's rules are meant for (a transformer's norm) that no rule recognises: it keeps its
+    plain gradient, so the method's rule does not hold there; the warning names the modules."""
+
+
 def mark_from_rule(exc: BaseException) -> None:
     """Mark an exception raised by a rule, so that it reaches the user unchanged (not as a ForwardError)."""
     try:

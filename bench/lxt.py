@@ -25,6 +25,7 @@ import torch
 FAMILIES: Dict[str, Tuple[str, str, str]] = {
     "gpt2": ("transformers.models.gpt2.modeling_gpt2", "lxt.efficient.models.gpt2", "attnLRP"),
     "llama": ("transformers.models.llama.modeling_llama", "lxt.efficient.models.llama", "attnLRP"),
+    "gemma3": ("transformers.models.gemma3.modeling_gemma3", "lxt.efficient.models.gemma3", "attnLRP"),
     "vit_torch": ("torchvision.models.vision_transformer", "lxt.efficient.models.vit_torch", "cp_LRP"),
 }
 _MISSING_IN_TRANSFORMERS_5 = ("find_pruneable_heads_and_indices", "prune_linear_layer")

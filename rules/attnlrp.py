@@ -28,13 +28,14 @@ explicitly by :class:`MultiheadAttentionRule` so that its products are ruled too
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from backprop_hooks.checkpointing import outside_checkpoint
-from backprop_hooks.errors import RuleError
+from backprop_hooks.errors import RuleError, UncoveredModuleWarning
 from backprop_hooks.rule import Rule
 
 from .attention_maths import _mha_explicit, _straight_through
@@ -171,13 +172,26 @@ class AttnLRPComposite:
         type, on every module it applies to (fresh instances per call)."""
         factories = (self.attention_rule, self.norm_rule, self.activation_rule, self.linear_rule, self.conv_rule)
         groups: Dict[tuple, List] = {}
-        for _, module in model.named_modules():
+        uncovered: Dict[str, List[str]] = {}
+        for name, module in model.named_modules():
             for factory in factories:
                 rule = factory(module)
                 if rule is not None:
                     key = (factory.__name__, type(rule), repr(rule))
                     groups.setdefault(key, [rule, []])[1].append(module)
                     break
+            else:
+                if self.norm and type(module).__name__.endswith(("LayerNorm", "RMSNorm")):
+                    uncovered.setdefault(type(module).__name__, []).append(name)
+        if uncovered:
+            listed = "; ".join(f"{kind} ({len(names)}: {', '.join(names[:2])}{', …' if len(names) > 2 else ''})"
+                               for kind, names in uncovered.items())  # fmt: skip
+            warnings.warn(
+                f"AttnLRP has no rule for these norms, which keep their plain gradient (relevance is not conserved "
+                f"through them): {listed}; give the composite a norm rule for them, or norm=False to silence this",
+                UncoveredModuleWarning,
+                stacklevel=5,
+            )
         return [(_members(modules), rule) for rule, modules in groups.values()]
 
     def functions(self, x: torch.Tensor) -> ProductRules:

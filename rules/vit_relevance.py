@@ -8,7 +8,7 @@ conservative (``Σ R_in = Σ R_out`` up to biases) and keeps it linear in the se
 * :class:`LayerNormHeld` (LN-rule): ``y = (x − μ)/σ · w + b`` with ``σ`` constant:
   ``∂̃y/∂x · g = (w ⊙ g − mean(w ⊙ g)) / σ``;
 * :class:`RMSNormHeld`: ``y = w ⊙ x / rms(x)`` with ``rms(x) = sqrt(mean(x²) + ε)`` constant:
-  ``∂̃y/∂x · g = w ⊙ g / rms(x)``;
+  ``∂̃y/∂x · g = w ⊙ g / rms(x)`` (``1 + w`` for the norms that scale by it, e.g. Gemma's);
 * :class:`GELUHeld`: ``GELU(x) = x Φ(x)`` with the gate ``Φ(x)`` constant: ``∂̃ · g = Φ(x) ⊙ g``, the gate
   read off the module's own forward as ``out / x`` (its limit ``1/2`` at ``x = 0``);
 * the attention probabilities held constant (AH-rule): ``AttentionCapture(hold_attention=True)``.
@@ -27,6 +27,9 @@ hooks are involved:
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 from torch import nn
@@ -119,17 +122,31 @@ class LayerNormHeld(_Held):
 
 
 def is_rms_norm(module: nn.Module) -> bool:
-    """``nn.RMSNorm``, or a module of another library named ``*RMSNorm`` computing ``weight · x / rms(x)`` with
-    its ε in ``variance_epsilon`` or ``eps`` (Hugging Face's Llama, Mistral, Qwen; not Gemma's ``1 + weight``)."""
+    """``nn.RMSNorm``, or a module of another library named ``*RMSNorm`` computing ``w · x / rms(x)`` with its ε
+    in ``variance_epsilon`` or ``eps`` (Hugging Face's Llama, Mistral, Qwen), or ``(1 + w) · x / rms(x)``
+    (Gemma's, Qwen3-Next's: see :func:`rms_norm_offset`)."""
     if isinstance(module, nn.RMSNorm):
         return True
-    name = type(module).__name__
     return (
-        name.endswith("RMSNorm")
-        and not name.startswith("Gemma")
+        type(module).__name__.endswith("RMSNorm")
         and isinstance(getattr(module, "weight", None), torch.Tensor)
         and isinstance(getattr(module, "variance_epsilon", getattr(module, "eps", None)), float)
     )
+
+
+def rms_norm_offset(module: nn.Module) -> float:
+    """1 for an RMSNorm that scales by ``1 + weight`` (its weight starts at zero: Gemma's, Qwen3-Next's), else 0;
+    read from its class's ``forward`` once per class."""
+    return 0.0 if isinstance(module, nn.RMSNorm) else _offset_of(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _offset_of(cls: type) -> float:
+    try:
+        source = "".join(inspect.getsource(cls.forward).split())
+    except (OSError, TypeError):
+        return 0.0
+    return 1.0 if ("(1.0+self.weight" in source or "(1+self.weight" in source) else 0.0
 
 
 class RMSNormHeld(_Held):
@@ -153,7 +170,9 @@ class RMSNormHeld(_Held):
     def held(self, module, inv_rms, g):
         g = g * inv_rms.to(g.dtype)
         weight = module_tensor(module)
-        return g * weight.to(device=g.device, dtype=g.dtype) if weight is not None else g
+        if weight is None:
+            return g
+        return g * (weight.to(device=g.device, dtype=g.dtype) + rms_norm_offset(module))
 
 
 def held_gate(x: torch.Tensor, out: torch.Tensor, at_zero: float = 0.5) -> torch.Tensor:
@@ -178,4 +197,4 @@ class GELUHeld(_Held):
         return gate * g
 
 
-__all__ = ["LayerNormHeld", "RMSNormHeld", "GELUHeld", "held_gate", "is_rms_norm"]
+__all__ = ["LayerNormHeld", "RMSNormHeld", "GELUHeld", "held_gate", "is_rms_norm", "rms_norm_offset"]

@@ -34,6 +34,16 @@ def build(name: str, attn: str = "sdpa", seed: int = 0):
             num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
         )  # fmt: skip
         model = t.LlamaForCausalLM(cfg)
+    elif name == "gemma3":  # RMSNorm scaled by (1 + weight), q/k norms, GELU-tanh-gated MLP, scaled embeddings
+        cfg = t.Gemma3TextConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=32, sliding_window=4, pad_token_id=0,
+        )  # fmt: skip
+        model = t.Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # Gemma's norm weights start at 0 (a scale of 1): give them scales to explain
+            for key, p in model.named_parameters():
+                if "norm" in key:
+                    p.normal_(0.0, 0.3)
     elif name == "vit":
         model = t.ViTForImageClassification(t.ViTConfig(**VISION))
     elif name == "deit":

@@ -133,6 +133,7 @@ def test_torchvision_vit_and_the_images_api():
 LXT_CASES = [
     ("llama", "sdpa", "attnlrp"),
     ("gpt2", "sdpa", "attnlrp"),
+    ("gemma3", "sdpa", "attnlrp"),
     ("vit_torch", None, "cp_lrp"),
     pytest.param("llama", "eager", "attnlrp", marks=pytest.mark.slow),
     pytest.param("gpt2", "eager", "attnlrp", marks=pytest.mark.slow),
@@ -143,8 +144,10 @@ LXT_CASES = [
 @pytest.mark.parametrize("family, attn, composite", LXT_CASES)
 def test_equals_lxt(family, attn, composite):
     """AttnLRP of LXT 2.1 (its own patch map for the family) on the same model and input: equal to 1e-4
-    relative (measured: 4e-10 GPT-2, 6e-8 Llama, whose RMSNorm LXT computes in float32; 1e-8 torchvision's
-    ViT under CP-LRP, the map LXT has for it). LXT's BERT does not run on transformers 5 (see bench/lxt.py)."""
+    relative (measured: 4e-10 GPT-2, 6e-8 Llama, whose RMSNorm LXT computes in float32; 1.3e-7 Gemma 3, whose
+    RMSNorm, scaled by 1 + weight, the model itself computes in float32 (16x off before that norm had its rule);
+    1e-8 torchvision's ViT under CP-LRP, the map LXT has for it). LXT's BERT does not run on transformers 5
+    (see bench/lxt.py)."""
     layer_norm_forward = nn.LayerNorm.forward
     if family == "vit_torch":
         model, x = small_torchvision_vit(), pixels()
@@ -163,7 +166,7 @@ def test_equals_lxt(family, attn, composite):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with lxt.patched(family):
-            assert nn.LayerNorm.forward is not layer_norm_forward or family == "llama"
+            assert nn.LayerNorm.forward is not layer_norm_forward or family in ("llama", "gemma3")
             theirs = reduce(lxt.relevance(forward, theirs_input, seed))
     scale = float(ours.attributions.abs().max())
     torch.testing.assert_close(ours.attributions, theirs, rtol=1e-4, atol=1e-4 * scale)
@@ -174,6 +177,46 @@ def test_equals_lxt(family, attn, composite):
     import transformers.pytorch_utils
 
     assert not hasattr(transformers.pytorch_utils, "find_pruneable_heads_and_indices")
+
+
+def test_gemma_norms_scale_by_one_plus_weight_and_others_by_weight():
+    from backprop_hooks.rules.vit_relevance import is_rms_norm, rms_norm_offset
+
+    gemma, llama = build("gemma3"), build("llama")
+    norm = gemma.model.norm
+    assert (
+        is_rms_norm(norm)
+        and rms_norm_offset(norm) == 1.0
+        and rms_norm_offset(gemma.model.layers[0].self_attn.q_norm) == 1.0
+    )
+    assert is_rms_norm(llama.model.norm) and rms_norm_offset(llama.model.norm) == 0.0
+    assert rms_norm_offset(nn.RMSNorm(4)) == 0.0
+
+
+class _RMSNormNamedLayerNorm(nn.Module):
+    """T5's norm: an RMSNorm called ``*LayerNorm`` that is no ``nn.LayerNorm`` (AttnLRP has no rule for it)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(size, dtype=torch.float64)), 1e-6
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+def test_a_norm_without_a_rule_is_named_not_left_silent():
+    ids = torch.randint(2, 40, (1, 6), generator=torch.Generator().manual_seed(0))
+    for family in ("gpt2", "llama", "gemma3"):  # every norm of these has its rule
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", bh.errors.UncoveredModuleWarning)
+            bh.explain_text(build(family), ids, method="attnlrp")
+    model = build("llama")
+    model.model.norm = _RMSNormNamedLayerNorm(32)
+    with pytest.warns(bh.errors.UncoveredModuleWarning, match=r"_RMSNormNamedLayerNorm \(1: .*model\.norm\)"):
+        bh.explain_text(model, ids, method="attnlrp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bh.errors.UncoveredModuleWarning)
+        bh.explain_text(model, ids, method="attnlrp", norm=False)  # the user's choice: no norm rules, no warning
 
 
 # -------------------------------------------------------------------------------------- bundled models
