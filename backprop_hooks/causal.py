@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -22,8 +23,39 @@ from .errors import ModelOutputError, OptionError
 
 
 def is_causal(model: nn.Module) -> bool:
-    """True when one of ``model``'s modules declares ``is_causal = True`` (Hugging Face decoder attention)."""
-    return any(getattr(m, "is_causal", False) is True for m in model.modules())
+    """True when one of ``model``'s modules declares ``is_causal = True`` (Hugging Face decoder attention) or is a
+    class Hugging Face registers as a causal language model (Bloom's attention declares nothing)."""
+    modules = list(model.modules())
+    if any(getattr(m, "is_causal", False) is True for m in modules):
+        return True
+    return any(type(m).__name__ in _hf_causal_lm_classes() for m in modules)
+
+
+@functools.lru_cache(maxsize=1)
+def _hf_causal_lm_classes() -> frozenset:
+    """The class names of Hugging Face's causal language models (empty when transformers was never imported: a
+    model of it would have imported it)."""
+    if "transformers" not in sys.modules:
+        return frozenset()
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return frozenset()
+    names = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return frozenset(names)
+
+
+def padding_hint(mask: torch.Tensor, fix: str = "try the other padding side, or these rows alone") -> str:
+    """A clause for a non-finite-logits error on a padded batch: some models' own forward gives NaN there."""
+    if bool(mask.bool().all()):
+        return ""
+    side = "on the left" if left_padded(mask) else "on the right"
+    return (
+        f"; the batch is padded {side}, and some models compute NaN for padded rows themselves (Bloom, for one, "
+        f"under left padding): {fix}"
+    )
 
 
 def last_real(mask: torch.Tensor) -> torch.Tensor:

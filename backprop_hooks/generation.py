@@ -112,7 +112,13 @@ def explain_generation(
     check_vocabulary(lay.ids, emb)
     check_length(lay.ids, model)
     with runtime.explaining(model):
-        parts = _explain(model, emb, lay, method, target, per_step, reduce, batch_steps, model_kwargs, options)
+        try:
+            parts = _explain(model, emb, lay, method, target, per_step, reduce, batch_steps, model_kwargs, options)
+        except ModelOutputError as exc:
+            if "NaN or Inf" not in str(exc) or bool(lay.mask.bool().all()):
+                raise
+            hint = causal.padding_hint(lay.mask, "explain these prompts one at a time (prompts are padded on the left)")
+            raise ModelOutputError(f"{exc}{hint}") from exc
     total, matrix, logits_parts, linear = parts
     if target.contrastive and not linear:
         if reduce != "sum":

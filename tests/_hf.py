@@ -44,6 +44,8 @@ def build(name: str, attn: str = "sdpa", seed: int = 0):
             for key, p in model.named_parameters():
                 if "norm" in key:
                     p.normal_(0.0, 0.3)
+    elif name == "bloom":  # ALiBi (no position ids) and attention that declares no is_causal
+        model = t.BloomForCausalLM(t.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=2, pad_token_id=0))
     elif name == "vit":
         model = t.ViTForImageClassification(t.ViTConfig(**VISION))
     elif name == "deit":

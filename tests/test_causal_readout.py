@@ -71,6 +71,27 @@ def test_property_padded_rows_equal_each_row_alone(lms, lengths, side, name, tar
     assert_rows_alone(lms[name], token_rows(lengths, seed=len(lengths)), side, "input_x_gradient", target)
 
 
+def test_a_causal_lm_whose_attention_declares_nothing_is_read_as_one():
+    """Bloom declares no ``is_causal``: it is known as a causal LM by its class (Hugging Face's causal-LM registry),
+    so a right-padded batch reads each row's next token, as alone."""
+    bloom = build("bloom")
+    assert causal.is_causal(bloom) and not causal.is_causal(build("bert"))
+    for method in ("input_x_gradient", "attnlrp"):
+        assert_rows_alone(bloom, token_rows(LENGTHS), "right", method, "weighted")
+
+
+def test_nan_logits_of_a_padded_batch_name_the_padding():
+    """Bloom's own forward gives NaN for left-padded rows (transformers 5.25): refused, and the message says the
+    batch is padded and what to try, for explain_text and explain_generation (whose prompts are left-padded)."""
+    bloom, rows = build("bloom"), token_rows(LENGTHS)
+    ids, mask = padded(rows, "left")
+    with pytest.raises(bh.errors.ModelOutputError, match="padded on the left.*the other padding side"):
+        bh.explain_text(bloom, ids, mask)
+    with pytest.raises(bh.errors.ModelOutputError, match="padded on the left.*one at a time"):
+        bh.explain_generation(bloom, [r[:-1] for r in rows], [r[-1:] for r in rows])
+    bh.explain_generation(bloom, [rows[0][:-1]], [rows[0][-1:]])  # alone: no padding, no NaN
+
+
 def test_the_next_token_is_each_rows_own(lms):
     """The default read-out is the logits at each row's last real token: the model's own next-token distribution."""
     gpt2 = lms["gpt2"]
