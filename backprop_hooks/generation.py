@@ -37,7 +37,7 @@ from . import methods as _methods
 from . import targets as _targets
 from .answer import AnswerExplanation
 from .attach import attach
-from .errors import InputError, ModelOutputError, NonLinearContrastWarning, OptionError, choices
+from .errors import InputError, ModelError, ModelOutputError, NonLinearContrastWarning, OptionError, choices
 from .generation_inputs import (
     Layout,
     as_batch,
@@ -94,6 +94,7 @@ def explain_generation(
     if method not in GENERATION_METHODS:
         raise OptionError(f"explain_generation has no method {method!r}; accepted: {choices(GENERATION_METHODS)}")
     check_model(model)
+    _check_decoder_only(model)
     _methods.get(method).check_options(options, GENERATION_KEYWORDS, "bh.explain_generation")
     reduce = default_reduce(method, reduce)
     target = _targets.get(target)
@@ -168,6 +169,24 @@ def _rows(model, input_ids, answer_ids, foil_ids, attention_mask, tokenizer, cha
     )
     foils = None if foil_ids is None else as_batch(tensor_rows(foil_ids, None, "foil_ids"), len(prompts), "foil_ids")
     return prompts, answers, foils
+
+
+def _check_decoder_only(model: nn.Module) -> None:
+    """A :class:`ModelError` for a Hugging Face model (one with a ``config``) that is no decoder-only causal language
+    model; a model of your own is taken at its word."""
+    name, config = type(model).__name__, getattr(model, "config", None)
+    if config is None:
+        return
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"explain_generation explains decoder-only causal language models; {name} is an encoder-decoder (its "
+            "answer is read by a decoder from the encoder's output, not continued from the prompt)"
+        )
+    if not causal.is_causal(model):
+        raise ModelError(
+            f"explain_generation explains causal language models (decoder-only, e.g. GPT-2, Llama); {name} does not "
+            "declare causal attention: for a classifier or an encoder use bh.explain_text"
+        )
 
 
 def _is_text(value: Any) -> bool:

@@ -200,6 +200,21 @@ def test_bad_requests_get_typed_errors(lms):
             bh.explain_generation(model, **kw)
 
 
+def test_models_that_continue_no_prompt_are_refused():
+    """An encoder (BERT) or an encoder-decoder (T5) cannot continue a prompt: a ModelError that says what they are,
+    not the forward pass's own error."""
+    import transformers
+
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+    )
+    prompt, answer = torch.tensor([[3, 4, 5]]), torch.tensor([[6, 7]])
+    with pytest.raises(bh.errors.ModelError, match="BertForSequenceClassification does not declare causal attention"):
+        bh.explain_generation(build("bert"), prompt, answer)
+    with pytest.raises(bh.errors.ModelError, match="T5ForConditionalGeneration is an encoder-decoder"):
+        bh.explain_generation(t5, prompt, answer)
+
+
 def test_non_finite_logits_name_the_steps():
     broken = build("gpt2")
     with torch.no_grad():
