@@ -53,7 +53,7 @@ from .methods.base import grad, several_seeds
 from .module_weights import input_device, is_quantized_linear
 from .methods.gradient import _chunks, _ManyPoints
 from .precision import accumulation_dtype, widen
-from .token_checks import check_length, check_vocabulary
+from .token_checks import check_length, check_rows_vocabulary, check_vocabulary
 from .text import TextModel, default_reduce, embeddings, ig_baseline, reduce_hidden, warn_norm
 from .validate import check_classes, check_model
 
@@ -99,7 +99,11 @@ def explain_generation(
     reduce = default_reduce(method, reduce)
     target = _targets.get(target)
     prompts, answers, foils = _rows(model, input_ids, answer_ids, foil_ids, attention_mask, tokenizer, chat)
+    emb = embeddings(model)
+    for rows, what in ((prompts, "input_ids"), (answers, "answer_ids"), (foils, "foil_ids")):
+        check_rows_vocabulary(rows or [], emb, what)  # before generate, which would fail on them untyped
     if answers is None:
+        check_length(torch.empty(1, max(len(p) for p in prompts)), model)  # the prompts, before generate
         answers = generate(
             model,
             prompts,
@@ -108,9 +112,9 @@ def explain_generation(
             max_new_tokens,
             **(generate_kwargs or {}),
         )
-    emb = embeddings(model)
     lay = layout(prompts, answers + (foils or []), pad_id(model, tokenizer), input_device(emb))
-    check_vocabulary(lay.ids, emb)
+    if answer_ids is None:
+        check_vocabulary(lay.ids, emb)  # generated tokens: a head wider than the embedding could write any id
     check_length(lay.ids, model)
     with runtime.explaining(model):
         try:

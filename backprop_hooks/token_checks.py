@@ -10,7 +10,7 @@ a module (rotary or relative positions, ALiBi) has no hard limit and is never re
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -30,10 +30,25 @@ def check_vocabulary(input_ids: torch.Tensor, embedding: nn.Module) -> None:
     outside = (input_ids < 0) | (input_ids >= size)
     if bool(outside.any()):
         row, column = (int(i) for i in outside.nonzero()[0])
-        raise InputError(
-            f"token id {int(input_ids[row, column])} at position ({row}, {column}) of input_ids is outside the "
-            f"vocabulary of {size} tokens (ids 0..{size - 1}); encode the text with the model's own tokenizer"
-        )
+        raise _outside(int(input_ids[row, column]), row, column, "input_ids", size)
+
+
+def check_rows_vocabulary(rows: Sequence[Sequence[int]], embedding: nn.Module, what: str) -> None:
+    """:func:`check_vocabulary` for rows of token ids of any lengths (``what`` names them in the message)."""
+    size = getattr(embedding, "num_embeddings", None)
+    if not isinstance(size, int):
+        return
+    for row, ids in enumerate(rows):
+        for column, token in enumerate(ids):
+            if not 0 <= token < size:
+                raise _outside(int(token), row, column, what, size)
+
+
+def _outside(token: int, row: int, column: int, what: str, size: int) -> InputError:
+    return InputError(
+        f"token id {token} at position ({row}, {column}) of {what} is outside the vocabulary of {size} tokens "
+        f"(ids 0..{size - 1}); encode the text with the model's own tokenizer"
+    )
 
 
 def position_limit(model: nn.Module) -> Optional[int]:

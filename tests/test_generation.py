@@ -185,7 +185,14 @@ def test_bad_requests_get_typed_errors(lms):
     prompt, answer = torch.tensor([[3, 4, 5]]), torch.tensor([[6, 7]])
     cases = [
         (dict(method="rollout"), bh.errors.OptionError, "explain_generation has no method"),
-        (dict(answer_ids=torch.tensor([[6, 99]])), bh.errors.BackpropHooksError, "vocabulary"),
+        (dict(answer_ids=torch.tensor([[6, 99]])), bh.errors.InputError, r"99 at position \(0, 1\) of answer_ids"),
+        (dict(foil_ids=[[-1]]), bh.errors.InputError, r"-1 at position \(0, 0\) of foil_ids"),
+        (dict(input_ids=[[3, 99, 5]], answer_ids=None), bh.errors.InputError, r"99 at position \(0, 1\) of input_ids"),
+        (
+            dict(input_ids=torch.randint(2, VOCAB, (1, 40)), answer_ids=None),
+            bh.errors.InputError,
+            "40 tokens, the model has 32",
+        ),
         (dict(input_ids="a prompt"), bh.errors.InputError, "tokenizer="),
         (dict(answer_ids=torch.tensor([[6], [7], [8]])), bh.errors.InputError, "3 rows for 1 prompts"),
         (dict(target=bh.targets.Versus(torch.tensor([[1, 2, 3, 4]]))), bh.errors.OptionError, "per-step Versus"),
