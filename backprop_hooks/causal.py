@@ -11,15 +11,16 @@ count from column 0 otherwise; rotary models are unaffected by the shift, and ge
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
-from .errors import ModelOutputError, OptionError
+from .errors import ModelOutputError, NonFiniteLogitsError, OptionError
 
 
 def is_causal(model: nn.Module) -> bool:
@@ -47,15 +48,22 @@ def _hf_causal_lm_classes() -> frozenset:
     return frozenset(names)
 
 
-def padding_hint(mask: torch.Tensor, fix: str = "try the other padding side, or these rows alone") -> str:
-    """A clause for a non-finite-logits error on a padded batch: some models' own forward gives NaN there."""
-    if bool(mask.bool().all()):
-        return ""
-    side = "on the left" if left_padded(mask) else "on the right"
-    return (
-        f"; the batch is padded {side}, and some models compute NaN for padded rows themselves (Bloom, for one, "
-        f"under left padding): {fix}"
-    )
+@contextlib.contextmanager
+def nan_from_padding(
+    mask: torch.Tensor, fix: str = "try the other padding side, or these rows alone"
+) -> Iterator[None]:
+    """Non-finite logits of a padded batch get a clause: some models' own forward computes NaN for padded rows
+    (Bloom, for one, under left padding), and ``fix`` says what to try."""
+    try:
+        yield
+    except NonFiniteLogitsError as exc:
+        if bool(mask.bool().all()):
+            raise
+        side = "on the left" if left_padded(mask) else "on the right"
+        raise NonFiniteLogitsError(
+            f"{exc}; the batch is padded {side}, and some models compute NaN for padded rows themselves (Bloom, for "
+            f"one, under left padding): {fix}"
+        ) from exc
 
 
 def last_real(mask: torch.Tensor) -> torch.Tensor:

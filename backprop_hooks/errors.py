@@ -32,6 +32,11 @@ class ModelOutputError(BackpropHooksError, ValueError):
     """The model's output is not a (B, C) tensor of logits matching the input's batch, or holds NaN or Inf."""
 
 
+class NonFiniteLogitsError(ModelOutputError):
+    """The model's logits hold NaN or Inf (a NaN weight, a float16 overflow, a model that computes NaN for padding);
+    the message names the samples (or sequences and steps)."""
+
+
 class ForwardError(BackpropHooksError, RuntimeError):
     """The model's forward pass raised on the given input (most often: a shape, dtype or device the model does
     not take). The original exception is the ``__cause__``."""

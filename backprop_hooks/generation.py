@@ -37,7 +37,7 @@ from . import methods as _methods
 from . import targets as _targets
 from .answer import AnswerExplanation
 from .attach import attach
-from .errors import InputError, ModelError, ModelOutputError, NonLinearContrastWarning, OptionError, choices
+from .errors import InputError, ModelError, NonFiniteLogitsError, NonLinearContrastWarning, OptionError, choices
 from .generation_inputs import (
     Layout,
     as_batch,
@@ -53,7 +53,7 @@ from .methods.base import grad, several_seeds
 from .module_weights import input_device, is_quantized_linear
 from .methods.gradient import _chunks, _ManyPoints
 from .precision import accumulation_dtype, widen
-from .token_checks import check_length, check_rows_vocabulary, check_vocabulary
+from .token_checks import check_length, check_rows_vocabulary, check_token_count
 from .text import TextModel, default_reduce, embeddings, ig_baseline, reduce_hidden, warn_norm
 from .validate import check_classes, check_model
 
@@ -103,7 +103,7 @@ def explain_generation(
     for rows, what in ((prompts, "input_ids"), (answers, "answer_ids"), (foils, "foil_ids")):
         check_rows_vocabulary(rows or [], emb, what)  # before generate, which would fail on them untyped
     if answers is None:
-        check_length(torch.empty(1, max(len(p) for p in prompts)), model)  # the prompts, before generate
+        check_token_count(max(len(p) for p in prompts), model)  # the prompts, before generate
         answers = generate(
             model,
             prompts,
@@ -112,18 +112,12 @@ def explain_generation(
             max_new_tokens,
             **(generate_kwargs or {}),
         )
+        check_rows_vocabulary(answers, emb, "the generated answer")  # a head wider than the embedding
     lay = layout(prompts, answers + (foils or []), pad_id(model, tokenizer), input_device(emb))
-    if answer_ids is None:
-        check_vocabulary(lay.ids, emb)  # generated tokens: a head wider than the embedding could write any id
     check_length(lay.ids, model)
     with runtime.explaining(model):
-        try:
+        with causal.nan_from_padding(lay.mask, "explain these prompts one at a time (prompts are padded on the left)"):
             parts = _explain(model, emb, lay, method, target, per_step, reduce, batch_steps, model_kwargs, options)
-        except ModelOutputError as exc:
-            if "NaN or Inf" not in str(exc) or bool(lay.mask.bool().all()):
-                raise
-            hint = causal.padding_hint(lay.mask, "explain these prompts one at a time (prompts are padded on the left)")
-            raise ModelOutputError(f"{exc}{hint}") from exc
     total, matrix, logits_parts, linear = parts
     if target.contrastive and not linear:
         if reduce != "sum":
@@ -235,11 +229,11 @@ def step_seeds(target: _targets.Target, logits: torch.Tensor, steps: torch.Tenso
 
 
 def _check_finite(logits: torch.Tensor, step_mask: torch.Tensor) -> None:
-    """A :class:`ModelOutputError` naming the sequences and steps whose logits hold NaN or Inf (one host sync)."""
+    """A :class:`NonFiniteLogitsError` naming the sequences and steps whose logits hold NaN or Inf (one host sync)."""
     bad = ~torch.isfinite(logits).all(dim=2) & step_mask.bool()
     if bool(bad.any()):
         rows, steps = (sorted(set(v.tolist())) for v in bad.nonzero().unbind(1))
-        raise ModelOutputError(
+        raise NonFiniteLogitsError(
             f"the model's logits are NaN or Inf at answer steps {steps[:10]} of sequences {rows[:10]} (answers first, "
             "then foils): check the model's weights and the input's dtype (float16 overflows past 65504)"
         )

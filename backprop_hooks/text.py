@@ -41,7 +41,6 @@ from . import targets as _targets
 from .errors import (
     InputError,
     ModelError,
-    ModelOutputError,
     NonLinearContrastWarning,
     OptionError,
     PaddingWarning,
@@ -258,12 +257,8 @@ def _explain(model, input_ids, mask, method, target, classes, logits, reduce, re
     with warnings.catch_warnings():
         if method in EMBEDDING_METHODS and reduce != "sum":
             warnings.simplefilter("ignore", NonLinearContrastWarning)  # said once below, for the reduced scores
-        try:
+        with causal.nan_from_padding(mask):
             e = explainer(embeds, classes=classes, target=target, logits=logits)
-        except ModelOutputError as exc:
-            if "NaN or Inf" not in str(exc) or bool(mask.bool().all()):
-                raise
-            raise ModelOutputError(f"{exc}{causal.padding_hint(mask)}") from exc
     scores, linear = e.attributions, e.linear
     if method in EMBEDDING_METHODS:
         scores = reduce_hidden(scores, reduce) * mask.to(scores.dtype)

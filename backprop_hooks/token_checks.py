@@ -10,6 +10,7 @@ a module (rotary or relative positions, ALiBi) has no hard limit and is never re
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence
 
 import torch
@@ -36,12 +37,15 @@ def check_vocabulary(input_ids: torch.Tensor, embedding: nn.Module) -> None:
 def check_rows_vocabulary(rows: Sequence[Sequence[int]], embedding: nn.Module, what: str) -> None:
     """:func:`check_vocabulary` for rows of token ids of any lengths (``what`` names them in the message)."""
     size = getattr(embedding, "num_embeddings", None)
-    if not isinstance(size, int):
+    if not isinstance(size, int) or not rows:
         return
-    for row, ids in enumerate(rows):
-        for column, token in enumerate(ids):
-            if not 0 <= token < size:
-                raise _outside(int(token), row, column, what, size)
+    flat = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
+    outside = ((flat < 0) | (flat >= size)).nonzero()
+    if len(outside):
+        first = int(outside[0])
+        ends = torch.tensor([len(r) for r in rows]).cumsum(0)
+        row = int((ends <= first).sum())
+        raise _outside(int(flat[first]), row, first - (int(ends[row - 1]) if row else 0), what, size)
 
 
 def _outside(token: int, row: int, column: int, what: str, size: int) -> InputError:
@@ -68,8 +72,12 @@ def position_limit(model: nn.Module) -> Optional[int]:
 
 def check_length(input_ids: torch.Tensor, model: nn.Module) -> None:
     """:class:`~backprop_hooks.errors.InputError` when the sequences are longer than the model's positions."""
+    check_token_count(input_ids.shape[1], model)
+
+
+def check_token_count(length: int, model: nn.Module) -> None:
+    """:func:`check_length` for sequences of ``length`` tokens."""
     limit = position_limit(model)
-    length = input_ids.shape[1]
     if limit is not None and length > limit:
         raise InputError(
             f"input_ids has {length} tokens, the model has {limit} positions; truncate the sequences to at most "

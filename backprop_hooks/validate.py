@@ -9,7 +9,15 @@ import torch
 
 from torch import nn
 
-from .errors import BackpropHooksError, ClassIndexError, InputError, ModelError, ModelOutputError, OptionError
+from .errors import (
+    BackpropHooksError,
+    ClassIndexError,
+    InputError,
+    ModelError,
+    ModelOutputError,
+    NonFiniteLogitsError,
+    OptionError,
+)
 
 Classes = Union[None, int, Sequence[int], torch.Tensor]
 LogitsFn = Callable[[Any], torch.Tensor]
@@ -77,7 +85,7 @@ def check_logits(logits: object, batch: int, source: str = "the model") -> torch
 
 
 def check_finite_logits(logits: torch.Tensor, samples: Optional[int] = None, where: str = "") -> torch.Tensor:
-    """``logits`` when every value is finite (one host synchronisation), else a :class:`ModelOutputError` naming
+    """``logits`` when every value is finite (one host synchronisation), else a :class:`NonFiniteLogitsError` naming
     the samples and how many classes are NaN or Inf. ``samples``: the logits stack points of that many samples
     (row ``r`` belongs to sample ``r mod samples``); ``where``: where the points are, for the message."""
     if bool(torch.isfinite(logits).all()):
@@ -88,7 +96,7 @@ def check_finite_logits(logits: torch.Tensor, samples: Optional[int] = None, whe
     counts = sorted(set(bad[rows].tolist()), reverse=True)
     count = str(counts[0]) if len(counts) == 1 else f"{counts[-1]} to {counts[0]}"
     shown = str(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-    raise ModelOutputError(
+    raise NonFiniteLogitsError(
         f"the model's logits are NaN or Inf{where} in samples {shown} ({count} of {logits.shape[1]} classes): "
         "check the model's weights and the input's dtype (float16 overflows past 65504)"
     )

@@ -6,6 +6,7 @@ import copy
 import warnings
 
 import pytest
+from hypothesis import given, strategies as st
 import timm
 import torch
 import transformers
@@ -13,7 +14,7 @@ from torch import nn
 
 import backprop_hooks as bh
 from backprop_hooks import errors, testing
-from backprop_hooks.token_checks import position_limit
+from backprop_hooks.token_checks import check_rows_vocabulary, position_limit
 
 from _hf import VOCAB, build, text_inputs
 
@@ -340,3 +341,15 @@ def test_the_command_line_draws_a_class_against_itself_as_its_zero_map():
     for row in (0, 2):
         alone = bh.explain(model, image[None], "gradcam", bh.targets.Versus(1), row).maps[0]
         torch.testing.assert_close(e.maps[row], alone)
+
+
+@given(rows=st.lists(st.lists(st.integers(-2, 11), max_size=6), max_size=5))
+def test_rows_vocabulary_names_the_first_id_outside_as_a_loop_would(rows):
+    """The vectorised check of rows of any lengths names the first id outside 0..9 and its (row, column)."""
+    first = next(((i, j, t) for i, r in enumerate(rows) for j, t in enumerate(r) if not 0 <= t < 10), None)
+    if first is None:
+        check_rows_vocabulary(rows, nn.Embedding(10, 2), "foil_ids")
+        return
+    i, j, t = first
+    with pytest.raises(errors.InputError, match=rf"token id {t} at position \({i}, {j}\) of foil_ids .* 10 tokens"):
+        check_rows_vocabulary(rows, nn.Embedding(10, 2), "foil_ids")
